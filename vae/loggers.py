@@ -1,0 +1,93 @@
+"""Experiment loggers: wandb (offline by default) and a no-op one for tests.
+
+Both expose the same small surface, which the trainer and the surgery evaluator use:
+`log(metrics, step)`, `summary(metrics)`, `table(name, columns, rows)`,
+`image(name, path)` and `finish()`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+class NullLogger:
+    """Logs nothing (`logger=none`)."""
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        pass
+
+    def image(self, name: str, path: str | Path) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger(NullLogger):
+    """A wandb run saved under `run_dir/wandb`.
+
+    With `mode="offline"` (the default) nothing leaves the machine; upload later with
+    `wandb sync <run_dir>/wandb/offline-run-*`. `mode="online"` needs `wandb login`.
+
+    Args:
+        run_dir: the Hydra run directory.
+        run_config: the resolved config, stored as the run's config.
+        project, entity, name, group, tags: as in `wandb.init`. Runs of one `-m` sweep
+            share `group` (train.py sets it to the sweep directory when unset).
+        mode: "offline", "online" or "disabled".
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        run_config: dict[str, Any] | None = None,
+        project: str = "priorlab",
+        entity: str | None = None,
+        name: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
+        mode: str = "offline",
+    ) -> None:
+        import wandb
+
+        self._wandb = wandb
+        os.makedirs(run_dir, exist_ok=True)
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            name=name,
+            group=group,
+            tags=list(tags) if tags else None,
+            config=run_config,
+            dir=str(run_dir),
+            mode=mode,
+            # One run per job, also when several jobs share a process (joblib workers).
+            reinit="finish_previous",
+        )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            self.run.summary[key] = value
+
+    def table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        self.run.log({name: self._wandb.Table(columns=columns, data=rows)})
+
+    def image(self, name: str, path: str | Path) -> None:
+        self.run.log({name: self._wandb.Image(str(path))})
+
+    def finish(self) -> None:
+        self.run.finish()
