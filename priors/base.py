@@ -9,6 +9,9 @@ A prior is a `torch.nn.Module` over latent vectors of size `latent_dim`. Shapes 
 * `kl(mu, logvar)`: optional analytic KL(q(z|x) || p(z)) for a diagonal-Gaussian
   posterior, shape `[...]`. Priors that have one set `has_analytic_kl = True`; the VAE
   falls back to a one-sample Monte Carlo estimate otherwise.
+* `log_prob_per_dim(z)`: optional, for factorized priors p(z) = prod_d p_d(z_d) only
+  (`is_factorized = True`): `[..., D]`, the per-dimension log densities that sum to
+  `log_prob(z)`. The surgery evaluator needs it for the dimension-wise KL.
 * All state lives in `state_dict` (parameters and buffers), so checkpoints restore a
   prior exactly.
 
@@ -59,6 +62,7 @@ class Prior(nn.Module):
     """
 
     has_analytic_kl: bool = False
+    is_factorized: bool = False
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
@@ -116,6 +120,15 @@ class Prior(nn.Module):
         self._check_output(out, mu.shape[:-1], "_kl")
         return out
 
+    def log_prob_per_dim(self, z: Tensor) -> Tensor:
+        """Per-dimension log densities `[..., D]` of a factorized prior; they sum to `log_prob(z)`."""
+        if not self.is_factorized:
+            raise NotImplementedError(f"{type(self).__name__} is not factorized: it has no per-dimension densities")
+        self._check_latent(z, "log_prob_per_dim", "z")
+        out = self._log_prob_per_dim(z)
+        self._check_output(out, z.shape, "_log_prob_per_dim")
+        return out
+
     # ---- hooks (no-ops by default) ----------------------------------------------
 
     def setup(self, encoder: Encoder, train_x: Tensor) -> None:
@@ -133,6 +146,9 @@ class Prior(nn.Module):
         raise NotImplementedError
 
     def _kl(self, mu: Tensor, logvar: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _log_prob_per_dim(self, z: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _train_log_prob(self, z: Tensor, index: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from priors.base import Prior
-from priors.densities import diagonal_normal_kl, diagonal_normal_log_prob
+from priors.densities import LOG_2PI, diagonal_normal_kl, diagonal_normal_log_prob
 
 
 class GaussianPrior(Prior):
@@ -23,6 +23,7 @@ class GaussianPrior(Prior):
     """
 
     has_analytic_kl = True
+    is_factorized = True
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__(latent_dim)
@@ -31,6 +32,9 @@ class GaussianPrior(Prior):
 
     def _log_prob(self, z: Tensor) -> Tensor:
         return diagonal_normal_log_prob(z, self.mean, self.logvar)
+
+    def _log_prob_per_dim(self, z: Tensor) -> Tensor:
+        return -0.5 * (LOG_2PI + self.logvar + (z - self.mean).square() * torch.exp(-self.logvar))
 
     def _sample(self, n: int) -> Tensor:
         return self.mean + torch.randn(n, self.latent_dim, device=self.mean.device, dtype=self.mean.dtype)
