@@ -151,8 +151,9 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_sha256(path: Path, expected: str = MNIST_SHA256) -> None:
-    """Raise `DataError` naming the file and the fix unless its SHA-256 is `expected`."""
+def verify_sha256(path: Path, expected: str | None = None) -> None:
+    """Raise `DataError` naming the file and the fix unless its SHA-256 is `expected` (default: MNIST's)."""
+    expected = expected or MNIST_SHA256
     actual = sha256_of(path)
     if actual != expected:
         raise DataError(

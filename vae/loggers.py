@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 
 class NullLogger:
     """Logs nothing (`logger=none`)."""
@@ -61,6 +63,8 @@ class WandbLogger(NullLogger):
     ) -> None:
         import wandb
 
+        if isinstance(run_config, DictConfig):  # hydra.utils.instantiate hands dict kwargs over as DictConfig
+            run_config = OmegaConf.to_container(run_config, resolve=True)
         self._wandb = wandb
         os.makedirs(run_dir, exist_ok=True)
         self.run = wandb.init(

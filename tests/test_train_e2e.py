@@ -1,0 +1,38 @@
+"""`python train.py` end to end, in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    cmd = [sys.executable, "train.py", "data=digits", "trainer.max_epochs=1", "trainer.progress=false",
+           "vae.hidden_dims=[32,32]", f"hydra.run.dir={tmp_path}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_train_py_leaves_metrics_and_checkpoints(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "logger=none")
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+    assert (tmp_path / "checkpoints" / "best.pt").is_file() and (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert f"run dir: {tmp_path}" in proc.stdout
+    assert "best validation ELBO" in proc.stdout and "test ELBO" in proc.stdout
+
+
+def test_train_py_with_wandb_offline_leaves_a_wandb_run(tmp_path: Path) -> None:
+    _run(tmp_path, "logger=wandb")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb")), "the offline run holds no data file"
