@@ -1,16 +1,40 @@
-"""Shared fixtures: the real Hydra config, composed and shrunk for fast CPU tests."""
+"""Shared pytest setup: the repository root on sys.path, `--prior`, CUDA skipping, and the real
+Hydra config composed and shrunk for fast CPU tests."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+# The worktree's packages (and examples/) must shadow any installed copy of priorlab.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--prior",
+        action="append",
+        default=[],
+        metavar="MODULE.CLASS",
+        help="also run tests/test_prior_contract.py on this Prior class (built as cls(latent_dim=D)); repeatable",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 def compose_config(*overrides: str) -> DictConfig:
@@ -20,9 +44,9 @@ def compose_config(*overrides: str) -> DictConfig:
 
 
 @pytest.fixture
-def tiny_cfg(tmp_path: Path) -> DictConfig:
+def tiny_cfg() -> DictConfig:
     """A few quick epochs on the 8x8 digits, CPU, no logger, no progress bar."""
-    cfg = compose_config(
+    return compose_config(
         "data=digits",
         "logger=none",
         "device=cpu",
@@ -32,12 +56,3 @@ def tiny_cfg(tmp_path: Path) -> DictConfig:
         "trainer.batch_size=100",
         "trainer.progress=false",
     )
-    return cfg
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_threads():
-    # Bitwise comparisons between runs need the same reduction order.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)

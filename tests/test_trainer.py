@@ -135,3 +135,15 @@ def test_loading_a_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path: Path
     truncated.write_bytes(truncated.read_bytes()[:300])
     with pytest.raises(ValueError, match="truncated or foreign"):
         load_checkpoint(truncated)
+
+
+def test_evaluation_noise_is_not_the_initialization_stream(tiny_cfg: DictConfig) -> None:
+    # train() seeds torch with cfg.seed, then builds the model. If evaluation reused that
+    # seed, its noise would replay the draws that placed the mixture's means, putting the
+    # "posterior samples" on the components and making the Monte Carlo KL hugely negative.
+    cfg = _set(tiny_cfg, **{"prior._target_": "priors.mixture.MixturePrior", "prior.num_components": 200, "vae.latent_dim": 20})
+    data = digits()
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data)
+    result = evaluate(model, data.split("val"), seed=cfg.seed)
+    assert result.kl > 0, result
