@@ -26,6 +26,18 @@ def _sweep_group() -> str | None:
     return str(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
 
 
+def run_labels(cfg: DictConfig, choices: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The keys runs are compared by, flat, for the wandb UI's group-by and filters.
+
+    `prior_name` is the `prior` option picked (`runtime.choices`; `prior` itself is the
+    prior's config node), else the prior's class name; `latent_dim` and `seed` as trained.
+    """
+    if choices is None and HydraConfig.initialized():
+        choices = dict(HydraConfig.get().runtime.choices)
+    name = (choices or {}).get("prior") or str(cfg.prior._target_).rsplit(".", 1)[-1]
+    return {"prior_name": name, "latent_dim": int(cfg.vae.latent_dim), "seed": int(cfg.seed)}
+
+
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Train per `cfg`, evaluate the best checkpoint on the test split, return the metrics.
 
@@ -41,7 +53,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     data = hydra.utils.instantiate(cfg.data)
     model = build_model(cfg, data)
     group = cfg.logger.get("group") or _sweep_group()
-    logger = hydra.utils.instantiate(cfg.logger, run_dir=run_dir, run_config=config, group=group, _recursive_=False)
+    labels = run_labels(cfg)
+    name = cfg.logger.get("name") or "{prior_name}-z{latent_dim}-s{seed}".format(**labels)
+    logger = hydra.utils.instantiate(
+        cfg.logger, run_dir=run_dir, run_config={**config, **labels}, group=group, name=name, _recursive_=False
+    )
+    failed = True
     try:
         trainer = hydra.utils.instantiate(
             cfg.trainer, run_dir=run_dir, device=device, logger=logger, seed=cfg.seed
@@ -60,8 +77,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             "run_dir": str(run_dir),
         }
         logger.summary({k: v for k, v in metrics.items() if k != "run_dir"})
+        failed = False
     finally:
-        logger.finish()
+        # A joblib worker outlives a failed job, so wandb's exit hook never marks the run failed.
+        logger.finish(exit_code=1 if failed else 0)
     return metrics
 
 

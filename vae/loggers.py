@@ -32,7 +32,7 @@ class NullLogger:
     def image(self, name: str, path: str | Path) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         pass
 
 
@@ -93,5 +93,6 @@ class WandbLogger(NullLogger):
     def image(self, name: str, path: str | Path) -> None:
         self.run.log({name: self._wandb.Image(str(path))})
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, exit_code: int = 0) -> None:
+        """End the run; a nonzero `exit_code` marks it failed (train.py passes 1 on an error)."""
+        self.run.finish(exit_code=exit_code)

@@ -1,0 +1,436 @@
+"""Turn a sweep's run directories into a comparison table and plots.
+
+    python -m surgery.report multirun/prior_zoo/2026-11-23/19-16-06 [more run dirs...] [--out report/]
+
+A *run dir* is a folder holding `.hydra/config.yaml` and/or `checkpoints/` (what one
+`train.py` job leaves); a *multirun dir* holds numbered job dirs and `multirun.yaml`.
+Any folder given is searched for run dirs. Per run this reads the prior's option name,
+latent size and seed (`.hydra/config.yaml`, `.hydra/hydra.yaml`'s runtime choices), the
+decomposition in `surgery.json` and the epochs trained (`metrics.jsonl`). Runs without a
+`surgery.json` or without checkpoints are listed as incomplete, with the reason, never
+dropped.
+
+Written to the output dir: `report.md` (one row per prior x latent size, each number the
+mean ± sample standard deviation over seeds), `decomposition.png` (average KL split into
+mutual information and marginal KL, per prior and latent size), `marginal_kl.png`
+(marginal KL against latent size, one line per prior, error bars over seeds) and, when
+any run left `*density*.png` pictures (2-D latents), `density_grids.png` with them side
+by side.
+
+The library part is pure functions returning dataclasses; only `main` prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: The table's columns: (surgery.json field, column title).
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("elbo", "ELBO"),
+    ("avg_kl", "avg KL"),
+    ("mutual_info", "MI"),
+    ("marginal_kl", "marginal KL"),
+    ("total_correlation", "TC"),
+    ("dimwise_kl", "dim-wise KL"),
+    ("optimal_prior_elbo", "optimal-prior ELBO"),
+    ("log_likelihood", "test log p(x)"),
+)
+#: Every field summarized over seeds (the columns plus what the plots need).
+FIELDS: tuple[str, ...] = tuple(k for k, _ in COLUMNS) + ("reconstruction", "log_n")
+#: Priors in this order first (the zoo's order), any others after, alphabetically.
+PRIOR_ORDER: tuple[str, ...] = ("gaussian", "mixture", "vampprior", "flow", "aggregate")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What one run dir holds. `problem` is None for a complete run, else why it is not."""
+
+    path: Path
+    prior: str | None
+    latent_dim: int | None
+    seed: int | None
+    epochs: int | None  # complete epochs trained (metrics.jsonl); None without metrics
+    surgery: dict[str, Any] | None
+    density_pngs: tuple[Path, ...] = ()
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation (ddof=1; None for one value) of `n` values."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+
+@dataclass(frozen=True)
+class Row:
+    """One prior at one latent size, over its complete runs (seeds)."""
+
+    prior: str
+    latent_dim: int
+    n_runs: int
+    seeds: tuple[int | None, ...]
+    epochs: tuple[int | None, ...]
+    stats: dict[str, Stat]
+    splits: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    rows: list[Row]
+    incomplete: list[RunRecord]
+    runs: list[RunRecord]
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    markdown: Path
+    plots: list[Path] = field(default_factory=list)
+
+
+# ---- reading runs --------------------------------------------------------------------
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / ".hydra" / "config.yaml").is_file() or (path / "checkpoints").is_dir()
+
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """The run dirs in or under `paths`, in order, each once.
+
+    In a multirun dir (one holding `multirun.yaml`) every numbered subfolder is a job and
+    is returned even when it holds nothing (a job that never started shows up as
+    incomplete). Other folders are searched recursively; a run dir is not searched further.
+    """
+    found: list[Path] = []
+
+    def visit(path: Path) -> None:
+        if is_run_dir(path):
+            found.append(path)
+            return
+        children = sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_natural)
+        multirun = (path / "multirun.yaml").is_file()
+        for child in children:
+            if multirun and child.name.isdigit() and not is_run_dir(child):
+                found.append(child)
+            else:
+                visit(child)
+
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise FileNotFoundError(f"surgery.report: {p} does not exist")
+        if not p.is_dir():
+            raise NotADirectoryError(f"surgery.report: {p} is not a directory (give run dirs or a multirun dir)")
+        visit(p)
+    unique: dict[Path, None] = {}
+    for p in found:
+        unique.setdefault(p.resolve(), None)
+    return list(unique)
+
+
+def _natural(path: Path) -> tuple[int, int | str]:
+    return (0, int(path.name)) if path.name.isdigit() else (1, path.name)
+
+
+def _load_yaml(path: Path) -> Any:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def epochs_trained(metrics_path: Path) -> int | None:
+    """Complete epochs in `metrics.jsonl` (the highest complete epoch; a resumed run may
+    repeat a line), or None when the file is absent."""
+    if not metrics_path.is_file():
+        return None
+    epochs = [0]
+    for line in metrics_path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if record.get("complete_epoch", True):
+                epochs.append(int(record["epoch"]))
+    return max(epochs)
+
+
+def read_run(path: str | Path) -> RunRecord:
+    """Read one run dir. Never raises for a broken run: the reason goes to `problem`."""
+    path = Path(path)
+    problems: list[str] = []
+    prior = latent_dim = seed = None
+    config_path = path / ".hydra" / "config.yaml"
+    if config_path.is_file():
+        try:
+            config = _load_yaml(config_path) or {}
+            choices = {}
+            if (path / ".hydra" / "hydra.yaml").is_file():
+                hydra_cfg = (_load_yaml(path / ".hydra" / "hydra.yaml") or {}).get("hydra", {})
+                choices = (hydra_cfg.get("runtime") or {}).get("choices") or {}
+            target = str((config.get("prior") or {}).get("_target_", "?"))
+            prior = choices.get("prior") or target.rsplit(".", 1)[-1]
+            latent_dim = (config.get("vae") or {}).get("latent_dim")
+            seed = config.get("seed")
+        except (yaml.YAMLError, AttributeError) as e:
+            problems.append(f".hydra/config.yaml unreadable ({e.__class__.__name__})")
+    else:
+        problems.append("no .hydra/config.yaml")
+
+    if not (path / "checkpoints").is_dir() or not any((path / "checkpoints").glob("*.pt")):
+        problems.append("no checkpoints (the job failed or never started)")
+
+    epochs = None
+    try:
+        epochs = epochs_trained(path / "metrics.jsonl")
+    except (json.JSONDecodeError, KeyError, ValueError) as e:
+        problems.append(f"metrics.jsonl unreadable ({e.__class__.__name__})")
+
+    surgery = None
+    surgery_path = path / "surgery.json"
+    if surgery_path.is_file():
+        try:
+            surgery = json.loads(surgery_path.read_text())
+        except json.JSONDecodeError as e:
+            problems.append(f"surgery.json unreadable ({e.msg} at line {e.lineno})")
+    else:
+        problems.append("no surgery.json (surgery not run, or it failed)")
+
+    densities = tuple(sorted(path.rglob("*density*.png")))
+    return RunRecord(
+        path=path,
+        prior=prior,
+        latent_dim=None if latent_dim is None else int(latent_dim),
+        seed=None if seed is None else int(seed),
+        epochs=epochs,
+        surgery=surgery,
+        density_pngs=densities,
+        problem="; ".join(problems) or None,
+    )
+
+
+# ---- summarizing ---------------------------------------------------------------------
+
+
+def stat(values: Sequence[float | None]) -> Stat:
+    """Mean and sample std (ddof=1) of the values that are not None/NaN."""
+    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not xs:
+        return Stat(None, None, 0)
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+    return Stat(mean, std, len(xs))
+
+
+def _prior_key(name: str) -> tuple[int, str]:
+    return (PRIOR_ORDER.index(name), "") if name in PRIOR_ORDER else (len(PRIOR_ORDER), name)
+
+
+def summarize(runs: Sequence[RunRecord]) -> Report:
+    """Group complete runs by (prior, latent size); summarize every field over seeds."""
+    complete = [r for r in runs if r.problem is None]
+    groups: dict[tuple[str, int], list[RunRecord]] = {}
+    for r in complete:
+        groups.setdefault((str(r.prior), int(r.latent_dim or 0)), []).append(r)
+    rows = []
+    for (prior, latent_dim), members in sorted(groups.items(), key=lambda kv: (_prior_key(kv[0][0]), kv[0][1])):
+        members = sorted(members, key=lambda r: (r.seed is None, r.seed))
+        rows.append(
+            Row(
+                prior=prior,
+                latent_dim=latent_dim,
+                n_runs=len(members),
+                seeds=tuple(r.seed for r in members),
+                epochs=tuple(r.epochs for r in members),
+                stats={k: stat([(r.surgery or {}).get(k) for r in members]) for k in FIELDS},
+                splits=tuple(sorted({str((r.surgery or {}).get("split", "?")) for r in members})),
+            )
+        )
+    return Report(rows=rows, incomplete=[r for r in runs if r.problem is not None], runs=list(runs))
+
+
+def build_report(paths: Iterable[str | Path]) -> Report:
+    return summarize([read_run(p) for p in find_run_dirs(paths)])
+
+
+# ---- rendering -----------------------------------------------------------------------
+
+
+def format_stat(s: Stat, digits: int = 2) -> str:
+    if s.mean is None:
+        return "—"
+    if s.std is None:
+        return f"{s.mean:.{digits}f}"
+    return f"{s.mean:.{digits}f} ± {s.std:.{digits}f}"
+
+
+def _format_epochs(epochs: Sequence[int | None]) -> str:
+    known = [e for e in epochs if e is not None]
+    if not known:
+        return "?"
+    lo, hi = min(known), max(known)
+    return str(lo) if lo == hi else f"{lo}–{hi}"
+
+
+def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
+    lines = [
+        "# ELBO surgery report",
+        "",
+        "In nats per data point; each cell is the mean ± sample standard deviation (ddof=1) over the "
+        "runs (seeds) of that prior and latent size; a single run shows its value. ELBO, average KL, "
+        "MI, marginal KL, TC, dimension-wise KL and optimal-prior ELBO are on the surgery split; "
+        "test log p(x) is the importance-sampled log-likelihood. — : not reported (e.g. the "
+        "dimension-wise KL of a non-factorized prior).",
+        "",
+    ]
+    header = ["prior", "latents", *(title for _, title in COLUMNS), "runs", "epochs", "split"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for row in report.rows:
+        cells = [row.prior, str(row.latent_dim), *(format_stat(row.stats[k]) for k, _ in COLUMNS),
+                 str(row.n_runs), _format_epochs(row.epochs), ",".join(row.splits)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not report.rows:
+        lines.append("")
+        lines.append("No complete runs.")
+    lines += ["", f"Complete runs: {sum(r.n_runs for r in report.rows)}; incomplete: {len(report.incomplete)}.", ""]
+    lines += ["## Incomplete runs", ""]
+    if report.incomplete:
+        lines.append("| run dir | prior | latents | seed | epochs | reason |")
+        lines.append("|---|---|---|---|---|---|")
+        for r in report.incomplete:
+            lines.append(
+                f"| {r.path} | {r.prior or '?'} | {r.latent_dim if r.latent_dim is not None else '?'} | "
+                f"{r.seed if r.seed is not None else '?'} | {r.epochs if r.epochs is not None else '?'} | {r.problem} |"
+            )
+    else:
+        lines.append("None.")
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", "## Runs", ""]
+    lines += [f"- {r.path} ({r.prior}, z={r.latent_dim}, seed {r.seed})" for r in report.runs]
+    return "\n".join(lines) + "\n"
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in workers
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_decomposition(report: Report, path: Path) -> Path:
+    """Average KL split into mutual information (bottom) and marginal KL (top), one bar per
+    prior and latent size, error bars over seeds; reconstruction is off scale, so left out."""
+    fig = _figure(max(6.0, 0.6 * len(report.rows) + 2), 4.5)
+    ax = fig.add_subplot()
+    labels = [f"{r.prior}\nz={r.latent_dim}" for r in report.rows]
+    x = list(range(len(report.rows)))
+    mi = [r.stats["mutual_info"].mean or 0.0 for r in report.rows]
+    mkl = [r.stats["marginal_kl"].mean or 0.0 for r in report.rows]
+    mi_err = [r.stats["mutual_info"].std or 0.0 for r in report.rows]
+    mkl_err = [r.stats["marginal_kl"].std or 0.0 for r in report.rows]
+    ax.bar(x, mi, yerr=mi_err, label="mutual information I[n; z]", color="tab:blue", capsize=3)
+    ax.bar(x, mkl, bottom=mi, yerr=mkl_err, label="marginal KL(q(z) || p(z))", color="tab:orange", capsize=3)
+    log_n = [r.stats["log_n"].mean for r in report.rows if r.stats["log_n"].mean is not None]
+    if log_n:
+        ax.axhline(max(log_n), color="grey", linestyle="--", linewidth=1, label=f"log N = {max(log_n):.2f}")
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("nats per data point")
+    ax.set_title("Average KL = mutual information + marginal KL")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_marginal_kl(report: Report, path: Path) -> Path:
+    """Marginal KL against latent size, one line per prior, error bars over seeds."""
+    fig = _figure(6.0, 4.5)
+    ax = fig.add_subplot()
+    priors = sorted({r.prior for r in report.rows}, key=_prior_key)
+    for prior in priors:
+        rows = [r for r in report.rows if r.prior == prior and r.stats["marginal_kl"].mean is not None]
+        if rows:
+            ax.errorbar(
+                [r.latent_dim for r in rows],
+                [r.stats["marginal_kl"].mean for r in rows],
+                yerr=[r.stats["marginal_kl"].std or 0.0 for r in rows],
+                marker="o", capsize=3, label=prior,
+            )
+    ax.set_xlabel("latent dimensions")
+    ax.set_ylabel("marginal KL (nats per data point)")
+    ax.set_title("What a better prior can win back")
+    if priors:
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_density_grids(runs: Sequence[RunRecord], path: Path, columns: int = 4) -> Path | None:
+    """Every run's `*density*.png` in one figure, titled by prior, latent size and seed;
+    None when no run has one."""
+    import matplotlib.image as mpimg
+
+    panels = [(r, p) for r in sorted(runs, key=lambda r: (_prior_key(str(r.prior)), r.latent_dim or 0, r.seed or 0))
+              for p in r.density_pngs]
+    if not panels:
+        return None
+    cols = min(columns, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = _figure(4.0 * cols, 3.2 * rows)
+    for i, (run, png) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(mpimg.imread(png))
+        ax.set_title(f"{run.prior}, z={run.latent_dim}, seed {run.seed}\n{png.name}", fontsize=8)
+        ax.axis("off")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_report(report: Report, out: str | Path) -> ReportFiles:
+    """Write `report.md` and the PNGs to `out` (created); return their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [plot_decomposition(report, out / "decomposition.png"), plot_marginal_kl(report, out / "marginal_kl.png")]
+    grid = plot_density_grids(report.runs, out / "density_grids.png")
+    if grid is not None:
+        plots.append(grid)
+    markdown = out / "report.md"
+    markdown.write_text(render_markdown(report, plots))
+    return ReportFiles(markdown=markdown, plots=plots)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m surgery.report",
+        description="Table and plots comparing the ELBO decomposition of trained runs.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run dirs, multirun dirs, or folders holding them")
+    parser.add_argument("--out", default="report", help="output dir (default: report/)")
+    args = parser.parse_args(argv)
+    try:
+        report = build_report(args.paths)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    files = write_report(report, args.out)
+    n_complete = sum(r.n_runs for r in report.rows)
+    print(f"{len(report.runs)} runs: {n_complete} complete, {len(report.incomplete)} incomplete")
+    for r in report.incomplete:
+        print(f"  incomplete: {r.path}: {r.problem}")
+    print(f"table: {files.markdown}")
+    for p in files.plots:
+        print(f"plot:  {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""`python -m surgery.report` on fake run dirs: values, incomplete runs, plots."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from surgery import report as rep
+
+ESTIMATES = ("elbo", "reconstruction", "avg_kl", "mutual_info", "marginal_kl", "total_correlation",
+             "dimwise_kl", "optimal_prior_elbo", "log_likelihood")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_surgery(seed: int, latent_dim: int, prior: str) -> dict:
+    """Distinct, exactly checkable numbers per run; dimwise_kl null for a non-factorized prior."""
+    base = {"gaussian": 0.0, "vampprior": 3.0}[prior] + latent_dim
+    mi, mkl = 5.0 + 0.1 * seed + base / 10, 2.0 + 0.3 * seed + base / 5
+    out = {
+        "split": "train", "n_points": 1397, "n_samples": 1, "log_n": 7.2422,
+        "reconstruction": -80.0 - seed, "avg_kl": mi + mkl, "mutual_info": mi, "marginal_kl": mkl,
+        "total_correlation": 0.5 + 0.05 * seed, "dimwise_kl": None if prior == "vampprior" else mkl - 0.5 - 0.05 * seed,
+        "log_likelihood": -85.0 + 0.2 * seed - base / 100, "is_samples": 10,
+    }
+    out["elbo"] = out["reconstruction"] - out["avg_kl"]
+    out["optimal_prior_elbo"] = out["elbo"] + mkl
+    out.update({f"{k}_stderr": 0.01 for k in ESTIMATES})
+    return out
+
+
+def make_run(path: Path, prior: str, latent_dim: int, seed: int, *, surgery: bool = True,
+             checkpoints: bool = True, epochs: int = 7, density: bool = False) -> dict | None:
+    (path / ".hydra").mkdir(parents=True)
+    target = {"gaussian": "priors.gaussian.GaussianPrior", "vampprior": "priors.vampprior.VampPrior"}[prior]
+    config = {"seed": seed, "vae": {"latent_dim": latent_dim}, "prior": {"_target_": target}}
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (path / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"prior": prior}}}}))
+    # a resumed run repeats its last epoch line; an incomplete last epoch is not counted
+    lines = [{"epoch": e, "complete_epoch": True} for e in range(1, epochs + 1)]
+    lines += [{"epoch": epochs, "complete_epoch": True}, {"epoch": epochs + 1, "complete_epoch": False}]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if checkpoints:
+        (path / "checkpoints").mkdir()
+        (path / "checkpoints" / "last.pt").write_bytes(b"x")
+    if density:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(2, 2))
+        fig.add_subplot().plot([0, 1], [1, 0])
+        fig.savefig(path / "surgery_density.png")
+    if surgery:
+        values = fake_surgery(seed, latent_dim, prior)
+        (path / "surgery.json").write_text(json.dumps(values))
+        return values
+    return None
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> tuple[Path, dict]:
+    """A multirun dir: 2 priors x 2 latent sizes x 3 seeds, plus three broken jobs."""
+    root = tmp_path / "multirun"
+    root.mkdir()
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    values: dict[tuple[str, int], list[dict]] = {}
+    job = 0
+    for prior in ("vampprior", "gaussian"):  # the report orders gaussian first anyway
+        for latent_dim in (2, 10):
+            for seed in (0, 1, 2):
+                v = make_run(root / str(job), prior, latent_dim, seed, epochs=5 + seed, density=latent_dim == 2 and seed == 0)
+                values.setdefault((prior, latent_dim), []).append(v)
+                job += 1
+    make_run(root / str(job), "gaussian", 40, 0, surgery=False)  # trained, surgery missing
+    make_run(root / str(job + 1), "gaussian", 40, 1, checkpoints=False, epochs=0)  # failed before a checkpoint
+    (root / str(job + 2)).mkdir()  # never started
+    return root, values
+
+
+def test_rows_hold_mean_and_std_over_seeds(sweep) -> None:
+    root, values = sweep
+    report = rep.build_report([root])
+    assert [(r.prior, r.latent_dim) for r in report.rows] == [("gaussian", 2), ("gaussian", 10), ("vampprior", 2), ("vampprior", 10)]
+    for row in report.rows:
+        runs = values[(row.prior, row.latent_dim)]
+        assert row.n_runs == 3 and row.seeds == (0, 1, 2) and row.epochs == (5, 6, 7)
+        for key, _ in rep.COLUMNS:
+            xs = [v[key] for v in runs if v[key] is not None]
+            if not xs:
+                assert row.stats[key].mean is None and rep.format_stat(row.stats[key]) == "—"
+                continue
+            assert row.stats[key].mean == pytest.approx(statistics.mean(xs), abs=1e-12)
+            assert row.stats[key].std == pytest.approx(statistics.stdev(xs), abs=1e-12)
+            assert row.stats[key].std > 0  # the seeds differ, so a wrong grouping would show
+
+
+def test_markdown_table_cells_are_the_formatted_values(sweep) -> None:
+    root, values = sweep
+    md = rep.render_markdown(rep.build_report([root]))
+    table = [line for line in md.splitlines() if line.startswith("| gaussian") or line.startswith("| vampprior")]
+    assert len(table) == 4
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        prior, latent_dim = cells[0], int(cells[1])
+        runs = values[(prior, latent_dim)]
+        for (key, _), cell in zip(rep.COLUMNS, cells[2:]):
+            xs = [v[key] for v in runs if v[key] is not None]
+            expected = f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if xs else "—"
+            assert cell == expected, (prior, latent_dim, key)
+        assert cells[-3:] == ["3", "5–7", "train"]
+
+
+def test_incomplete_runs_are_listed_with_their_reason(sweep) -> None:
+    root, _ = sweep
+    report = rep.build_report([root])
+    reasons = {r.path.name: r.problem for r in report.incomplete}
+    assert set(reasons) == {"12", "13", "14"}
+    assert "no surgery.json" in reasons["12"] and "checkpoints" not in reasons["12"]
+    assert "no checkpoints" in reasons["13"]
+    assert "no .hydra/config.yaml" in reasons["14"] and "no checkpoints" in reasons["14"]
+    md = rep.render_markdown(report)
+    section = md.split("## Incomplete runs")[1].split("##")[0]
+    for name, reason in reasons.items():
+        assert any(line.startswith(f"| {root.resolve() / name} |") and reason in line for line in section.splitlines())
+    assert "Complete runs: 12; incomplete: 3." in md
+
+
+def test_cli_writes_table_and_pngs(sweep, tmp_path: Path, capsys) -> None:
+    root, _ = sweep
+    out = tmp_path / "report"
+    assert rep.main([str(root / "0"), str(root), "--out", str(out)]) == 0  # a run given twice counts once
+    printed = capsys.readouterr().out
+    assert "15 runs: 12 complete, 3 incomplete" in printed and f"table: {out / 'report.md'}" in printed
+    for name in ("decomposition.png", "marginal_kl.png", "density_grids.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+        assert f"plot:  {out / name}" in printed
+    assert "![density_grids](density_grids.png)" in (out / "report.md").read_text()
+
+
+def test_no_density_pictures_no_grid(tmp_path: Path) -> None:
+    make_run(tmp_path / "run", "gaussian", 10, 0)
+    files = rep.write_report(rep.build_report([tmp_path / "run"]), tmp_path / "out")
+    assert [p.name for p in files.plots] == ["decomposition.png", "marginal_kl.png"]
+
+
+def test_missing_path_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert rep.main([str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
