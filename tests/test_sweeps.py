@@ -15,8 +15,7 @@ from tests.conftest import CONF, ROOT
 
 pytestmark = pytest.mark.slow
 
-# The priors swept. After the prior zoo is merged, the lead sets this to ["gaussian", "mixture"].
-PRIORS = ["gaussian"]
+PRIORS = ["gaussian", "mixture"]
 LATENT_DIMS = [2, 3]
 # surgery.json comes with the surgery evaluator (issue 4), whose config group lands as
 # conf/surgery/. Until then the surgery values are not checked. After the merge, delete
