@@ -4,7 +4,7 @@
 runs it on a saved model. See docs/surgery.md.
 """
 
-from surgery.decompose import (
+from surgery.decomposition import (
     AggregateTerms,
     Estimate,
     SurgeryReport,

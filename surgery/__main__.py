@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from surgery.decompose import SurgeryReport
+from surgery.decomposition import SurgeryReport
 from surgery.run import run_surgery
 from vae import build_model, resolve_device
 from vae.trainer import load_checkpoint

@@ -14,7 +14,7 @@ from torch import Tensor  # noqa: E402
 
 from priors.base import Prior  # noqa: E402
 from priors.densities import gaussian_mixture_logsumexp  # noqa: E402
-from surgery.decompose import SurgeryReport  # noqa: E402
+from surgery.decomposition import SurgeryReport  # noqa: E402
 
 
 def plot_decomposition(report: SurgeryReport, path: str | Path) -> Path:

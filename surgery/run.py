@@ -1,7 +1,7 @@
 """Run the surgery on a model and save it: surgery.json, the pictures, the logger's summary and table.
 
 Shared by `python -m surgery` and `train.py`. This is the part with side effects;
-`surgery.decompose` stays pure.
+`surgery.decomposition` stays pure.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from surgery.decompose import SurgeryReport, decompose, encode
+from surgery.decomposition import SurgeryReport, decompose, encode
 
 DECOMPOSE_KEYS = (
     "split", "n_samples", "dimwise_samples", "is_samples", "is_points", "is_split", "seed",

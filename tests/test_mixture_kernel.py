@@ -69,7 +69,7 @@ def test_matches_double_loop(logvar_mean):
         torch.testing.assert_close(got32, reference_logsumexp(z, mu.float(), logvar.float(), ex), rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("d,logvar_mean", [(40, -9.0), (10, -6.0), (2, -3.0)])
+@pytest.mark.parametrize("d,logvar_mean", [(40, -9.0), (10, -6.0), (2, -3.0), (1, -6.0), (1, 0.0)])
 def test_float32_within_1e4_nats_where_bare_matmul_is_not(d, logvar_mean):
     mu, logvar = posteriors(2000, d, logvar_mean)
     z, idx = samples(mu, logvar, 200)
@@ -82,6 +82,14 @@ def test_float32_within_1e4_nats_where_bare_matmul_is_not(d, logvar_mean):
         c = -0.5 * (d * math.log(2 * math.pi) + logvar.sum(-1) + (prec * mu**2).sum(-1))
         bare = torch.logsumexp(torch.cat([z**2, z], -1) @ torch.cat([-0.5 * prec, prec * mu], -1).T + c, -1)
         assert (bare.double() - expected).abs().max() > 1e-3
+
+
+def test_one_dimension_with_exclusion_matches_double_loop():
+    mu, logvar = posteriors(11, 1, -2.0)
+    z, idx = samples(mu, logvar, 7)
+    expected = reference_logsumexp(z, mu, logvar, idx)
+    got = gaussian_mixture_logsumexp(z.double(), mu.double(), logvar.double(), idx)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
 
 
 def test_exclude_and_edge_cases():
