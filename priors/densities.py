@@ -138,7 +138,10 @@ def _components(mu: Tensor, logvar: Tensor, group: int, dtype: torch.dtype) -> _
     their float64 constants each time would cost more than the step's matrix product. The
     cache holds the tensors themselves (so their memory cannot be reused by others) and
     checks their in-place version counters, so an updated buffer is never served stale.
+    Inference-mode tensors have no version counter and are never cached.
     """
+    if mu.is_inference() or logvar.is_inference():
+        return _Components(mu, logvar, group, dtype)
     for cached_mu, cached_logvar, mu_version, logvar_version, cached_group, cached_dtype, comps in _COMPONENTS_CACHE:
         if (
             cached_mu is mu and cached_logvar is logvar and mu._version == mu_version

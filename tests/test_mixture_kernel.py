@@ -153,6 +153,13 @@ def test_cached_constants_follow_in_place_updates():
     logvar.copy_(logvar - 1)
     expected = vectorized_reference(z, mu, logvar)
     torch.testing.assert_close(gaussian_mixture_logsumexp(z, mu, logvar, out_dtype=torch.float64), expected, rtol=0, atol=1e-9)
+    with torch.inference_mode():  # inference tensors have no version counter: never cached, still right
+        mu_i, logvar_i = mu.clone(), logvar.clone()
+        first = gaussian_mixture_logsumexp(z, mu_i, logvar_i, out_dtype=torch.float64)
+        mu_i.add_(1.0)
+        again = gaussian_mixture_logsumexp(z, mu_i, logvar_i, out_dtype=torch.float64)
+    torch.testing.assert_close(again, vectorized_reference(z, mu + 1.0, logvar), rtol=0, atol=1e-9)
+    assert (again - first).abs().max() > 1e-3
 
 
 def test_gradcheck_float64():
