@@ -202,11 +202,16 @@ def _mixture_pass(
             ex = exclude[r0 : r0 + chunk_size]
             ex = torch.where(ex >= 0, ex, torch.full_like(ex, -(1 << 62)))  # never matches a column
         running = torch.full((mc,), -math.inf, dtype=torch.float64, device=z.device)
+        # Blocks are written into buffers reused across the row's blocks: allocating a
+        # fresh multi-MiB tensor per block costs more (page faults) than the arithmetic.
+        approx_buf = torch.empty(block_size * mc, dtype=y.dtype, device=z.device)
+        dense_buf: Tensor | None = None
+        x64 = None
         for n0 in range(0, comps.n_padded, block_size):
             n1 = min(n0 + block_size, comps.n_padded)
             # Components along the first axis, so the group maximum reduces over a
             # non-innermost axis (vectorized along the points).
-            approx = torch.addmm(c[n0:n1, None], y[n0:n1], xt)  # [nb, mc]
+            approx = torch.addmm(c[n0:n1, None], y[n0:n1], xt, out=approx_buf[: (n1 - n0) * mc].view(n1 - n0, mc))
             if ex is not None:
                 hit = ((ex >= n0) & (ex < n1)).nonzero().squeeze(-1)
                 approx[ex[hit] - n0, hit] = -math.inf
@@ -222,13 +227,18 @@ def _mixture_pass(
                 cols = (n0 + cand_groups[k] * group + j)[:, None]  # [K', 1]
                 dense = rows.shape[0] > dense_fraction * approx.numel()
             if dense:
-                values = torch.addmm(comps.c64[n0:n1], torch.cat([z64.square(), z64], dim=-1), comps.y64[n0:n1].T)
+                if dense_buf is None:
+                    dense_buf = torch.empty(mc * block_size, dtype=torch.float64, device=z.device)
+                    x64 = torch.cat([z64.square(), z64], dim=-1)
+                values = torch.addmm(
+                    comps.c64[n0:n1], x64, comps.y64[n0:n1].T, out=dense_buf[: mc * (n1 - n0)].view(mc, n1 - n0)
+                )
                 cols = torch.arange(n0, n1, device=z.device)[None]
                 if ex is not None:
-                    values = values.masked_fill(cols == ex[:, None], -math.inf)
-                running = torch.logaddexp(running, torch.logsumexp(values, dim=-1))
-                if visit is not None:
+                    values.masked_fill_(cols == ex[:, None], -math.inf)
+                if visit is not None:  # before the in-place logsumexp below overwrites the values
                     visit(_Entries(r0, torch.arange(mc, device=z.device), cols, values, dense=True))
+                running = torch.logaddexp(running, _logsumexp_inplace(values))
                 continue
             diff = z64[rows][:, None, :] - comps.mu64[cols]  # [K', 1, D]
             values = comps.h64[cols] - 0.5 * (diff.square() * comps.prec64[cols]).sum(-1)  # [K', 1]
@@ -239,6 +249,13 @@ def _mixture_pass(
                 visit(_Entries(r0, rows, cols, values, dense=False))
         out[r0 : r0 + mc] = running
     return out
+
+
+def _logsumexp_inplace(values: Tensor) -> Tensor:
+    """logsumexp over the last axis, using `values` as scratch (it is overwritten); -inf rows give -inf."""
+    top = values.amax(-1)
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return safe + values.sub_(safe[:, None]).exp_().sum(-1).log()
 
 
 def _locating_error_bound(zc: Tensor, comps: _Components) -> float:
