@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from surgery.run import run_surgery
 from vae import build_model, resolve_device
 from vae.trainer import evaluate, load_checkpoint
 
@@ -77,6 +78,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             "run_dir": str(run_dir),
         }
         logger.summary({k: v for k, v in metrics.items() if k != "run_dir"})
+        if cfg.get("surgery") is not None and cfg.surgery.enabled:
+            # ELBO surgery of the best checkpoint: surgery.json and pictures in the run dir, numbers to the logger.
+            report, _ = run_surgery(model, data, cfg.surgery, run_dir, logger=logger, device=device)
+            metrics["surgery"] = report.to_dict()
+            metrics["surgery_table"] = report.table()
         failed = False
     finally:
         # A joblib worker outlives a failed job, so wandb's exit hook never marks the run failed.
@@ -92,6 +98,8 @@ def main(cfg: DictConfig) -> float:
         f"best validation ELBO: {metrics['val_elbo']:.2f} nats (epoch {metrics['best_epoch']})\n"
         f"test ELBO (best checkpoint): {metrics['test_elbo']:.2f} nats"
     )
+    if "surgery_table" in metrics:
+        print(metrics["surgery_table"])
     return metrics["val_elbo"]  # the objective for sweepers
 
 

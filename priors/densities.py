@@ -7,7 +7,10 @@ them wrong.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -41,36 +44,398 @@ def diagonal_normal_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor, prior_logva
     return 0.5 * (var_ratio + mean_term - 1.0 - (logvar - prior_logvar)).sum(-1)
 
 
+# ---- the mixture kernel ------------------------------------------------------------------
+#
+# logsumexp_n log N(z_m; mu_n, diag(exp(logvar_n))) for M points against N components: the
+# hot spot of the aggregate-posterior prior and of the surgery evaluator.
+#
+# The matrix-product form  log N = [z^2, z] . [-prec/2, prec mu] + c_n  runs at matmul speed
+# but in float32 loses 1e-3 nats and more to cancellation for sharp posteriors (the z^2 prec
+# and mu^2 prec terms are large and nearly cancel). So the product only *locates* the
+# entries that matter. Per block of components x points: the maximum over each `group` of
+# components finds the groups within `margin` nats of a row's running maximum; inside
+# those, the entries within the margin are recomputed exactly, by the direct formula
+# sum_d (z_d - mu_d)^2 prec_d in float64 (no cancellation). Entries below the margin hold
+# at most N exp(-margin) of a row's mass (margin = log N + 28: < 1e-12 relative) and are
+# dropped. A block where more than `dense_fraction` of the entries qualify (broad
+# posteriors, where nothing is negligible) is recomputed whole by a float64 matrix
+# product instead, whose cancellation error is ~1e-16 relative.
+#
+# The locating product's own error only has to be small next to the margin for the
+# selection to be right. Per chunk of points a worst-case bound on it, (2D + 1) eps
+# max_n [sum_d prec_nd (max|z| + |mu_nd|)^2 + |c_n|], is checked; where it exceeds half
+# the margin (extremely sharp posteriors, log-variances below about -12), that chunk is
+# located with a float64 product instead.
+
+
+DEFAULT_GROUP = 32
+
+
+def refine_margin(n_components: int) -> float:
+    """Nats below a row's maximum beyond which entries are dropped: the dropped mass is < 1e-12 relative."""
+    return max(30.0, math.log(max(n_components, 1)) + 28.0)
+
+
+@contextlib.contextmanager
+def exact_float32_matmul(device: torch.device | str):
+    """Pin CUDA float32 matmuls to full precision (no TF32) inside the block; restore the setting after.
+
+    TF32 (10-bit mantissa) makes the matrix-product form of the Gaussian log density wrong
+    by several nats. CPU matmuls are always full precision, so this is a no-op there.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    old_matmul, old_cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_matmul
+        torch.backends.cudnn.allow_tf32 = old_cudnn
+
+
+class _Components:
+    """The mixture's per-component constants, padded to a multiple of `group` columns.
+
+    Padding columns have log density -inf. The float64 pieces feed the exact
+    recomputation; `y` and `c` (in the points' dtype) feed the locating matrix product.
+    """
+
+    def __init__(self, mu: Tensor, logvar: Tensor, group: int, dtype: torch.dtype) -> None:
+        n, d = mu.shape
+        pad = (-n) % group
+        mu64, logvar64 = mu.detach().double(), logvar.detach().double()
+        prec64 = torch.exp(-logvar64)
+        h64 = -0.5 * (d * LOG_2PI + logvar64.sum(-1))  # log normalizer of each component
+        if pad:
+            mu64 = torch.cat([mu64, mu64.new_zeros(pad, d)])
+            prec64 = torch.cat([prec64, prec64.new_zeros(pad, d)])
+            h64 = torch.cat([h64, h64.new_full((pad,), -math.inf)])
+        self.n, self.d, self.group, self.n_padded = n, d, group, n + pad
+        self.mu64, self.prec64, self.h64 = mu64, prec64, h64
+        self.prec_mu64 = prec64 * mu64
+        c64 = h64 - 0.5 * (prec64 * mu64.square()).sum(-1)
+        self.y64 = torch.cat([-0.5 * prec64, self.prec_mu64], dim=-1)  # [Np, 2D]
+        self.c64 = torch.where(torch.isfinite(h64), c64, h64)
+        self.y = self.y64.to(dtype)
+        self.c = self.c64.to(dtype)
+        # For the locating error bound: sum_d prec (t + |mu|)^2 + |c| = t^2 A + 2 t B + C.
+        finite = torch.isfinite(h64)
+        self.bound_a = prec64.sum(-1)[finite]
+        self.bound_b = (prec64 * mu64.abs()).sum(-1)[finite]
+        self.bound_c = ((prec64 * mu64.square()).sum(-1) + c64.abs())[finite]
+
+
+_COMPONENTS_CACHE: list[tuple[Tensor, Tensor, int, int, int, torch.dtype, _Components]] = []
+
+
+def _components(mu: Tensor, logvar: Tensor, group: int, dtype: torch.dtype) -> _Components:
+    """`_Components` of (mu, logvar), reused while the very same tensors are unmodified.
+
+    A training loop calls the kernel every step against the same N posteriors; rebuilding
+    their float64 constants each time would cost more than the step's matrix product. The
+    cache holds the tensors themselves (so their memory cannot be reused by others) and
+    checks their in-place version counters, so an updated buffer is never served stale.
+    Inference-mode tensors have no version counter and are never cached.
+    """
+    if mu.is_inference() or logvar.is_inference():
+        return _Components(mu, logvar, group, dtype)
+    for cached_mu, cached_logvar, mu_version, logvar_version, cached_group, cached_dtype, comps in _COMPONENTS_CACHE:
+        if (
+            cached_mu is mu and cached_logvar is logvar and mu._version == mu_version
+            and logvar._version == logvar_version and cached_group == group and cached_dtype == dtype
+        ):
+            return comps
+    comps = _Components(mu, logvar, group, dtype)
+    _COMPONENTS_CACHE.insert(0, (mu, logvar, mu._version, logvar._version, group, dtype, comps))
+    del _COMPONENTS_CACHE[2:]
+    return comps
+
+
+@dataclass
+class _Entries:
+    """Exactly computed log densities of one block: `values[k, j]` = log N(z[row_start + rows[k]]; component cols[k, j]).
+
+    A dense block has `rows` = all its rows, `cols` = `[1, Nb]` (the same columns for every row).
+    """
+
+    row_start: int
+    rows: Tensor  # [K] int64, local to the row chunk
+    cols: Tensor  # [K, G] or [1, Nb] int64
+    values: Tensor  # [K, G] or [K, Nb] float64
+    dense: bool
+
+
+def _mixture_pass(
+    z: Tensor,
+    comps: _Components,
+    exclude: Tensor | None,
+    chunk_size: int,
+    block_size: int,
+    dense_fraction: float,
+    visit: Callable[[_Entries], None] | None = None,
+) -> Tensor:
+    """Walk the M x N matrix in blocks of `block_size x chunk_size`; return the float64 logsumexp `[M]`.
+
+    `visit`, if given, sees every block's exact entries (the backward pass uses it).
+    Memory: one `block_size x chunk_size` block in z's dtype (and its float64 copy when
+    the block is dense) plus the exactly recomputed entries, at most
+    `dense_fraction x block_size x chunk_size` of them, each with a `[D]` float64 row.
+    """
+    m, d = z.shape
+    group = comps.group
+    margin = refine_margin(comps.n)
+    out = torch.empty(m, dtype=torch.float64, device=z.device)
+    for r0 in range(0, m, chunk_size):
+        zc = z[r0 : r0 + chunk_size].detach()
+        mc = zc.shape[0]
+        z64 = zc.double()
+        if _locating_error_bound(zc, comps) > margin / 2:
+            y, c, zl = comps.y64, comps.c64, z64
+        else:
+            y, c, zl = comps.y, comps.c, zc
+        xt = torch.cat([zl.square(), zl], dim=-1).T  # [2D, mc]
+        ex = None
+        if exclude is not None:
+            ex = exclude[r0 : r0 + chunk_size]
+            ex = torch.where(ex >= 0, ex, torch.full_like(ex, -(1 << 62)))  # never matches a column
+        running = torch.full((mc,), -math.inf, dtype=torch.float64, device=z.device)
+        # Blocks are written into buffers reused across the row's blocks: allocating a
+        # fresh multi-MiB tensor per block costs more (page faults) than the arithmetic.
+        approx_buf = torch.empty(block_size * mc, dtype=y.dtype, device=z.device)
+        dense_buf: Tensor | None = None
+        x64 = None
+        for n0 in range(0, comps.n_padded, block_size):
+            n1 = min(n0 + block_size, comps.n_padded)
+            # Components along the first axis, so the group maximum reduces over a
+            # non-innermost axis (vectorized along the points).
+            approx = torch.addmm(c[n0:n1, None], y[n0:n1], xt, out=approx_buf[: (n1 - n0) * mc].view(n1 - n0, mc))
+            if ex is not None:
+                hit = ((ex >= n0) & (ex < n1)).nonzero().squeeze(-1)
+                approx[ex[hit] - n0, hit] = -math.inf
+            grouped = approx.view(-1, group, mc)
+            group_max = grouped.amax(1)  # [ng, mc]
+            threshold = torch.maximum(running.to(approx.dtype), group_max.amax(0)) - margin  # [mc]
+            cand_groups, cand_rows = (group_max >= threshold).nonzero().unbind(-1)
+            dense = cand_groups.shape[0] * group > dense_fraction * approx.numel()
+            if not dense:
+                near = grouped[cand_groups, :, cand_rows] >= threshold[cand_rows][:, None]  # [K, G]
+                k, j = near.nonzero().unbind(-1)
+                rows = cand_rows[k]
+                cols = (n0 + cand_groups[k] * group + j)[:, None]  # [K', 1]
+                dense = rows.shape[0] > dense_fraction * approx.numel()
+            if dense:
+                if dense_buf is None:
+                    dense_buf = torch.empty(mc * block_size, dtype=torch.float64, device=z.device)
+                    x64 = torch.cat([z64.square(), z64], dim=-1)
+                values = torch.addmm(
+                    comps.c64[n0:n1], x64, comps.y64[n0:n1].T, out=dense_buf[: mc * (n1 - n0)].view(mc, n1 - n0)
+                )
+                cols = torch.arange(n0, n1, device=z.device)[None]
+                if ex is not None:
+                    values.masked_fill_(cols == ex[:, None], -math.inf)
+                if visit is not None:  # before the in-place logsumexp below overwrites the values
+                    visit(_Entries(r0, torch.arange(mc, device=z.device), cols, values, dense=True))
+                running = torch.logaddexp(running, _logsumexp_inplace(values))
+                continue
+            diff = z64[rows][:, None, :] - comps.mu64[cols]  # [K', 1, D]
+            values = comps.h64[cols] - 0.5 * (diff.square() * comps.prec64[cols]).sum(-1)  # [K', 1]
+            if ex is not None:
+                values = values.masked_fill(cols == ex[rows][:, None], -math.inf)
+            running = _merge_rows(running, rows, values)
+            if visit is not None:
+                visit(_Entries(r0, rows, cols, values, dense=False))
+        out[r0 : r0 + mc] = running
+    return out
+
+
+def _logsumexp_inplace(values: Tensor) -> Tensor:
+    """logsumexp over the last axis, using `values` as scratch (it is overwritten); -inf rows give -inf."""
+    top = values.amax(-1)
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return safe + values.sub_(safe[:, None]).exp_().sum(-1).log()
+
+
+def _locating_error_bound(zc: Tensor, comps: _Components) -> float:
+    """Worst-case error (nats) of the locating matrix product for these points, in z's dtype."""
+    if comps.bound_a.numel() == 0:
+        return 0.0
+    eps = torch.finfo(zc.dtype).eps
+    t = float(zc.detach().abs().max())
+    scale = (t * t) * comps.bound_a + (2 * t) * comps.bound_b + comps.bound_c
+    return float((2 * comps.d + 1) * eps * scale.max())
+
+
+def _merge_rows(running: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+    """logaddexp each row of `running` with the logsumexp of its entries in `values` (rows may repeat)."""
+    row_max = torch.full_like(running, -math.inf).scatter_reduce(0, rows, values.amax(-1), "amax")
+    safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    sums = torch.zeros_like(running).index_add_(0, rows, torch.exp(values - safe_max[rows][:, None]).sum(-1))
+    return torch.logaddexp(running, safe_max + torch.log(sums))
+
+
+class _MixtureLogSumExp(torch.autograd.Function):
+    """The kernel with a backward pass w.r.t. z that recomputes block by block.
+
+    d/dz_m logsumexp_n log N(z_m; mu_n, var_n) = -sum_n w_mn (z_m - mu_n) / var_n with w the
+    softmax over n; the dropped entries carry weight < 1e-12, and the kept ones are exact.
+    """
+
+    @staticmethod
+    def forward(ctx, z, mu, logvar, exclude, chunk_size, block_size, group, dense_fraction, out_dtype):
+        comps = _components(mu, logvar, group, z.dtype)
+        out = _mixture_pass(z, comps, exclude, chunk_size, block_size, dense_fraction)
+        ctx.save_for_backward(z, mu, logvar, exclude, out)
+        ctx.settings = (chunk_size, block_size, group, dense_fraction)
+        return out.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, mu, logvar, exclude, out = ctx.saved_tensors
+        chunk_size, block_size, group, dense_fraction = ctx.settings
+        comps = _components(mu, logvar, group, z.dtype)
+        z64 = z.detach().double()
+        grad = torch.zeros_like(z64)
+
+        def visit(e: _Entries) -> None:
+            rows = e.row_start + e.rows
+            w = torch.exp(e.values - out[rows][:, None])  # [K, G] or [mc, nb]
+            if e.dense:
+                cols = e.cols[0]
+                g = z64[rows] * (w @ comps.prec64[cols]) - w @ comps.prec_mu64[cols]
+            else:
+                g = ((z64[rows][:, None, :] - comps.mu64[e.cols]) * comps.prec64[e.cols] * w[..., None]).sum(1)
+            grad.index_add_(0, rows, -g)
+
+        with torch.no_grad():
+            _mixture_pass(z, comps, exclude, chunk_size, block_size, dense_fraction, visit=visit)
+        grad_z = (grad * grad_out.double()[:, None]).to(z.dtype)
+        return grad_z, None, None, None, None, None, None, None, None
+
+
 def gaussian_mixture_logsumexp(
     z: Tensor,
     mu: Tensor,
     logvar: Tensor,
     exclude: Tensor | None = None,
-    chunk_size: int = 16,
+    chunk_size: int = 2048,
+    *,
+    block_size: int = 2048,
+    group: int = DEFAULT_GROUP,
+    dense_fraction: float = 0.25,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """logsumexp over components n of log N(z_m; mu_n, diag(exp(logvar_n))).
+    """logsumexp over components n of log N(z_m; mu_n, diag(exp(logvar_n))), exactly and fast.
 
-    The hot spot of the aggregate-posterior prior and of the surgery evaluator. Chunked
-    over the M points, so at most `chunk_size x N x D` elements are live at once.
+    The hot spot of the aggregate-posterior prior and of the surgery evaluator. A float32
+    (or float64) matrix product locates, per row, the components within `refine_margin(N)`
+    nats of the row's maximum; those entries are recomputed exactly by the direct formula
+    in float64 and summed in float64, the rest (< 1e-12 of the mass) are dropped. Accurate
+    to ~1e-9 nats (with `out_dtype=torch.float64`) whatever the posteriors' sharpness,
+    where the bare float32 matrix product loses 1e-3 nats and more. See the comment above
+    `refine_margin` for the method and its fallback for broad posteriors.
+
+    The components' float64 constants are cached while the same `mu` and `logvar` tensor
+    objects come back unmodified (checked by identity and in-place version), so a
+    training loop should pass its buffers themselves, not a fresh `.detach()` each step
+    (M = 100 against N = 50,000, D = 40: ~16 ms forward, ~20 ms backward on 2 CPU cores).
+
+    Differentiable w.r.t. `z` (the backward pass recomputes block by block, exactly). If
+    `mu` or `logvar` require gradients a plain chunked direct formula is used instead
+    (slow, differentiable in everything).
+
+    Memory is bounded whatever M and N are: one `chunk_size x block_size` block in z's
+    dtype (and its float64 copy for a dense block; 32 MiB at the defaults), the exactly
+    recomputed entries of one block (at most `dense_fraction` of it, each with a `[D]`
+    float64 difference), plus O(M + N D) float64 for the component constants and the result. The full M x N matrix is never formed. On CUDA
+    the matrix products run with TF32 off (restored afterwards).
 
     Args:
-        z: points, `[M, D]`.
+        z: points, `[M, D]` (float32 or float64).
         mu: component means, `[N, D]`.
         logvar: component log variances, `[N, D]`.
         exclude: optional `[M]` int64; row m leaves component `exclude[m]` out (a
             negative value leaves nothing out).
-        chunk_size: points per chunk.
+        chunk_size: rows (points) per block.
+        block_size: columns (components) per block; rounded up to a multiple of `group`.
+        group: components per group in the locating step (a tuning knob).
+        dense_fraction: above this fraction of qualifying groups, a block is recomputed
+            whole in float64.
+        out_dtype: dtype of the result (default z's dtype). The sum is formed in
+            float64; `torch.float64` keeps all of it (a float32 result rounds a value
+            of -1e4 nats to ~1e-3).
 
     Returns:
-        `[M]`. Subtract `log N` (or `log(N - 1)` with `exclude`) for the mixture's log density.
+        `[M]` in `out_dtype`. Subtract `log N` (or `log(N - 1)` with `exclude`) for the
+        mixture's log density. A row with every component excluded gives -inf.
+
+    References:
+        Hoffman & Johnson, "ELBO surgery", 2016 (the aggregate posterior q(z)).
     """
+    if z.dim() != 2 or mu.dim() != 2 or mu.shape != logvar.shape or z.shape[1] != mu.shape[1]:
+        raise ValueError(
+            f"gaussian_mixture_logsumexp expects z [M, D], mu and logvar [N, D]; got {tuple(z.shape)}, "
+            f"{tuple(mu.shape)}, {tuple(logvar.shape)}"
+        )
+    if exclude is not None and exclude.shape != z.shape[:1]:
+        raise ValueError(f"exclude must have shape [M] = [{z.shape[0]}], got {tuple(exclude.shape)}")
+    if chunk_size <= 0 or block_size <= 0 or group <= 0:
+        raise ValueError(f"chunk_size, block_size and group must be positive; got {chunk_size}, {block_size}, {group}")
+    if z.shape[0] == 0:
+        return z.new_zeros(0, dtype=out_dtype)
+    if mu.shape[0] == 0:
+        return z.new_full((z.shape[0],), -math.inf, dtype=out_dtype)
+    mu, logvar = mu.to(z.device), logvar.to(z.device)
+    if exclude is not None:
+        exclude = exclude.to(z.device, torch.int64)
+    if torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad):
+        return _mixture_logsumexp_direct(z, mu, logvar, exclude, chunk_size).to(out_dtype or z.dtype)
+    if mu.shape[1] == 1 and not (torch.is_grad_enabled() and z.requires_grad):
+        return _mixture_logsumexp_1d(z, mu, logvar, exclude, chunk_size * block_size).to(out_dtype or z.dtype)
+    block_size = -(-block_size // group) * group
+    with exact_float32_matmul(z.device):
+        return _MixtureLogSumExp.apply(
+            z, mu, logvar, exclude, chunk_size, block_size, group, dense_fraction, out_dtype or z.dtype
+        )
+
+
+@torch.no_grad()
+def _mixture_logsumexp_1d(z: Tensor, mu: Tensor, logvar: Tensor, exclude: Tensor | None, max_elements: int) -> Tensor:
+    """One dimension: the direct formula h_n - prec_n (z - mu_n)^2 / 2 over every entry, chunked over rows.
+
+    In one dimension the matrix product saves nothing and nearly every entry matters for
+    broad (collapsed) dimensions, so every entry is computed, in the input dtype. The
+    direct form has no cancellation: (z - mu) is exact to half an ulp of itself, so each
+    entry is right to a few ulps of its value (float32: ~1e-6 nats where it matters).
+    Memory: at most `max_elements` entries live at once.
+    """
+    prec = torch.exp(-logvar[:, 0])
+    neg_half_prec = -0.5 * prec
+    h = (-0.5 * (LOG_2PI + logvar[:, 0].double())).to(z.dtype)
+    # ~1M entries per chunk measured fastest on a 2-core CPU (4 MiB in float32); never 1 row
+    # at a time (torch's single-row logsumexp is far slower per entry).
+    rows = max(8, min(max_elements, 1 << 20) // mu.shape[0])
+    cols = torch.arange(mu.shape[0], device=z.device)
     out = []
-    for start in range(0, z.shape[0], chunk_size):
-        zc = z[start : start + chunk_size]
-        lp = diagonal_normal_log_prob(zc[:, None, :], mu, logvar)
+    for start in range(0, z.shape[0], rows):
+        lp = z[start : start + rows] - mu[:, 0]  # [rows, N]
+        lp.square_().mul_(neg_half_prec).add_(h)
         if exclude is not None:
-            ex = exclude[start : start + chunk_size]
-            rows = torch.nonzero(ex >= 0).squeeze(-1)
-            lp = lp.index_put((rows, ex[rows]), torch.tensor(-torch.inf, dtype=lp.dtype, device=lp.device))
+            lp.masked_fill_(cols == exclude[start : start + rows, None], -math.inf)
         out.append(torch.logsumexp(lp, dim=-1))
-    return torch.cat(out) if out else z.new_zeros(0)
+    return torch.cat(out)
+
+
+def _mixture_logsumexp_direct(z: Tensor, mu: Tensor, logvar: Tensor, exclude: Tensor | None, chunk_size: int) -> Tensor:
+    """The direct formula, chunked over rows (`chunk x N x D` live), differentiable in every input."""
+    rows = max(1, chunk_size // max(1, mu.shape[1]))
+    out = []
+    for start in range(0, z.shape[0], rows):
+        lp = diagonal_normal_log_prob(z[start : start + rows, None, :], mu, logvar)
+        if exclude is not None:
+            ex = exclude[start : start + rows]
+            lp = lp.masked_fill(torch.arange(mu.shape[0], device=z.device) == ex[:, None], -math.inf)
+        out.append(torch.logsumexp(lp, dim=-1))
+    return torch.cat(out)

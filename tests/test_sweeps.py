@@ -11,16 +11,12 @@ from pathlib import Path
 import pytest
 
 from surgery import report as rep
-from tests.conftest import CONF, ROOT
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
 PRIORS = ["gaussian", "mixture"]
 LATENT_DIMS = [2, 3]
-# surgery.json comes with the surgery evaluator (issue 4), whose config group lands as
-# conf/surgery/. Until then the surgery values are not checked. After the merge, delete
-# this guard (the lead) so that a missing surgery.json fails the test.
-SURGERY_MERGED = (CONF / "surgery").is_dir()
 
 TINY = ["data=digits", "device=cpu", "trainer.max_epochs=1", "trainer.progress=false", "vae.hidden_dims=[16]"]
 LAUNCHERS = {
@@ -64,15 +60,10 @@ def test_sweep_runs_every_job_and_the_report_lists_it(sweep) -> None:
     md = (out / "report.md").read_text()
     for r in runs:  # every run is named in the report, complete or not
         assert f"- {r.path} ({r.prior}, z={r.latent_dim}, seed 0)" in md
-    if not SURGERY_MERGED:  # no run has a surgery.json yet: each one is listed with that reason, and nothing else
-        assert all(r.problem == "no surgery.json (surgery not run, or it failed)" for r in runs)
-        assert "Complete runs: 0; incomplete: %d." % len(runs) in md
 
 
 def test_report_rows_hold_each_runs_surgery_values(sweep) -> None:
     sweep_dir, out = sweep
-    if not SURGERY_MERGED:
-        pytest.skip("surgery.json is written by the surgery evaluator (issue 4), not merged into this branch")
     report = rep.build_report([sweep_dir])
     assert not report.incomplete, [(r.path, r.problem) for r in report.incomplete]
     md = (out / "report.md").read_text()

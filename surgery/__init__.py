@@ -1,0 +1,25 @@
+"""ELBO surgery: the exact decomposition of a VAE's ELBO over a whole split (Hoffman & Johnson 2016).
+
+`decompose(model, data)` returns a `SurgeryReport`; `python -m surgery checkpoint=PATH`
+runs it on a saved model. See docs/surgery.md.
+"""
+
+from surgery.decomposition import (
+    AggregateTerms,
+    Estimate,
+    SurgeryReport,
+    aggregate_terms,
+    decompose,
+    encode,
+    importance_log_likelihood,
+)
+
+__all__ = [
+    "AggregateTerms",
+    "Estimate",
+    "SurgeryReport",
+    "aggregate_terms",
+    "decompose",
+    "encode",
+    "importance_log_likelihood",
+]

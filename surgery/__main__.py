@@ -1,0 +1,88 @@
+"""`python -m surgery checkpoint=PATH [split=train] [device=auto] [n_samples=null] [is_samples=5000]`.
+
+Rebuilds the model from the checkpoint's stored config, runs the ELBO surgery, prints
+the table and writes surgery.json and the pictures into the checkpoint's run directory
+(`<run dir>/checkpoints/best.pt` -> `<run dir>`). Options: conf/surgery_cli.yaml.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from surgery.decomposition import SurgeryReport
+from surgery.run import run_surgery
+from vae import build_model, resolve_device
+from vae.trainer import load_checkpoint
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot rebuild a model."""
+
+
+class DeviceError(RuntimeError):
+    """The asked-for device is not available."""
+
+
+def load_model(checkpoint: str | Path, device: Any = "cpu") -> tuple[Any, Any, DictConfig]:
+    """Rebuild (model, data, run config) from a priorlab checkpoint.
+
+    The file is read with `torch.load(weights_only=True)` (via `vae.trainer.load_checkpoint`),
+    so a foreign file is refused, never unpickled.
+    """
+    path = Path(checkpoint).expanduser()
+    payload = load_checkpoint(path, map_location="cpu")
+    config = payload.get("config")
+    if not isinstance(config, dict) or not {"data", "vae", "prior"} <= set(config):
+        raise CheckpointError(
+            f"{path} holds no run config with data, vae and prior (was it written by priorlab's trainer?)"
+        )
+    run_cfg = OmegaConf.create(config)
+    data = hydra.utils.instantiate(run_cfg.data)
+    model = build_model(run_cfg, data)
+    try:
+        model.load_state_dict(payload["model"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: the stored weights do not fit the model its config builds: {e}") from e
+    return model.to(device), data, run_cfg
+
+
+def surgery_main(cfg: DictConfig) -> tuple[SurgeryReport, dict[str, Path]]:
+    """Everything but the printing: load, decompose, save, log."""
+    try:
+        device = resolve_device(cfg.device)
+    except RuntimeError as e:
+        raise DeviceError(str(e)) from e
+    checkpoint = Path(cfg.checkpoint).expanduser()
+    model, data, run_cfg = load_model(checkpoint, device)
+    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else checkpoint.resolve().parent.parent
+    logger = hydra.utils.instantiate(
+        cfg.logger, run_dir=out_dir, run_config=OmegaConf.to_container(cfg, resolve=True), group=cfg.logger.get("group"),
+        _recursive_=False,
+    )
+    try:
+        report, files = run_surgery(model, data, cfg, out_dir, logger=logger, device=device)
+    finally:
+        logger.finish()
+    return report, files
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="surgery_cli")
+def main(cfg: DictConfig) -> None:
+    try:
+        report, files = surgery_main(cfg)
+    except (FileNotFoundError, ValueError, DeviceError) as e:
+        # A bad checkpoint or device is the user's to fix: one clear line, no traceback.
+        print(f"surgery: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(report.table())
+    for path in files.values():
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""`python -m surgery` and the train.py hook: files, numbers, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from surgery.__main__ import CheckpointError, DeviceError, load_model, surgery_main
+from train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+FIELDS = [
+    "split", "n_points", "n_samples", "elbo", "reconstruction", "avg_kl", "mutual_info", "marginal_kl", "log_n",
+    "total_correlation", "dimwise_kl", "optimal_prior_elbo", "log_likelihood", "is_samples",
+]
+
+
+def compose_cfg(name, overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose_cfg("train", [
+        "data=digits", "logger=none", "vae.latent_dim=2", "vae.hidden_dims=[32]", "trainer.max_epochs=1",
+        "trainer.progress=false", "device=cpu", "surgery.is_samples=20", "surgery.is_points=50",
+        "surgery.plot_grid=30",
+    ])
+    metrics = train(cfg, run_dir=run_dir)
+    return run_dir, metrics
+
+
+def test_train_writes_surgery_json_and_pictures(trained_run):
+    run_dir, metrics = trained_run
+    report = json.loads((run_dir / "surgery.json").read_text())
+    for field in FIELDS:
+        assert field in report, field
+        if field not in ("split", "n_points", "n_samples", "log_n", "is_samples"):
+            assert field + "_stderr" in report, field
+    assert report["split"] == "train" and report["n_points"] == 1397 and report["is_samples"] == 20
+    assert report["elbo"] == pytest.approx(report["reconstruction"] - report["avg_kl"], abs=1e-9)
+    assert report["optimal_prior_elbo"] == pytest.approx(report["elbo"] + report["marginal_kl"], abs=1e-9)
+    assert -1e-2 < report["mutual_info"] <= report["log_n"]
+    assert (run_dir / "surgery_decomposition.png").stat().st_size > 0
+    assert (run_dir / "surgery_aggregate_posterior.png").stat().st_size > 0
+    assert "ELBO surgery" in metrics["surgery_table"]
+
+
+def test_cli_rebuilds_the_model_and_reproduces_the_numbers(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    cfg = compose_cfg("surgery_cli", [
+        f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "device=cpu", "is_samples=20", "is_points=50",
+        f"output_dir={tmp_path}", "plots=false",
+    ])
+    report, files = surgery_main(cfg)
+    saved = json.loads((run_dir / "surgery.json").read_text())
+    for field in ("elbo", "mutual_info", "marginal_kl", "total_correlation", "log_likelihood"):
+        assert getattr(report, field) == pytest.approx(saved[field], abs=1e-9), field
+    assert files["json"] == tmp_path / "surgery.json"
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_missing_truncated_and_foreign_checkpoints_give_clear_errors(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nope.pt")
+    good = (run_dir / "checkpoints" / "best.pt").read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="not a readable priorlab checkpoint"):
+        load_model(truncated)
+
+    # A pickle that would run code if unpickled: refused, and the code never runs.
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"format": 1, "model": Evil()}, f)
+    with pytest.raises(ValueError, match="not a readable priorlab checkpoint"):
+        load_model(evil)
+    assert not marker.exists()
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(ValueError, match="not a priorlab checkpoint"):
+        load_model(foreign)
+    no_config = tmp_path / "no_config.pt"
+    torch.save({"format": 1, "model": {}, "config": {}}, no_config)
+    with pytest.raises(CheckpointError, match="no run config"):
+        load_model(no_config)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu_says_so(trained_run):
+    run_dir, _ = trained_run
+    cfg = compose_cfg("surgery_cli", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "device=cuda"])
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        surgery_main(cfg)
+
+
+def test_surgery_can_be_disabled_in_training(tmp_path):
+    cfg = compose_cfg("train", ["data=digits", "logger=none", "trainer.max_steps=2", "trainer.max_epochs=1",
+                                "trainer.progress=false", "device=cpu", "surgery.enabled=false"])
+    metrics = train(cfg, run_dir=tmp_path)
+    assert "surgery" not in metrics and not (tmp_path / "surgery.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_in_a_subprocess(trained_run):
+    run_dir, _ = trained_run
+    ckpt = run_dir / "checkpoints" / "best.pt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "surgery", f"checkpoint={ckpt}", "device=cpu", "is_samples=50", "is_points=100", "split=test"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ELBO surgery on the test split" in done.stdout
+    report = json.loads((run_dir / "surgery_test.json").read_text())
+    assert report["split"] == "test" and report["n_points"] == 200
+    bad = subprocess.run([sys.executable, "-m", "surgery", "checkpoint=/nonexistent.pt"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
