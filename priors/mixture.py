@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from priors.base import Prior
-from priors.densities import diagonal_normal_log_prob
+from priors.densities import small_gaussian_mixture_log_prob
 
 
 class MixturePrior(Prior):
@@ -16,8 +16,8 @@ class MixturePrior(Prior):
     The weights are a softmax of learned logits, so they stay on the simplex without
     constraints. The log density is a logsumexp over the K components of log pi_k plus the
     component's full log density (the -1/2 log 2 pi terms kept), as torch's
-    `MixtureSameFamily` computes it. With K = 500 and a batch of 100 the `[B, K, D]`
-    broadcast is small, so it is computed directly.
+    `MixtureSameFamily` computes it, through `priors.densities.small_gaussian_mixture_log_prob`
+    (matrix products in float64).
 
     Initialization: logits 0 (equal weights), means N(0, init_std^2), log variances 0.
 
@@ -42,9 +42,7 @@ class MixturePrior(Prior):
         self.logvars = nn.Parameter(torch.zeros(self.num_components, self.latent_dim))
 
     def _log_prob(self, z: Tensor) -> Tensor:
-        log_weights = torch.log_softmax(self.logits, dim=-1)  # [K]
-        component = diagonal_normal_log_prob(z.unsqueeze(-2), self.means, self.logvars)  # [..., K]
-        return torch.logsumexp(component + log_weights, dim=-1)
+        return small_gaussian_mixture_log_prob(z, self.means, self.logvars, torch.log_softmax(self.logits, dim=-1))
 
     def _sample(self, n: int) -> Tensor:
         if n == 0:  # torch's categorical sampler refuses zero draws

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from priors.base import Encoder, Prior
-from priors.densities import diagonal_normal_log_prob
+from priors.densities import small_gaussian_mixture_log_prob
 
 INITS = ("random", "data")
 
@@ -44,7 +43,7 @@ class VampPrior(Prior):
             [0, 1]) or `"data"` (K training images drawn at random, at `setup`).
         init_mean: mean of the random initialization (the paper's MNIST value is 0.05).
         init_std: standard deviation of the random initialization (paper: 0.01).
-        chunk_size: points per chunk of the `[chunk, K, D]` broadcast in `log_prob`.
+        chunk_size: points per chunk in `log_prob` (at most `chunk x K` values live).
 
     References:
         Tomczak & Welling, "VAE with a VampPrior", AISTATS 2018.
@@ -160,14 +159,7 @@ class VampPrior(Prior):
 
     def _log_prob(self, z: Tensor) -> Tensor:
         mu, logvar = self.components()
-        flat = z.reshape(-1, self.latent_dim)
-        # Chunked so the [chunk, K, D] broadcast stays bounded on large evaluations.
-        out = [
-            torch.logsumexp(diagonal_normal_log_prob(c.unsqueeze(-2), mu, logvar), dim=-1)
-            for c in flat.split(self.chunk_size)
-        ]
-        lp = torch.cat(out) if out else flat.new_zeros(0)
-        return (lp - math.log(self.num_components)).reshape(z.shape[:-1])
+        return small_gaussian_mixture_log_prob(z, mu, logvar, chunk_size=self.chunk_size)
 
     def _sample(self, n: int) -> Tensor:
         mu, logvar = self.components()

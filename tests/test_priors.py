@@ -286,3 +286,28 @@ def test_contract_suite_runs_on_a_user_prior(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stdout[-3000:]
     assert "7 passed" in r.stdout or "8 passed" in r.stdout, r.stdout[-500:]
+
+
+def test_small_mixture_float32_agrees_with_float64_for_sharp_components() -> None:
+    # The expanded quadratic form cancels large terms: in float32 arithmetic that costs more
+    # than 1e-3 nats for sharp components away from the origin; computed in float64 only the
+    # final rounding to float32 remains.
+    from priors.densities import diagonal_normal_log_prob, small_gaussian_mixture_log_prob
+
+    g = torch.Generator().manual_seed(0)
+    mu = (3 * torch.randn(50, 40, generator=g)).double()
+    logvar = torch.full((50, 40), -6.0, dtype=F64)
+    z = (mu[:20] + 0.05 * torch.randn(20, 40, generator=g, dtype=F64)).float().double()
+    log_w = torch.log_softmax(torch.randn(50, generator=g, dtype=F64), -1).float().double()
+    exact = torch.logsumexp(diagonal_normal_log_prob(z[:, None, :], mu, logvar) + log_w, dim=-1)
+    got = small_gaussian_mixture_log_prob(z.float(), mu.float(), logvar.float(), log_w.float())
+    assert got.dtype == torch.float32
+    assert (got.double() - exact).abs().max() < 1e-4
+    prec = torch.exp(-logvar).float()
+    naive = torch.logsumexp(
+        z.float().square() @ (-0.5 * prec).T + z.float() @ (mu.float() * prec).T
+        - 0.5 * (40 * math.log(2 * math.pi) + logvar.float().sum(-1) + (mu.float().square() * prec).sum(-1))
+        + log_w.float(),
+        dim=-1,
+    )
+    assert (naive.double() - exact).abs().max() > 1e-3  # the case is hard enough to matter
