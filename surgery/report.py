@@ -14,7 +14,7 @@ Written to the output dir: `report.md` (one row per prior x latent size, each nu
 mean ± sample standard deviation over seeds), `decomposition.png` (average KL split into
 mutual information and marginal KL, per prior and latent size), `marginal_kl.png`
 (marginal KL against latent size, one line per prior, error bars over seeds) and, when
-any run left `*density*.png` pictures (2-D latents), `density_grids.png` with them side
+any run left `surgery_aggregate_posterior*.png` pictures (2-D latents), `density_grids.png` with them side
 by side.
 
 The library part is pure functions returning dataclasses; only `main` prints.
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from surgery.run import DENSITY_PICTURE
 
 #: The table's columns: (surgery.json field, column title).
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -204,7 +206,7 @@ def read_run(path: str | Path) -> RunRecord:
     else:
         problems.append("no surgery.json (surgery not run, or it failed)")
 
-    densities = tuple(sorted(path.rglob("*density*.png")))
+    densities = tuple(sorted(path.glob(f"{DENSITY_PICTURE}*.png")))
     return RunRecord(
         path=path,
         prior=prior,
@@ -375,7 +377,7 @@ def plot_marginal_kl(report: Report, path: Path) -> Path:
 
 
 def plot_density_grids(runs: Sequence[RunRecord], path: Path, columns: int = 4) -> Path | None:
-    """Every run's `*density*.png` in one figure, titled by prior, latent size and seed;
+    """Every run's `surgery_aggregate_posterior*.png` in one figure, titled by prior, latent size and seed;
     None when no run has one."""
     import matplotlib.image as mpimg
 

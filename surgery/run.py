@@ -16,6 +16,9 @@ from omegaconf import DictConfig
 
 from surgery.decomposition import SurgeryReport, decompose, encode
 
+# q(z) beside p(z) for 2-D latents; surgery.report collects these across runs.
+DENSITY_PICTURE = "surgery_aggregate_posterior"
+
 DECOMPOSE_KEYS = (
     "split", "n_samples", "dimwise_samples", "is_samples", "is_points", "is_split", "seed",
     "batch_size", "chunk_size", "block_size", "is_batch_elements",
@@ -65,7 +68,7 @@ def run_surgery(
         if report.latent_dim == 2:
             mu, logvar = encode(model, data.split(report.split), cfg.get("batch_size", 1000), device)
             files["aggregate_posterior"] = plot_aggregate_posterior_2d(
-                mu, logvar, model.prior, out_dir / f"surgery_aggregate_posterior{suffix}.png",
+                mu, logvar, model.prior, out_dir / f"{DENSITY_PICTURE}{suffix}.png",
                 grid=int(cfg.get("plot_grid", 120)), seed=int(cfg.get("seed", 0)),
             )
     if logger is not None:

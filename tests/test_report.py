@@ -51,7 +51,7 @@ def make_run(path: Path, prior: str, latent_dim: int, seed: int, *, surgery: boo
 
         fig = Figure(figsize=(2, 2))
         fig.add_subplot().plot([0, 1], [1, 0])
-        fig.savefig(path / "surgery_density.png")
+        fig.savefig(path / "surgery_aggregate_posterior.png")
     if surgery:
         values = fake_surgery(seed, latent_dim, prior)
         (path / "surgery.json").write_text(json.dumps(values))
