@@ -38,7 +38,13 @@ class MixturePrior(Prior):
             raise ValueError(f"MixturePrior: num_components (K) must be a positive integer, got {num_components!r}")
         self.num_components = int(num_components)
         self.logits = nn.Parameter(torch.zeros(self.num_components))
-        self.means = nn.Parameter(init_std * torch.randn(self.num_components, self.latent_dim))
+        # The means come from their own generator, seeded from the global stream: drawn
+        # straight from the global stream after `torch.manual_seed(s)`, they would equal the
+        # first noise draws of any later evaluation seeded with the same s (the trainer's
+        # `evaluate` seeds with the run's seed), putting evaluation samples on the means.
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        means = init_std * torch.randn(self.num_components, self.latent_dim, generator=generator)
+        self.means = nn.Parameter(means)
         self.logvars = nn.Parameter(torch.zeros(self.num_components, self.latent_dim))
 
     def _log_prob(self, z: Tensor) -> Tensor:
