@@ -53,7 +53,9 @@ class MixturePrior(Prior):
         return torch.logsumexp(component + log_weights, dim=-1)
 
     def _sample(self, n: int) -> Tensor:
-        k = torch.multinomial(torch.softmax(self.logits.detach(), -1), n, replacement=True)
+        if n == 0:  # torch's categorical sampler refuses zero draws
+            return self.means.new_zeros(0, self.latent_dim)
+        k = torch.distributions.Categorical(logits=self.logits.detach()).sample((n,))
         eps = torch.randn(n, self.latent_dim, device=self.means.device, dtype=self.means.dtype)
         return self.means[k] + torch.exp(0.5 * self.logvars[k]) * eps
 

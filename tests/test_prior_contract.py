@@ -1,0 +1,200 @@
+"""The Prior contract, checked on every prior in conf/prior/ (and on `--prior MODULE.CLASS`).
+
+Each case is built the way a run builds it: `hydra.utils.instantiate(cfg.prior,
+latent_dim=D)` from the composed config (shrunk to a few components or layers where the
+config has such a key, so grid integrals stay cheap and accurate), inside a tiny VAE whose
+encoder and a tiny random `train_x` feed the `setup` hook. Everything runs in float64.
+
+Run the suite on your own prior with
+`python -m pytest tests/test_prior_contract.py --prior mypkg.module.MyPrior`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+import hydra
+
+from priors.base import Prior
+from vae.model import VAE
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+# Shrinks applied to any config that has the key: small, well-conditioned priors.
+SMALL = {"num_components": 3, "num_layers": 2, "hidden_features": 16}
+DATA_DIM, N_TRAIN = 6, 12
+
+
+@dataclass
+class PriorCase:
+    name: str
+    make: Callable[[int], Prior]  # latent_dim -> an un-set-up prior
+
+
+def _config_case(name: str) -> PriorCase:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"prior={name}", "logger=none"]).prior
+    for key, value in SMALL.items():
+        if key in cfg:
+            cfg[key] = value
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    return PriorCase(name, lambda d: hydra.utils.instantiate(cfg, latent_dim=d))
+
+
+def _class_case(path: str) -> PriorCase:
+    module, _, cls_name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), cls_name)
+    return PriorCase(path, lambda d: cls(latent_dim=d))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "case" in metafunc.fixturenames:
+        cases = [_config_case(p.stem) for p in sorted(CONF.glob("prior/*.yaml"))]
+        cases += [_class_case(p) for p in metafunc.config.getoption("--prior")]
+        metafunc.parametrize("case", cases, ids=[c.name for c in cases])
+
+
+def build(case: PriorCase, latent_dim: int, seed: int = 0) -> tuple[Prior, VAE, torch.Tensor]:
+    """The prior inside a tiny float64 VAE, set up with the VAE's encoder and a tiny train_x."""
+    torch.manual_seed(seed)
+    prior = case.make(latent_dim)
+    model = VAE(data_dim=DATA_DIM, latent_dim=latent_dim, hidden_dims=[8], prior=prior).double()
+    train_x = torch.rand(N_TRAIN, DATA_DIM, dtype=torch.float64)
+    prior.setup(model.encoder, train_x)
+    prior.on_train_epoch_start(0, model.encoder, train_x)
+    return prior, model, train_x
+
+
+def grid(prior: Prior, dim: int, points: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """exp(log_prob) on a square grid wide enough for the prior's samples; (density, axes)."""
+    with torch.no_grad():
+        spread = prior.sample(4000).abs().quantile(0.999).item()
+        half = max(10.0, 2.0 * spread)
+        axis = torch.linspace(-half, half, points, dtype=torch.float64)
+        mesh = torch.stack(torch.meshgrid(*[axis] * dim, indexing="ij"), dim=-1)
+        return prior.log_prob(mesh).exp(), [axis] * dim
+
+
+def ks_statistic(samples: torch.Tensor, axis: torch.Tensor, density: torch.Tensor) -> float:
+    """Kolmogorov-Smirnov distance between `samples` and the grid CDF of a 1-D density."""
+    cdf = torch.cat([density.new_zeros(1), torch.cumulative_trapezoid(density, axis)])
+    cdf = (cdf / cdf[-1]).numpy()
+    s = np.sort(samples.numpy())
+    f = np.interp(s, axis.numpy(), cdf)
+    n = len(s)
+    return float(max((np.arange(1, n + 1) / n - f).max(), (f - np.arange(n) / n).max()))
+
+
+# ---- the contract ---------------------------------------------------------------------
+
+
+def test_shapes(case: PriorCase) -> None:
+    prior, _, _ = build(case, 3)
+    z = torch.randn(4, 5, 3, dtype=torch.float64)
+    for mode in (True, False):
+        prior.train(mode)
+        assert prior.log_prob(z).shape == (4, 5)
+        assert prior.log_prob(z[0, 0]).shape == ()
+        assert torch.isfinite(prior.log_prob(z)).all()
+        index = torch.randint(N_TRAIN, (4, 5))
+        assert prior.train_log_prob(z, index).shape == (4, 5)
+        with torch.no_grad():
+            s = prior.sample(7)
+        assert s.shape == (7, 3) and s.dtype == torch.float64 and torch.isfinite(s).all()
+        assert prior.sample(0).shape == (0, 3)
+    if prior.is_factorized:
+        torch.testing.assert_close(prior.log_prob_per_dim(z).sum(-1), prior.log_prob(z))
+
+
+@pytest.mark.parametrize("dim,points", [(1, 4001), (2, 501)])
+def test_normalized(case: PriorCase, dim: int, points: int) -> None:
+    prior, _, _ = build(case, dim)
+    prior.eval()
+    density, axes = grid(prior, dim, points)
+    total = density
+    for _ in range(dim):
+        total = torch.trapezoid(total, axes[0], dim=0)
+    assert abs(total.item() - 1.0) < 1e-3, f"{case.name}: integral of exp(log_prob) over R^{dim} is {total.item():.6f}"
+
+
+@pytest.mark.parametrize("dim,points", [(1, 4001), (2, 501)])
+def test_samples_follow_log_prob(case: PriorCase, dim: int, points: int) -> None:
+    prior, _, _ = build(case, dim)
+    prior.eval()
+    density, axes = grid(prior, dim, points)
+    torch.manual_seed(1)
+    n = 4000
+    with torch.no_grad():
+        samples = prior.sample(n)
+    # 1.95 / sqrt(n) is the KS test's 0.1% critical value.
+    for d in range(dim):
+        marginal = density
+        for other in reversed(range(dim)):
+            if other != d:
+                marginal = torch.trapezoid(marginal, axes[other], dim=other)
+        ks = ks_statistic(samples[:, d], axes[d], marginal)
+        assert ks < 1.95 / n**0.5, f"{case.name}: KS distance {ks:.4f} of dimension {d} samples vs log_prob"
+    if dim == 2:
+        mesh = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+        cell = (axes[0][1] - axes[0][0]) ** 2
+        weights = density * cell / (density * cell).sum()
+        features = [lambda z: z[..., 0], lambda z: z[..., 1], lambda z: z[..., 0] * z[..., 1]]
+        for i, f in enumerate(features):
+            expected = (weights * f(mesh)).sum().item()
+            values = f(samples)
+            se = values.std().item() / n**0.5
+            assert abs(values.mean().item() - expected) < 5 * se, f"{case.name}: moment {i} of samples vs log_prob"
+
+
+def test_every_parameter_gets_a_gradient(case: PriorCase) -> None:
+    prior, _, _ = build(case, 3)
+    prior.train()
+    z = torch.randn(16, 3, dtype=torch.float64, requires_grad=True)
+    index = torch.arange(16) % N_TRAIN
+    loss = prior.log_prob(z).sum() + prior.train_log_prob(z, index).sum()
+    loss.backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    for name, p in prior.named_parameters():
+        assert p.grad is not None, f"{case.name}: parameter {name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{case.name}: parameter {name} got a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{case.name}: parameter {name} got an all-zero gradient"
+
+
+def test_state_dict_round_trip(case: PriorCase) -> None:
+    prior_a, model_a, _ = build(case, 3, seed=0)
+    prior_b, model_b, _ = build(case, 3, seed=1)
+    z = torch.randn(9, 3, dtype=torch.float64)
+    state_a, state_b = prior_a.state_dict(), prior_b.state_dict()
+    priors_differ = any(not torch.equal(state_a[k], state_b[k]) for k in state_a if state_a[k].shape == state_b[k].shape)
+    for p in (prior_a, prior_b):
+        p.eval()
+    with torch.no_grad():
+        expected = prior_a.log_prob(z)
+        before = prior_b.log_prob(z)  # also fills any evaluation cache, which must not go stale
+        # Through the whole VAE, as a checkpoint does: a prior may depend on the encoder.
+        model_b.load_state_dict(model_a.state_dict())
+        after = prior_b.log_prob(z)
+    assert torch.equal(after, expected)
+    if priors_differ:
+        assert not torch.equal(before, expected), "the two builds were identical: the round trip proves nothing"
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(case: PriorCase) -> None:
+    prior, model, _ = build(case, 3)
+    prior.eval()
+    z = torch.randn(11, 3, dtype=torch.float64)
+    with torch.no_grad():
+        cpu = prior.log_prob(z)
+        model.to("cuda")
+        gpu = prior.log_prob(z.cuda())
+        s = prior.sample(5)
+    assert gpu.device.type == "cuda" and s.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu)
