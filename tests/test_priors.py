@@ -1,0 +1,288 @@
+"""Each prior against an independent float64 reference, and the bad-input errors."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from nflows.transforms import MaskedPiecewiseRationalQuadraticAutoregressiveTransform
+from torch import distributions as dist
+
+from examples.student_t_prior import StudentTPrior
+from priors.aggregate import AggregatePosteriorPrior
+from priors.base import Prior, PriorShapeError
+from priors.flow import FlowPrior
+from priors.gaussian import GaussianPrior
+from priors.mixture import MixturePrior
+from priors.vampprior import VampPrior
+from vae.model import VAE
+
+ROOT = Path(__file__).resolve().parents[1]
+F64 = torch.float64
+
+
+def tiny_vae(prior: Prior, data_dim: int = 5, latent_dim: int = 2) -> VAE:
+    torch.manual_seed(0)
+    return VAE(data_dim=data_dim, latent_dim=latent_dim, hidden_dims=[7], prior=prior).double()
+
+
+# ---- references -----------------------------------------------------------------------
+
+
+def test_mixture_matches_torch_mixture_same_family() -> None:
+    torch.manual_seed(0)
+    p = MixturePrior(3, num_components=5).double()
+    with torch.no_grad():
+        p.logits.normal_()
+        p.logvars.normal_(0, 0.5)
+    z = torch.randn(4, 6, 3, dtype=F64)
+    ref = dist.MixtureSameFamily(
+        dist.Categorical(logits=p.logits), dist.Independent(dist.Normal(p.means, torch.exp(0.5 * p.logvars)), 1)
+    ).log_prob(z)
+    torch.testing.assert_close(p.log_prob(z), ref, rtol=0, atol=1e-12)
+
+
+def test_vampprior_matches_mean_of_encoder_posteriors() -> None:
+    p = VampPrior(2, num_components=4)
+    model = tiny_vae(p)
+    p.setup(model.encoder, torch.rand(10, 5, dtype=F64))
+    z = torch.randn(7, 2, dtype=F64)
+    mu, logvar = model.encoder(p.pseudo_inputs)
+    ref = torch.stack(
+        [
+            math.log(0.25) + sum(dist.Normal(mu[k, d], torch.exp(0.5 * logvar[k, d])).log_prob(z[:, d]) for d in range(2))
+            for k in range(4)
+        ]
+    ).logsumexp(0)
+    torch.testing.assert_close(p.log_prob(z), ref, rtol=0, atol=1e-12)
+    assert p.pseudo_inputs.min() >= 0 and p.pseudo_inputs.max() <= 1
+
+
+def test_vampprior_data_init_uses_training_images() -> None:
+    p = VampPrior(2, num_components=3, init="data")
+    model = tiny_vae(p)
+    train_x = torch.rand(10, 5, dtype=F64)
+    p.setup(model.encoder, train_x)
+    for u in p.pseudo_inputs:
+        assert (train_x - u).abs().sum(-1).min() == 0
+
+
+def test_vampprior_eval_cache_reused_and_never_stale() -> None:
+    p = VampPrior(2, num_components=4)
+    model = tiny_vae(p)
+    p.setup(model.encoder, torch.rand(10, 5, dtype=F64))
+    calls = []
+    model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    z = torch.randn(5, 2, dtype=F64)
+    model.eval()
+    with torch.no_grad():
+        first = p.log_prob(z)
+        for _ in range(3):
+            torch.testing.assert_close(p.log_prob(z), first)
+    assert len(calls) == 1, "eval-mode log_prob re-encoded the pseudo-inputs"
+    # An optimizer step in eval mode (on the pseudo-inputs, then on the encoder) must invalidate it.
+    for params in ([p.pseudo_inputs_raw], list(model.encoder.parameters())):
+        opt = torch.optim.SGD(params, lr=0.1)
+        loss = -p.log_prob(z).sum()  # grad enabled: computed fresh, with a graph
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            after = p.log_prob(z)
+            fresh_mu, fresh_logvar = model.encoder(p.pseudo_inputs)
+            ref = torch.logsumexp(
+                -0.5 * (math.log(2 * math.pi) + fresh_logvar + (z[:, None] - fresh_mu).square() / fresh_logvar.exp()).sum(-1), -1
+            ) - math.log(4)
+        torch.testing.assert_close(after, ref, rtol=0, atol=1e-12)
+        assert not torch.allclose(after, first)
+        first = after
+
+
+def _aggregate(n: int = 9, d: int = 2) -> tuple[AggregatePosteriorPrior, VAE, torch.Tensor]:
+    p = AggregatePosteriorPrior(d, chunk_size=4)
+    model = tiny_vae(p, latent_dim=d)
+    train_x = torch.rand(n, 5, dtype=F64)
+    p.setup(model.encoder, train_x)
+    return p, model, train_x
+
+
+def _loop_log_q(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, skip: int = -1) -> float:
+    terms = []
+    for n in range(len(mu)):
+        if n == skip:
+            continue
+        t = 0.0
+        for d in range(z.shape[0]):
+            var = math.exp(logvar[n, d].item())
+            t += -0.5 * (math.log(2 * math.pi * var) + (z[d].item() - mu[n, d].item()) ** 2 / var)
+        terms.append(t)
+    top = max(terms)
+    return top + math.log(sum(math.exp(t - top) for t in terms)) - math.log(len(terms))
+
+
+def test_aggregate_matches_double_loop_and_leaves_one_out() -> None:
+    p, model, train_x = _aggregate()
+    mu, logvar = model.encoder(train_x)
+    torch.testing.assert_close(p.mu, mu.detach())
+    z = torch.randn(6, 2, dtype=F64)
+    index = torch.tensor([0, 3, 8, 3, 5, 1])
+    full, loo = p.log_prob(z), p.train_log_prob(z, index)
+    for m in range(6):
+        assert abs(full[m].item() - _loop_log_q(z[m], mu, logvar)) < 1e-10
+        assert abs(loo[m].item() - _loop_log_q(z[m], mu, logvar, skip=int(index[m]))) < 1e-10
+    # With separated, narrow posteriors a point's own component dominates at its own mean:
+    # leaving it out must lower the density by far.
+    p.mu = 5.0 * torch.randn(9, 2, dtype=F64)
+    p.logvar = torch.full((9, 2), -2.0, dtype=F64)
+    own = p.mu[index]
+    assert (p.train_log_prob(own, index) < p.log_prob(own) - 5.0).all()
+
+
+def test_aggregate_refresh_every_and_resized_load() -> None:
+    p = AggregatePosteriorPrior(2, refresh_every=2)
+    model = tiny_vae(p)
+    x0, x1 = torch.rand(9, 5, dtype=F64), torch.rand(9, 5, dtype=F64)
+    p.setup(model.encoder, x0)
+    p.on_train_epoch_start(1, model.encoder, x1)  # not a refresh epoch
+    torch.testing.assert_close(p.mu, model.encoder(x0)[0].detach())
+    p.on_train_epoch_start(2, model.encoder, x1)
+    torch.testing.assert_close(p.mu, model.encoder(x1)[0].detach())
+    # A checkpoint with another N loads into a fresh prior sized differently.
+    other = AggregatePosteriorPrior(2).double()
+    tiny = tiny_vae(other)
+    other.setup(tiny.encoder, torch.rand(4, 5, dtype=F64))
+    other.load_state_dict(p.state_dict())
+    z = torch.randn(3, 2, dtype=F64)
+    assert other.num_points == 9
+    torch.testing.assert_close(other.log_prob(z), p.log_prob(z), rtol=0, atol=0)
+
+
+def test_student_t_matches_torch() -> None:
+    p = StudentTPrior(3, df=3.0, scale=2.0).double()
+    z = torch.randn(5, 3, dtype=F64) * 3
+    ref = dist.StudentT(torch.tensor(3.0, dtype=F64), 0.0, torch.tensor(2.0, dtype=F64)).log_prob(z).sum(-1)
+    # log_df and log_scale start as float32 logs, so nu and s are exact only to ~1e-7.
+    torch.testing.assert_close(p.log_prob(z), ref, rtol=1e-7, atol=1e-7)
+    fixed = StudentTPrior(3, learn_df=False, learn_scale=False)
+    assert len(list(fixed.parameters())) == 0 and "log_df" in fixed.state_dict()
+
+
+def test_flow_spline_option_and_one_dimension() -> None:
+    spline = FlowPrior(2, num_layers=2, hidden_features=8, layer=partial(
+        MaskedPiecewiseRationalQuadraticAutoregressiveTransform, tails="linear", tail_bound=3.0, num_bins=4))
+    assert isinstance(spline.flow._transform._transforms[0], MaskedPiecewiseRationalQuadraticAutoregressiveTransform)
+    # Outside the tail bound the spline is the identity: the density there is the standard normal's.
+    far = torch.tensor([[50.0, -60.0]])
+    torch.testing.assert_close(spline.log_prob(far), GaussianPrior(2).log_prob(far), rtol=1e-5, atol=1e-4)
+    one = FlowPrior(1, num_layers=2, hidden_features=8).double()
+    z = one.sample(5)
+    assert z.shape == (5, 1) and torch.isfinite(one.log_prob(z)).all()
+
+
+# ---- bad input: a clear error naming the prior and what is wrong -------------------------
+
+
+@pytest.mark.parametrize("cls", [MixturePrior, VampPrior])
+@pytest.mark.parametrize("k", [0, -3])
+def test_nonpositive_k(cls: type, k: int) -> None:
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: num_components \(K\) must be a positive integer, got {k}"):
+        cls(2, num_components=k)
+
+
+def test_flow_bad_options() -> None:
+    with pytest.raises(ValueError, match="FlowPrior: num_layers"):
+        FlowPrior(2, num_layers=0)
+    with pytest.raises(TypeError, match="FlowPrior: layer must be a callable"):
+        FlowPrior(2, layer="spline")
+
+
+@pytest.mark.parametrize("prior", [MixturePrior(3, 2), FlowPrior(3, 1, 8), StudentTPrior(3)], ids=type)
+def test_latent_size_mismatch(prior: Prior) -> None:
+    with pytest.raises(PriorShapeError, match=rf"{type(prior).__name__}.log_prob expects z of shape \[..., 3\]"):
+        prior.log_prob(torch.zeros(4, 2))
+    with pytest.raises(ValueError, match=rf"{type(prior).__name__} has latent_dim=3 but the VAE has latent_dim=2"):
+        VAE(data_dim=5, latent_dim=2, hidden_dims=[4], prior=prior)
+
+
+def test_encoder_latent_size_mismatch() -> None:
+    model = tiny_vae(GaussianPrior(2))
+    with pytest.raises(ValueError, match=r"VampPrior: the encoder maps pseudo-inputs to mu \(3, 2\).*expected \(3, 4\)"):
+        VampPrior(4, num_components=3).double().setup(model.encoder, torch.rand(6, 5, dtype=F64))
+    with pytest.raises(ValueError, match=r"AggregatePosteriorPrior: the encoder gave mu \(6, 2\).*expected \(6, 4\)"):
+        AggregatePosteriorPrior(4).double().setup(model.encoder, torch.rand(6, 5, dtype=F64))
+
+
+def test_wrong_output_shape_caught_by_base_class() -> None:
+    class BadPrior(Prior):
+        def _log_prob(self, z):
+            return z.sum(-1, keepdim=True)
+
+        def _sample(self, n):
+            return torch.zeros(n, self.latent_dim + 1)
+
+    bad = BadPrior(2)
+    with pytest.raises(PriorShapeError, match=r"BadPrior._log_prob returned shape \(4, 1\), expected \(4,\)"):
+        bad.log_prob(torch.zeros(4, 2))
+    with pytest.raises(PriorShapeError, match=r"BadPrior._sample returned shape \(3, 3\), expected \(3, 2\)"):
+        bad.sample(3)
+
+
+def test_vampprior_pseudo_input_size_mismatch() -> None:
+    model = tiny_vae(GaussianPrior(2))
+    with pytest.raises(ValueError, match="VampPrior: pseudo-inputs have size 784 .* but the data has size 5"):
+        VampPrior(2, num_components=3, data_dim=784).setup(model.encoder, torch.rand(6, 5))
+    with pytest.raises(ValueError, match="VampPrior: init must be one of"):
+        VampPrior(2, init="kmeans")
+    with pytest.raises(RuntimeError, match="VampPrior has no encoder: call setup"):
+        VampPrior(2, num_components=3, data_dim=5).log_prob(torch.zeros(2))
+
+
+def test_aggregate_without_encodings() -> None:
+    p = AggregatePosteriorPrior(2)
+    for call in (lambda: p.log_prob(torch.zeros(3, 2)), lambda: p.sample(2),
+                 lambda: p.train_log_prob(torch.zeros(3, 2), torch.zeros(3, dtype=torch.int64))):
+        with pytest.raises(RuntimeError, match="AggregatePosteriorPrior.* no encodings of the training set yet"):
+            call()
+    q, _, _ = _aggregate(n=5)
+    with pytest.raises(IndexError, match=r"AggregatePosteriorPrior.train_log_prob: index values must lie in \[0, 5\)"):
+        q.train_log_prob(torch.zeros(2, 2, dtype=F64), torch.tensor([0, 5]))
+
+
+# ---- end to end ----------------------------------------------------------------------------
+
+
+def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "override",
+    [f"prior={p.stem}" for p in sorted((ROOT / "conf" / "prior").glob("*.yaml"))]
+    + ["prior._target_=examples.student_t_prior.StudentTPrior"],
+)
+def test_trains_one_epoch_through_train_py(override: str, tmp_path: Path) -> None:
+    r = _run(
+        ["train.py", override, "data=digits", "logger=none", "trainer.max_epochs=1", "trainer.progress=false",
+         "vae.latent_dim=4", "vae.hidden_dims=[32]", "prior.num_layers=2" if "flow" in override else "seed=0",
+         f"hydra.run.dir={tmp_path}"],
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "test ELBO" in r.stdout and (tmp_path / "checkpoints" / "best.pt").exists()
+
+
+@pytest.mark.slow
+def test_contract_suite_runs_on_a_user_prior(tmp_path: Path) -> None:
+    r = _run(
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_prior_contract.py",
+         "--prior", "examples.student_t_prior.StudentTPrior", "-k", "StudentTPrior"],
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "7 passed" in r.stdout or "8 passed" in r.stdout, r.stdout[-500:]
