@@ -1,0 +1,107 @@
+"""Seconds per training epoch of each prior through the real Trainer, and the ratio to the Gaussian.
+
+    python bench/prior_speed.py                                   # all five, full epochs
+    python bench/prior_speed.py --max-steps 50                    # partial epochs, extrapolated
+    python bench/prior_speed.py --priors gaussian aggregate --max-steps 20
+
+Binarized MNIST (50,000 training points), z = 40, batch 100, the 784-300-300 MLP VAE
+(`conf/vae/mlp.yaml`), CPU unless --device says otherwise. Each prior gets a fresh
+model and one `Trainer.fit` of `--epochs` epochs (or `--max-steps` optimizer steps).
+An epoch's time is its binarization + its epoch-start hook (the aggregate prior's re-encoding of the 50,000
+training points) + its training steps + the validation pass. With --max-steps the
+training steps' time is scaled to a full epoch (500 steps) and the binarization, hook
+and validation are counted once, each measured on its own; the output says when it extrapolated.
+Ratios are to the Gaussian prior measured in the same run (so always include it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from vae import build_model  # noqa: E402
+from vae.trainer import evaluate  # noqa: E402
+
+TARGETS = {"mixture": 1.5, "flow": 2.5, "vampprior": 4.0, "aggregate": 8.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--priors", nargs="+", default=["gaussian", "mixture", "flow", "vampprior", "aggregate"])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=None, help="time this many steps and extrapolate to an epoch")
+    parser.add_argument("--data", default="binarized_mnist")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. prior.num_components=100")
+    args = parser.parse_args()
+    if "gaussian" not in args.priors:
+        args.priors.insert(0, "gaussian")
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        base = ["logger=none", f"data={args.data}", "vae.latent_dim=40", "vae.hidden_dims=[300,300]",
+                "trainer.batch_size=100", "trainer.progress=false", f"trainer.max_epochs={args.epochs}",
+                f"trainer.max_steps={args.max_steps if args.max_steps else 'null'}", f"device={args.device}"]
+        cfgs = {p: compose("train", overrides=[*base, f"prior={p}", *args.overrides]) for p in args.priors}
+    data = hydra.utils.instantiate(cfgs["gaussian"].data)
+    n_train = len(data.grey["train"])
+    steps_per_epoch = -(-n_train // 100)
+    print(f"{args.data}: N={n_train}, z=40, batch 100, MLP 300-300, torch threads={torch.get_num_threads()}, "
+          f"device={args.device}")
+    if args.max_steps:
+        print(f"partial epochs: {args.max_steps} training steps timed and scaled to {steps_per_epoch} per epoch "
+              f"(binarization, epoch-start hook and validation counted once, measured separately)")
+
+    # Untimed warm-up: the first fit in a process pays for thread pools and allocator growth.
+    warm = build_model(cfgs["gaussian"], data)
+    with tempfile.TemporaryDirectory() as run_dir:
+        hydra.utils.instantiate(cfgs["gaussian"].trainer, run_dir=run_dir, device=torch.device(args.device),
+                                max_steps=3, max_epochs=1).fit(warm, data)
+
+    results = {}
+    for name, cfg in cfgs.items():
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, data)
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer = hydra.utils.instantiate(cfg.trainer, run_dir=run_dir, device=torch.device(args.device))
+            trainer.fit(model, data)
+            records = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+        # The epoch-start hook and the validation pass, timed on their own (they are inside each record).
+        t0 = time.perf_counter()
+        x_epoch = data.train_epoch(0)  # the epoch's fresh binarization, also inside each record
+        binarize = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.prior.on_train_epoch_start(0, model.encoder, x_epoch)
+        hook = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        evaluate(model, data.split("val"), trainer.eval_batch_size)
+        val = time.perf_counter() - t0
+        per_epoch, prev_step = [], 0
+        for r in records:
+            steps, prev_step = r["step"] - prev_step, r["step"]
+            fixed = binarize + hook + val
+            train_time = max(r["seconds"] - fixed, 0.0)
+            per_epoch.append(fixed + train_time * steps_per_epoch / steps)
+        results[name] = sum(per_epoch) / len(per_epoch)
+        print(f"  {name:10s} {results[name]:8.1f} s/epoch   (binarization {binarize:.1f} s, epoch-start hook {hook:.1f} s, validation {val:.1f} s)",
+              flush=True)
+
+    print("\nratio to the Gaussian prior (same run):")
+    for name, secs in results.items():
+        target = TARGETS.get(name)
+        verdict = "" if target is None else f"  target <= {target}x: {'met' if secs / results['gaussian'] <= target else 'NOT met'}"
+        print(f"  {name:10s} {secs / results['gaussian']:6.2f}x{verdict}")
+
+
+if __name__ == "__main__":
+    main()
