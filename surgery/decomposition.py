@@ -22,11 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import torch.nn.functional as F
-
 from priors.base import Prior
 from priors.densities import diagonal_normal_log_prob, gaussian_mixture_logsumexp
-from vae.model import VAE
 
 ESTIMATES = (
     "elbo",
@@ -356,7 +353,7 @@ def importance_log_likelihood(
             k = min(s, n_samples - k0)
             eps = torch.randn((len(xb), k, mu.shape[1]), generator=generator, device=device, dtype=mu.dtype)
             z = mu[:, None] + torch.exp(0.5 * logvar)[:, None] * eps  # [b, k, D]
-            log_px_z = _log_likelihood(model, xb, model.decode(z))  # [b, k]
+            log_px_z = model.log_likelihood(xb[:, None], model.decode(z))  # [b, k]
             log_pz = model.prior.log_prob(z.reshape(-1, z.shape[-1])).view(len(xb), k)
             # log q(z|x) from the standard normal draws: no cancellation in (z - mu)
             log_qz = -0.5 * (math.log(2 * math.pi) * mu.shape[1] + logvar.sum(-1)[:, None] + eps.square().sum(-1))
@@ -364,18 +361,6 @@ def importance_log_likelihood(
             running = torch.logaddexp(running, torch.logsumexp(log_w, dim=1))
         out.append(running - math.log(n_samples))
     return torch.cat(out)
-
-
-def _log_likelihood(model: Any, x: Tensor, logits: Tensor) -> Tensor:
-    """log p(x|z) for `x` `[b, P]` and decoder outputs `[b, k, P]` -> `[b, k]`.
-
-    For the Bernoulli VAE this is sum_p x_p l_p - softplus(l_p) (the same number as
-    `VAE.log_likelihood`, minus its binary-cross-entropy passes: one batched matmul and
-    one softplus); other models use their own `log_likelihood`.
-    """
-    if isinstance(model, VAE):
-        return torch.bmm(logits, x[:, :, None]).squeeze(-1) - F.softplus(logits, threshold=50.0).sum(-1)
-    return model.log_likelihood(x[:, None], logits)
 
 
 # ---- the whole decomposition -------------------------------------------------------------

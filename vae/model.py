@@ -76,8 +76,13 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def log_likelihood(self, x: Tensor, logits: Tensor) -> Tensor:
-        """log p(x|z) summed over pixels, from the decoder's logits."""
-        return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+        """log p(x|z) summed over pixels, from the decoder's logits: sum_p x_p l_p - softplus(l_p).
+
+        `x` `[..., P]` broadcasts against `logits` `[..., P]` (importance sampling passes
+        `x[:, None]` against `[B, K, P]`); the sum over x_p l_p is a batched matrix product,
+        so the K samples never get a copy of `x`.
+        """
+        return torch.einsum("...p,...p->...", logits, x) - F.softplus(logits, threshold=50.0).sum(-1)
 
     def elbo_terms(self, x: Tensor, index: Tensor | None = None) -> ELBOTerms:
         """One-sample ELBO terms for a batch `x` `[B, data_dim]`.
