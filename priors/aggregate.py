@@ -22,7 +22,11 @@ class AggregatePosteriorPrior(Prior):
     State: the training set's posterior parameters are the buffers `mu` and `logvar`
     (`[N, D]`), encoded without gradient from the current encoder by
     `on_train_epoch_start` every `refresh_every` epochs (and always when there are none
-    yet), in batches of `encode_batch_size` on the encoder's device. They live in
+    yet), in batches of `encode_batch_size` on the encoder's device. `on_train_epoch_end`
+    re-encodes the training set as evaluation sees it (fixed binarization) with the
+    epoch's final encoder, so validation, the checkpoint and the surgery use the exact
+    q(z) of the trained model (whose marginal KL is then zero up to Monte Carlo and
+    rounding error), not the encodings of the epoch's start on its own binarization. They live in
     `state_dict`, so a checkpoint restores the prior exactly; loading one with a different
     N resizes them. `setup` sizes them from the training set and encodes its grey levels
     once, so a freshly built model has a usable prior.
@@ -87,6 +91,10 @@ class AggregatePosteriorPrior(Prior):
         """Re-encode the epoch's training inputs every `refresh_every` epochs."""
         if not bool(self.encoded) or epoch % self.refresh_every == 0 or len(train_x) != self.num_points:
             self.refresh(encoder, train_x)
+
+    def on_train_epoch_end(self, epoch: int, encoder: Encoder, train_x: Tensor) -> None:
+        """Re-encode the training set as evaluation sees it, with the epoch's final encoder."""
+        self.refresh(encoder, train_x)
 
     @torch.no_grad()
     def refresh(self, encoder: Encoder, train_x: Tensor) -> None:

@@ -31,6 +31,13 @@ and `vae.trainer.Trainer` (a prior that needs none of them ignores them):
 * `on_train_epoch_start(epoch, encoder, train_x)`: at the start of every training
   epoch, with the inputs the epoch trains on (`train_x[i]` is the point with index
   `i`). The exact aggregate posterior refreshes its encodings of the training set here.
+* `on_train_epoch_end(epoch, encoder, train_x)`: after every complete training epoch,
+  before validation and the checkpoint, with the training set as evaluation sees it
+  (`data.split("train")`, binarized once with the fixed seed; the surgery decomposes that
+  same tensor). A prior whose state depends on the encoder brings it up to date here, so
+  validation, the checkpoint and the surgery see the prior of the trained encoder. The
+  exact aggregate posterior re-encodes the training set, which makes it equal to the
+  surgery's q(z).
 * `train_log_prob(z, index)`: the log density used inside the training loss, where
   `index` (`[...]`, int64) holds the training-set indices of the points whose
   posterior samples `z` are. It defaults to `log_prob(z)`; the aggregate posterior
@@ -136,6 +143,9 @@ class Prior(nn.Module):
 
     def on_train_epoch_start(self, epoch: int, encoder: Encoder, train_x: Tensor) -> None:
         """Called at the start of every training epoch; see the module docstring."""
+
+    def on_train_epoch_end(self, epoch: int, encoder: Encoder, train_x: Tensor) -> None:
+        """Called after every complete training epoch; see the module docstring."""
 
     # ---- to implement -----------------------------------------------------------
 

@@ -177,6 +177,7 @@ class Trainer:
         steps_per_epoch = math.ceil(n_train / self.batch_size)
         warmup_steps = self.warmup_epochs * steps_per_epoch
         val_x = data.split("val")
+        train_x = data.split("train")  # the training set as evaluation sees it, for on_train_epoch_end
 
         while state.epoch < self.max_epochs and not self._out_of_steps(state):
             started = time.perf_counter()
@@ -225,8 +226,10 @@ class Trainer:
                     self.logger.log({"train/loss": loss.item(), "train/kl_weight": kl_weight}, step=state.step)
             bar.close()
 
-            val = evaluate(model, val_x, self.eval_batch_size, seed=self.seed)
             epoch_done = state.batch_in_epoch == steps_per_epoch
+            if epoch_done:  # a mid-epoch stop keeps the epoch's state, so a resumed run continues it exactly
+                model.prior.on_train_epoch_end(state.epoch, model.encoder, train_x)
+            val = evaluate(model, val_x, self.eval_batch_size, seed=self.seed)
             improved = val.elbo > state.best_val_elbo
             if improved:
                 state.best_val_elbo, state.best_epoch, state.bad_evals = val.elbo, state.epoch + 1, 0
