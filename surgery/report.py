@@ -201,6 +201,9 @@ def read_run(path: str | Path) -> RunRecord:
     if surgery_path.is_file():
         try:
             surgery = json.loads(surgery_path.read_text())
+            if surgery.get("prior_factorized") is False:
+                # its `dimwise_kl` is the remainder E[log prod q(z_d) - log p(z)], not a KL: no dim-wise KL column
+                surgery["dimwise_kl"] = None
         except json.JSONDecodeError as e:
             problems.append(f"surgery.json unreadable ({e.msg} at line {e.lineno})")
     else:
