@@ -8,6 +8,8 @@ RUN_DIR holds the run's surgery.json and metrics.jsonl.
 import json, statistics, sys
 from pathlib import Path
 
+from surgery.report import epochs_trained
+
 common = int(sys.argv[1])
 for run in sys.argv[2:]:
     run = Path(run)
@@ -15,7 +17,7 @@ for run in sys.argv[2:]:
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     by_epoch = {l["epoch"]: l for l in lines}
     best = max(lines, key=lambda l: l["val_elbo"])
-    print(f"{run.name}: prior {s['prior']}, epochs {lines[-1]['epoch']}, best epoch {best['epoch']} "
+    print(f"{run.name}: prior {s['prior']}, epochs {epochs_trained(run / 'metrics.jsonl')}, best epoch {best['epoch']} "
           f"(val ELBO {best['val_elbo']:.2f}), val ELBO at epoch {common} {by_epoch[common]['val_elbo']:.2f}, "
           f"seconds per epoch: median {statistics.median(l['seconds'] for l in lines):.1f}, "
           f"total {sum(l['seconds'] for l in lines):.0f}; ELBO {s['elbo']:.2f}, avg KL {s['avg_kl']:.2f}, "
