@@ -25,10 +25,10 @@ class AggregatePosteriorPrior(Prior):
     yet), in batches of `encode_batch_size` on the encoder's device. `on_train_epoch_end`
     re-encodes the training set as evaluation sees it (fixed binarization) with the
     epoch's final encoder, so validation, the checkpoint and the surgery use the exact
-    q(z) of the trained model (whose marginal KL is then zero up to Monte Carlo and
-    rounding error), not the encodings of the epoch's start on its own binarization. They live in
-    `state_dict`, so a checkpoint restores the prior exactly; loading one with a different
-    N resizes them. `setup` sizes them from the training set and encodes its grey levels
+    q(z) of the trained model (whose marginal KL is then zero up to rounding error), not
+    the encodings of the epoch's start on its own binarization. They live in `state_dict`,
+    so a checkpoint restores the prior exactly; loading one with a different N resizes
+    them. `setup` sizes them from the training set and encodes its grey levels
     once, so a freshly built model has a usable prior.
 
     Leave-one-out in training: `train_log_prob(z, index)` leaves each point's own
