@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import hydra
@@ -18,6 +19,11 @@ from surgery.decomposition import SurgeryReport
 from surgery.run import run_surgery
 from vae import build_model, resolve_device
 from vae.trainer import load_checkpoint
+from vae.trust import check_trusted
+
+
+# The stored config's nodes that rebuild a model; nothing else in it is instantiated.
+MODEL_NODES = ("data", "vae", "prior")
 
 
 class CheckpointError(ValueError):
@@ -28,19 +34,25 @@ class DeviceError(RuntimeError):
     """The asked-for device is not available."""
 
 
-def load_model(checkpoint: str | Path, device: Any = "cpu") -> tuple[Any, Any, DictConfig]:
+def load_model(
+    checkpoint: str | Path, device: Any = "cpu", allow: Iterable[str] = ()
+) -> tuple[Any, Any, DictConfig]:
     """Rebuild (model, data, run config) from a priorlab checkpoint.
 
     The file is read with `torch.load(weights_only=True)` (via `vae.trainer.load_checkpoint`),
-    so a foreign file is refused, never unpickled.
+    so it is never unpickled, and its stored config is checked by `vae.trust.check_trusted`
+    before anything is instantiated: only priorlab's own classes and dataset factories, nflows
+    transforms and torch optimizers, plus the glob patterns in `allow` (`["mypkg.*"]`), may be
+    built from it. An untrusted `_target_` raises `UntrustedTargetError` and nothing runs.
     """
     path = Path(checkpoint).expanduser()
     payload = load_checkpoint(path, map_location="cpu")
     config = payload.get("config")
-    if not isinstance(config, dict) or not {"data", "vae", "prior"} <= set(config):
+    if not isinstance(config, dict) or not set(MODEL_NODES) <= set(config):
         raise CheckpointError(
             f"{path} holds no run config with data, vae and prior (was it written by priorlab's trainer?)"
         )
+    check_trusted({key: config[key] for key in MODEL_NODES}, allow, source=str(path))
     run_cfg = OmegaConf.create(config)
     data = hydra.utils.instantiate(run_cfg.data)
     model = build_model(run_cfg, data)
@@ -58,7 +70,7 @@ def surgery_main(cfg: DictConfig) -> tuple[SurgeryReport, dict[str, Path]]:
     except RuntimeError as e:
         raise DeviceError(str(e)) from e
     checkpoint = Path(cfg.checkpoint).expanduser()
-    model, data, run_cfg = load_model(checkpoint, device)
+    model, data, run_cfg = load_model(checkpoint, device, allow=cfg.get("allow") or ())
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else checkpoint.resolve().parent.parent
     logger = hydra.utils.instantiate(
         cfg.logger, run_dir=out_dir, run_config=OmegaConf.to_container(cfg, resolve=True), group=cfg.logger.get("group"),
