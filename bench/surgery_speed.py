@@ -138,7 +138,7 @@ def main() -> None:
           f"-> {base_full / ours_total:.0f}x (baseline also yields the per-dimension terms at all M)")
 
     # ---- importance-sampled log-likelihood vs the decoder floor -------------------------------
-    model = VAE(784, args.d, [300, 300], GaussianPrior(args.d)).eval()
+    model = VAE.mlp(784, args.d, [300, 300], GaussianPrior(args.d)).eval()
     x = torch.bernoulli(torch.full((args.is_points, 784), 0.13), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         importance_log_likelihood(model, x[:1], 100)  # warm-up

@@ -30,7 +30,7 @@ from vae.trainer import Trainer  # noqa: E402
 
 def make_model(seed: int) -> VAE:
     torch.manual_seed(seed)
-    return VAE(784, 40, [300, 300], GaussianPrior(40))
+    return VAE.mlp(784, 40, [300, 300], GaussianPrior(40))
 
 
 def bare_epoch(data, seed: int) -> float:

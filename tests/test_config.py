@@ -7,6 +7,7 @@ import sys
 
 import hydra
 import pytest
+import torch
 from hydra.errors import MissingConfigException
 
 from priors.base import Prior
@@ -67,8 +68,11 @@ def test_every_experiment_composes(option: str) -> None:
 
 @pytest.mark.parametrize("option", _options("vae"))
 def test_every_vae_option_builds(option: str) -> None:
-    cfg = compose_config(f"vae={option}", "data=digits")
-    assert build_model(cfg, digits()).data_dim == 64
+    cfg = compose_config(f"vae={option}", "data=digits", "vae.latent_dim=3")
+    model = build_model(cfg, digits())
+    mu, logvar = model.encode(torch.rand(5, 64))
+    assert mu.shape == logvar.shape == (5, 3)
+    assert model.decode(torch.randn(2, 5, 3)).shape == (2, 5, 64)
 
 
 def test_unknown_option_lists_the_choices() -> None:

@@ -65,7 +65,7 @@ def build(case: PriorCase, latent_dim: int, seed: int = 0) -> tuple[Prior, VAE, 
     """The prior inside a tiny float64 VAE, set up with the VAE's encoder and a tiny train_x."""
     torch.manual_seed(seed)
     prior = case.make(latent_dim)
-    model = VAE(data_dim=DATA_DIM, latent_dim=latent_dim, hidden_dims=[8], prior=prior).double()
+    model = VAE.mlp(data_dim=DATA_DIM, latent_dim=latent_dim, hidden_dims=[8], prior=prior).double()
     train_x = torch.rand(N_TRAIN, DATA_DIM, dtype=torch.float64)
     prior.setup(model.encoder, train_x)
     prior.on_train_epoch_start(0, model.encoder, train_x)

@@ -28,7 +28,7 @@ F64 = torch.float64
 
 def tiny_vae(prior: Prior, data_dim: int = 5, latent_dim: int = 2) -> VAE:
     torch.manual_seed(0)
-    return VAE(data_dim=data_dim, latent_dim=latent_dim, hidden_dims=[7], prior=prior).double()
+    return VAE.mlp(data_dim=data_dim, latent_dim=latent_dim, hidden_dims=[7], prior=prior).double()
 
 
 # ---- references -----------------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_latent_size_mismatch(prior: Prior) -> None:
     with pytest.raises(PriorShapeError, match=rf"{type(prior).__name__}.log_prob expects z of shape \[..., 3\]"):
         prior.log_prob(torch.zeros(4, 2))
     with pytest.raises(ValueError, match=rf"{type(prior).__name__} has latent_dim=3 but the VAE has latent_dim=2"):
-        VAE(data_dim=5, latent_dim=2, hidden_dims=[4], prior=prior)
+        VAE.mlp(data_dim=5, latent_dim=2, hidden_dims=[4], prior=prior)
 
 
 def test_encoder_latent_size_mismatch() -> None:

@@ -25,7 +25,7 @@ class FixedData:
 
 def tiny_vae(seed=0, data_dim=6, latent_dim=2, dtype=torch.float64):
     torch.manual_seed(seed)
-    model = VAE(data_dim, latent_dim, [5], GaussianPrior(latent_dim)).to(dtype)
+    model = VAE.mlp(data_dim, latent_dim, [5], GaussianPrior(latent_dim)).to(dtype)
     with torch.no_grad():  # sharpen the posteriors so MI is far from 0 and from log N
         model.encoder.net[-1].bias[latent_dim:] -= 4.0
         model.encoder.net[-1].weight.mul_(8.0)
@@ -265,7 +265,7 @@ class MonteCarloGaussian(GaussianPrior):
 
 def test_prior_without_analytic_kl_uses_monte_carlo_and_reports_the_remainder():
     torch.manual_seed(0)
-    model = VAE(6, 2, [5], MonteCarloGaussian(2)).double()
+    model = VAE.mlp(6, 2, [5], MonteCarloGaussian(2)).double()
     with torch.no_grad():
         model.encoder.net[-1].bias[2:] -= 4.0
         model.encoder.net[-1].weight.mul_(8.0)

@@ -171,3 +171,26 @@ def test_aggregate_prior_is_the_surgerys_q_after_training(tmp_path: Path) -> Non
     torch.testing.assert_close(best["prior.mu"], mu)
     torch.testing.assert_close(best["prior.logvar"], logvar)
     assert abs(metrics["surgery"]["marginal_kl"]) < 1e-5
+
+
+def test_patience_is_held_during_warmup(tiny_cfg: DictConfig, tmp_path: Path) -> None:
+    # lr=0: no validation after the first is better; the counter starts once the KL weight is 1
+    cfg = _set(tiny_cfg, **{"trainer.max_epochs": 20, "trainer.patience": 2, "trainer.warmup_epochs": 5,
+                            "trainer.optimizer.lr": 0.0})
+    metrics = train(cfg, run_dir=tmp_path)
+    # epochs 2-4 end with weight < 1 (held); epoch 5 ends at weight 1 (1st), 6 (2nd): stop
+    assert metrics["epochs"] == 6 and metrics["best_epoch"] == 1
+
+
+def test_a_kill_between_metrics_and_checkpoint_leaves_no_duplicate_epoch(tiny_cfg: DictConfig, tmp_path: Path) -> None:
+    cfg = _set(tiny_cfg, **{"trainer.max_epochs": 2})
+    train(cfg, run_dir=tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    # As if killed after epoch 3's line was appended but before last.pt was replaced,
+    # with a torn fourth line.
+    epoch3 = {**json.loads(lines[-1]), "epoch": 3, "step": 42}
+    metrics.write_text("\n".join([*lines, json.dumps(epoch3), '{"epoch": 4, "st']) + "\n")
+    train(_set(cfg, **{"trainer.max_epochs": 3, "trainer.resume": True}), run_dir=tmp_path)
+    epochs = [json.loads(l)["epoch"] for l in metrics.read_text().splitlines()]
+    assert epochs == [1, 2, 3]

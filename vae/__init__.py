@@ -22,14 +22,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: DictConfig, data: BinarizedData) -> VAE:
-    """Instantiate the prior and the VAE from `cfg.prior` and `cfg.vae`, then run the prior's setup hook.
+    """Instantiate the encoder, decoder and prior from `cfg.vae` and `cfg.prior`, then run the prior's setup hook.
 
-    The prior is built with `latent_dim=cfg.vae.latent_dim`; any class honouring the
-    `priors.base.Prior` contract plugs in through `prior._target_`.
+    The encoder and decoder are built with `data_dim` (the data's pixel count) and
+    `latent_dim=cfg.vae.latent_dim`, the prior with `latent_dim`; any classes honouring the
+    contracts in `vae.networks` and `priors.base` plug in through their `_target_`.
     """
-    prior = hydra.utils.instantiate(cfg.prior, latent_dim=cfg.vae.latent_dim)
+    latent_dim = cfg.vae.latent_dim
+    encoder = hydra.utils.instantiate(cfg.vae.encoder, data_dim=data.data_dim, latent_dim=latent_dim)
+    decoder = hydra.utils.instantiate(cfg.vae.decoder, data_dim=data.data_dim, latent_dim=latent_dim)
+    prior = hydra.utils.instantiate(cfg.prior, latent_dim=latent_dim)
     if not isinstance(prior, Prior):
         raise TypeError(f"prior._target_ built a {type(prior).__name__}, which does not subclass priors.base.Prior")
-    model = hydra.utils.instantiate(cfg.vae, data_dim=data.data_dim, prior=prior)
+    model = VAE(encoder, decoder, prior, latent_dim)
     prior.setup(model.encoder, data.grey["train"])
     return model

@@ -1,4 +1,4 @@
-"""The VAE: an MLP encoder to a diagonal Gaussian q(z|x), an MLP decoder to Bernoulli logits."""
+"""The VAE: an encoder to a diagonal Gaussian q(z|x), a decoder to Bernoulli logits, a prior p(z)."""
 
 from __future__ import annotations
 
@@ -10,28 +10,7 @@ from torch import Tensor, nn
 
 from priors.base import Prior
 from priors.densities import diagonal_normal_log_prob
-
-
-def mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear layers with ReLU between them (none after the last)."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-class Encoder(nn.Module):
-    """x `[B, data_dim]` -> (mu, logvar), each `[B, latent_dim]`."""
-
-    def __init__(self, data_dim: int, hidden_dims: list[int], latent_dim: int) -> None:
-        super().__init__()
-        self.net = mlp([data_dim, *hidden_dims, 2 * latent_dim])
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, logvar = self.net(x).chunk(2, dim=-1)
-        return mu, logvar
+from vae.networks import MLPDecoder, MLPEncoder
 
 
 @dataclass
@@ -47,26 +26,31 @@ class ELBOTerms:
 
 
 class VAE(nn.Module):
-    """A VAE with a pluggable prior.
+    """A VAE with a pluggable encoder, decoder and prior.
 
     Args:
-        data_dim: number of (binary) pixels.
-        latent_dim: size D of z.
-        hidden_dims: hidden layer sizes of the encoder; the decoder mirrors them.
+        encoder: x `[B, data_dim]` -> (mu, logvar), each `[B, D]` (contract: `vae.networks`).
+        decoder: z `[..., D]` -> Bernoulli logits `[..., data_dim]`.
         prior: a `priors.base.Prior` over D-dimensional latents.
     """
 
-    def __init__(self, data_dim: int, latent_dim: int, hidden_dims: list[int], prior: Prior) -> None:
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: Prior, latent_dim: int | None = None) -> None:
         super().__init__()
-        if prior.latent_dim != latent_dim:
+        if latent_dim is not None and prior.latent_dim != latent_dim:
             raise ValueError(
                 f"{type(prior).__name__} has latent_dim={prior.latent_dim} but the VAE has latent_dim={latent_dim}"
             )
-        self.data_dim = data_dim
-        self.latent_dim = latent_dim
-        self.encoder = Encoder(data_dim, list(hidden_dims), latent_dim)
-        self.decoder = mlp([latent_dim, *reversed(list(hidden_dims)), data_dim])
+        self.encoder = encoder
+        self.decoder = decoder
         self.prior = prior
+        self.latent_dim = prior.latent_dim
+
+    @classmethod
+    def mlp(cls, data_dim: int, latent_dim: int, hidden_dims: list[int], prior: Prior) -> VAE:
+        """The ReLU-MLP VAE that `vae=mlp` builds, for scripts and tests."""
+        return cls(
+            MLPEncoder(data_dim, latent_dim, hidden_dims), MLPDecoder(data_dim, latent_dim, hidden_dims), prior, latent_dim
+        )
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.encoder(x)

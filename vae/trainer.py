@@ -111,7 +111,8 @@ class Trainer:
         max_epochs: epochs to train at most.
         max_steps: optimizer steps at most (None: no limit).
         warmup_epochs: the KL weight rises linearly from 0 to 1 over this many epochs.
-        patience: stop after this many validations without a better validation ELBO.
+        patience: stop after this many validations without a better validation ELBO, counted
+            only once the KL warm-up has ended (during it the counter is held at 0).
         eval_batch_size: batch size of the validation pass.
         log_every_n_steps: how often the per-step loss goes to the logger and progress bar.
         resume: False; True to continue from `run_dir/checkpoints/last.pt` (if it
@@ -201,7 +202,7 @@ class Trainer:
                     break
                 index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
                 x = x_epoch[index].to(self.device, non_blocking=True)
-                kl_weight = min(1.0, (state.step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+                kl_weight = self._kl_weight(state.step + 1, warmup_steps)
 
                 terms = model.elbo_terms(x, index.to(self.device))
                 loss = -(terms.reconstruction - kl_weight * terms.kl).mean()
@@ -233,6 +234,8 @@ class Trainer:
             improved = val.elbo > state.best_val_elbo
             if improved:
                 state.best_val_elbo, state.best_epoch, state.bad_evals = val.elbo, state.epoch + 1, 0
+            elif self._kl_weight(state.step, warmup_steps) < 1.0:  # the objective still moves: patience waits
+                state.bad_evals = 0
             else:
                 state.bad_evals += 1
             record = {
@@ -269,6 +272,11 @@ class Trainer:
 
     # ---- pieces of the loop --------------------------------------------------------
 
+    @staticmethod
+    def _kl_weight(step: int, warmup_steps: float) -> float:
+        """The KL weight of optimizer step `step` (1-based): linear from 0 to 1 over the warm-up."""
+        return min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+
     def _out_of_steps(self, state: TrainState) -> bool:
         return self.max_steps is not None and state.step >= self.max_steps
 
@@ -299,8 +307,30 @@ class Trainer:
         if payload["rng_cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(payload["rng_cuda"].cpu(), self.device)
         state = TrainState(**payload["state"])
+        self._drop_metrics_after(state.step)
         log.info("resumed from %s at epoch %d, step %d", path, state.epoch + 1, state.step)
         return state
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Keep only the metrics lines the checkpoint has seen.
+
+        Lines are appended before `last.pt` is written, so a kill between the two leaves a
+        line for an epoch the resumed run trains again; it is dropped here (atomically), so
+        metrics.jsonl never holds an epoch twice. A torn last line is dropped as well.
+        """
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)

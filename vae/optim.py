@@ -1,0 +1,46 @@
+"""Optimizers the published VAE recipes use that torch does not ship."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.optim import Adam
+
+
+class AdamNormGrad(Adam):
+    """Adam on each parameter's gradient divided by its own L2 norm: g / (||g||_2 + norm_eps).
+
+    This is the optimizer of the VampPrior and Exemplar VAE authors' code. Every parameter
+    tensor's update direction keeps its shape but loses its scale before Adam's moments
+    see it. The division is done in place on `.grad` (the trainer zeroes the gradients
+    before every backward pass); everything else is `torch.optim.Adam`, so its options
+    (`lr`, `betas`, `eps`, `weight_decay`) work as there.
+
+    Args:
+        params: parameters or parameter groups.
+        norm_eps: added to each gradient's norm, so a zero gradient stays zero.
+        **adam: passed to `torch.optim.Adam`.
+
+    References:
+        Tomczak & Welling, "VAE with a VampPrior", 2018 (their released code).
+    """
+
+    def __init__(self, params, norm_eps: float = 1e-7, **adam) -> None:
+        if not norm_eps >= 0:
+            raise ValueError(f"AdamNormGrad: norm_eps must be >= 0, got {norm_eps!r}")
+        super().__init__(params, **adam)
+        self.norm_eps = norm_eps
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.div_(torch.linalg.vector_norm(p.grad) + self.norm_eps)
+        super().step()
+        return loss
