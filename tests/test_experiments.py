@@ -32,18 +32,27 @@ def sweep_jobs(cfg: DictConfig, *command_line: str) -> list[dict[str, str]]:
     return [dict(o.split("=", 1) for o in job) for job in itertools.chain.from_iterable(batches)]
 
 
-def test_elbo_surgery_is_hoffman_johnson_setting() -> None:
+def test_literature_is_the_published_recipe() -> None:
+    cfg = compose_with_hydra("experiment=literature")
+    assert cfg.vae.encoder._target_ == "vae.networks.GatedMLPEncoder" and list(cfg.vae.hidden_dims) == [300, 300]
+    assert cfg.trainer.optimizer._target_ == "vae.optim.AdamNormGrad" and cfg.trainer.optimizer.lr == 5e-4
+    t = cfg.trainer
+    assert (t.batch_size, t.warmup_epochs, t.patience, t.max_epochs, t.resume) == (100, 100, 50, 2000, True)
+    assert cfg.surgery.is_samples == 5000 and cfg.surgery.is_points is None and cfg.surgery.is_split == "test"
+    assert cfg.hydra.mode == RunMode.MULTIRUN
+    assert {(j["prior"], j["vae.latent_dim"]) for j in sweep_jobs(cfg)} == {("gaussian", "40"), ("vampprior", "40")}
+
+
+def test_elbo_surgery_is_hoffman_johnson_setting_with_the_recipe() -> None:
     cfg = compose_with_hydra("experiment=elbo_surgery")
+    recipe = compose_with_hydra("experiment=literature")
     assert cfg.data._target_ == "vae.data.mnist" and cfg.data.dynamic is True  # dynamically binarized MNIST
     assert cfg.prior._target_ == "priors.gaussian.GaussianPrior"
     assert cfg.surgery.enabled is True and cfg.surgery.split == "train"  # N = 50,000
-    assert cfg.trainer.max_epochs == 1000 and cfg.trainer.patience == 50 and cfg.trainer.warmup_epochs == 0
-    assert cfg.trainer.resume is True
-    assert cfg.hydra.mode is None  # run with -m, as documented
+    assert cfg.trainer == recipe.trainer and cfg.vae == recipe.vae
+    assert cfg.hydra.mode == RunMode.MULTIRUN
     jobs = sweep_jobs(cfg)
-    assert [j["vae.latent_dim"] for j in jobs] == ["2", "10", "20"]
-    # the documented command names the sizes itself, and a narrower list wins
-    assert [j["vae.latent_dim"] for j in sweep_jobs(cfg, "vae.latent_dim=2,10,20")] == ["2", "10", "20"]
+    assert [(j["prior"], j["vae.latent_dim"]) for j in jobs] == [("gaussian", "2"), ("gaussian", "10"), ("gaussian", "20")]
     assert [j["vae.latent_dim"] for j in sweep_jobs(cfg, "vae.latent_dim=10")] == ["10"]
 
 
