@@ -115,9 +115,14 @@ class SurgeryReport:
     latent_dim: int
     prior: str
     seconds: dict[str, float] = field(default_factory=dict)
+    #: log p(x) of each of the `is_points` points, float64 `[is_points]` (not in `to_dict`: it
+    #: is saved beside surgery.json, for paired comparisons of models on the same points).
+    log_likelihood_per_point: Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("log_likelihood_per_point")
+        return out
 
     def metrics(self, prefix: str = "surgery/") -> dict[str, float]:
         """The numbers as flat scalar metrics (for a logger's summary)."""
@@ -466,7 +471,7 @@ def decompose(
             else:
                 optimal = Estimate(elbo.value + agg.marginal_kl.value, math.hypot(elbo.stderr, agg.marginal_kl.stderr))
 
-            ll = None
+            ll = ll_per_point = None
             n_is = None
             if is_samples:
                 started = time.perf_counter()
@@ -474,7 +479,10 @@ def decompose(
                 if is_points is not None:
                     x_test = x_test[: int(is_points)]
                 n_is = len(x_test)
-                ll = Estimate.of(importance_log_likelihood(model, x_test, int(is_samples), batch_elements=is_batch_elements, generator=generator))
+                ll_per_point = importance_log_likelihood(
+                    model, x_test, int(is_samples), batch_elements=is_batch_elements, generator=generator
+                ).cpu()
+                ll = Estimate.of(ll_per_point)
                 seconds["log_likelihood"] = time.perf_counter() - started
     finally:
         model.train(was_training)
@@ -514,4 +522,5 @@ def decompose(
         latent_dim=int(mu.shape[1]),
         prior=type(prior).__name__,
         seconds=seconds,
+        log_likelihood_per_point=ll_per_point,
     )

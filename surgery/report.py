@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from surgery.run import DENSITY_PICTURE
+from surgery.run import DENSITY_PICTURE, log_px_name
 
 #: The table's columns: (surgery.json field, column title).
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -48,6 +48,14 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 )
 #: Every field summarized over seeds (the columns plus what the plots need).
 FIELDS: tuple[str, ...] = tuple(k for k, _ in COLUMNS) + ("reconstruction", "log_n")
+#: Config keys that never change a result (bookkeeping), left out when runs are grouped.
+#: The seed is left out too: runs differing only in it are one row, summarized over seeds.
+IGNORED_SETTINGS: tuple[str, ...] = (
+    "seed", "device", "logger.", "trainer.progress", "trainer.resume", "trainer.log_every_n_steps",
+    "trainer.eval_batch_size", "data.path", "data.cache_dir", "surgery.enabled", "surgery.batch_size",
+    "surgery.chunk_size", "surgery.block_size", "surgery.is_batch_elements", "surgery.plots", "surgery.plot_grid",
+    "experiment", "hydra.",
+)
 #: Priors in this order first (the zoo's order), any others after, alphabetically.
 PRIOR_ORDER: tuple[str, ...] = ("gaussian", "mixture", "vampprior", "flow", "aggregate")
 
@@ -64,6 +72,9 @@ class RunRecord:
     surgery: dict[str, Any] | None
     density_pngs: tuple[Path, ...] = ()
     problem: str | None = None
+    #: The settings that can change a result (config minus seed and bookkeeping), flat `key=value`.
+    settings: frozenset[str] = frozenset()
+    log_px: Path | None = None  # per-point test log p(x) (log_px_test.npy), for paired differences
 
 
 @dataclass(frozen=True)
@@ -77,15 +88,30 @@ class Stat:
 
 @dataclass(frozen=True)
 class Row:
-    """One prior at one latent size, over its complete runs (seeds)."""
+    """One prior at one latent size and one setting of everything else, over its complete runs (seeds)."""
 
     prior: str
     latent_dim: int
+    variant: str  # the settings in which this row differs from other rows of the report ("" if none)
     n_runs: int
     seeds: tuple[int | None, ...]
     epochs: tuple[int | None, ...]
     stats: dict[str, Stat]
     splits: tuple[str, ...]
+    log_px: tuple[float, ...] | None = None  # per-point test log p(x), averaged over the runs
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Test log p(x) of row `a` minus row `b` on the same points: the mean of the per-point
+    differences and its standard error (much smaller than either row's own spread, because
+    the points' difficulty cancels)."""
+
+    a: str
+    b: str
+    mean: float
+    stderr: float
+    n_points: int
 
 
 @dataclass(frozen=True)
@@ -93,6 +119,7 @@ class Report:
     rows: list[Row]
     incomplete: list[RunRecord]
     runs: list[RunRecord]
+    paired: list[PairedDifference] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -132,9 +159,9 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     for p in paths:
         p = Path(p)
         if not p.exists():
-            raise FileNotFoundError(f"surgery.report: {p} does not exist")
+            raise FileNotFoundError(f"{p} does not exist")
         if not p.is_dir():
-            raise NotADirectoryError(f"surgery.report: {p} is not a directory (give run dirs or a multirun dir)")
+            raise NotADirectoryError(f"{p} is not a directory (give run dirs or a multirun dir)")
         visit(p)
     unique: dict[Path, None] = {}
     for p in found:
@@ -165,11 +192,31 @@ def epochs_trained(metrics_path: Path) -> int | None:
     return max(epochs)
 
 
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as flat `{"a.b": value}` (lists kept whole)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def result_settings(config: dict[str, Any]) -> frozenset[str]:
+    """The `key=value` settings of a run that can change its result."""
+    return frozenset(
+        f"{k}={v if isinstance(v, str) else json.dumps(v, sort_keys=True)}"
+        for k, v in flatten(config).items()
+        if not any(k == ig or (ig.endswith(".") and k.startswith(ig)) for ig in IGNORED_SETTINGS)
+    )
+
+
 def read_run(path: str | Path) -> RunRecord:
     """Read one run dir. Never raises for a broken run: the reason goes to `problem`."""
     path = Path(path)
     problems: list[str] = []
     prior = latent_dim = seed = None
+    settings: frozenset[str] = frozenset()
     config_path = path / ".hydra" / "config.yaml"
     if config_path.is_file():
         try:
@@ -182,6 +229,7 @@ def read_run(path: str | Path) -> RunRecord:
             prior = choices.get("prior") or target.rsplit(".", 1)[-1]
             latent_dim = (config.get("vae") or {}).get("latent_dim")
             seed = config.get("seed")
+            settings = result_settings(config)
         except (yaml.YAMLError, AttributeError) as e:
             problems.append(f".hydra/config.yaml unreadable ({e.__class__.__name__})")
     else:
@@ -210,6 +258,7 @@ def read_run(path: str | Path) -> RunRecord:
         problems.append("no surgery.json (surgery not run, or it failed)")
 
     densities = tuple(sorted(path.glob(f"{DENSITY_PICTURE}*.png")))
+    log_px = path / log_px_name("test")
     return RunRecord(
         path=path,
         prior=prior,
@@ -219,6 +268,8 @@ def read_run(path: str | Path) -> RunRecord:
         surgery=surgery,
         density_pngs=densities,
         problem="; ".join(problems) or None,
+        settings=settings,
+        log_px=log_px if log_px.is_file() else None,
     )
 
 
@@ -239,27 +290,75 @@ def _prior_key(name: str) -> tuple[int, str]:
     return (PRIOR_ORDER.index(name), "") if name in PRIOR_ORDER else (len(PRIOR_ORDER), name)
 
 
+def _variants(groups: Sequence[frozenset[str]]) -> list[str]:
+    """Per group, its settings not shared by every group, minus the prior's and the latent size's."""
+    common = frozenset.intersection(*groups) if groups else frozenset()
+    return [
+        ", ".join(sorted(x for x in g - common if not x.startswith(("prior", "vae.latent_dim=")))) for g in groups
+    ]
+
+
+def _mean_log_px(members: Sequence[RunRecord]) -> tuple[float, ...] | None:
+    import numpy as np
+
+    arrays = [np.load(r.log_px) for r in members if r.log_px is not None]
+    if len(arrays) != len(members) or len({a.shape for a in arrays}) != 1:
+        return None
+    return tuple(np.mean(arrays, axis=0).tolist())
+
+
+def paired_differences(rows: Sequence[Row]) -> list[PairedDifference]:
+    """For every pair of rows with per-point test log p(x) on the same points, a minus b."""
+    out = []
+    with_points = [r for r in rows if r.log_px is not None]
+    for i, a in enumerate(with_points):
+        for b in with_points[i + 1 :]:
+            if len(a.log_px) != len(b.log_px):
+                continue
+            d = [x - y for x, y in zip(a.log_px, b.log_px)]
+            n = len(d)
+            mean = sum(d) / n
+            stderr = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else math.nan
+            out.append(PairedDifference(row_label(a), row_label(b), mean, stderr, n))
+    return out
+
+
+def row_label(row: Row) -> str:
+    return f"{row.prior}, z={row.latent_dim}" + (f" ({row.variant})" if row.variant else "")
+
+
 def summarize(runs: Sequence[RunRecord]) -> Report:
-    """Group complete runs by (prior, latent size); summarize every field over seeds."""
+    """Group complete runs by (prior, latent size, every other setting that changes a result);
+    summarize every field over the group's runs (seeds)."""
     complete = [r for r in runs if r.problem is None]
-    groups: dict[tuple[str, int], list[RunRecord]] = {}
+    groups: dict[tuple[str, int, frozenset[str]], list[RunRecord]] = {}
     for r in complete:
-        groups.setdefault((str(r.prior), int(r.latent_dim or 0)), []).append(r)
+        groups.setdefault((str(r.prior), int(r.latent_dim or 0), r.settings), []).append(r)
+    keys = sorted(groups, key=lambda k: (_prior_key(k[0]), k[1], sorted(k[2])))
+    variants = dict(zip(keys, _variants([k[2] for k in keys])))
     rows = []
-    for (prior, latent_dim), members in sorted(groups.items(), key=lambda kv: (_prior_key(kv[0][0]), kv[0][1])):
-        members = sorted(members, key=lambda r: (r.seed is None, r.seed))
+    for key in keys:
+        prior, latent_dim, _ = key
+        members = sorted(groups[key], key=lambda r: (r.seed is None, r.seed))
         rows.append(
             Row(
                 prior=prior,
                 latent_dim=latent_dim,
+                variant=variants[key],
                 n_runs=len(members),
                 seeds=tuple(r.seed for r in members),
                 epochs=tuple(r.epochs for r in members),
                 stats={k: stat([(r.surgery or {}).get(k) for r in members]) for k in FIELDS},
                 splits=tuple(sorted({str((r.surgery or {}).get("split", "?")) for r in members})),
+                log_px=_mean_log_px(members),
             )
         )
-    return Report(rows=rows, incomplete=[r for r in runs if r.problem is not None], runs=list(runs))
+    return Report(
+        rows=rows,
+        incomplete=[r for r in runs if r.problem is not None],
+        runs=list(runs),
+        paired=paired_differences(rows),
+    )
 
 
 def build_report(paths: Iterable[str | Path]) -> Report:
@@ -296,17 +395,27 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
         "dimension-wise KL of a non-factorized prior).",
         "",
     ]
-    header = ["prior", "latents", *(title for _, title in COLUMNS), "runs", "epochs", "split"]
+    header = ["prior", "latents", "variant", *(title for _, title in COLUMNS), "runs", "epochs", "split"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for row in report.rows:
-        cells = [row.prior, str(row.latent_dim), *(format_stat(row.stats[k]) for k, _ in COLUMNS),
+        cells = [row.prior, str(row.latent_dim), row.variant or "—", *(format_stat(row.stats[k]) for k, _ in COLUMNS),
                  str(row.n_runs), _format_epochs(row.epochs), ",".join(row.splits)]
         lines.append("| " + " | ".join(cells) + " |")
     if not report.rows:
         lines.append("")
         lines.append("No complete runs.")
     lines += ["", f"Complete runs: {sum(r.n_runs for r in report.rows)}; incomplete: {len(report.incomplete)}.", ""]
+    if report.paired:
+        lines += [
+            "## Paired differences in test log p(x)", "",
+            "Row a minus row b on the same test points: the mean of the per-point differences ± its "
+            "standard error. The per-row spread above includes how hard each test point is; a paired "
+            "difference cancels it, so this is the uncertainty of a ranking.", "",
+            "| a | b | a − b (nats) | points |", "|---|---|---|---|",
+        ]
+        lines += [f"| {p.a} | {p.b} | {p.mean:+.3f} ± {p.stderr:.3f} | {p.n_points:,} |" for p in report.paired]
+        lines.append("")
     lines += ["## Incomplete runs", ""]
     if report.incomplete:
         lines.append("| run dir | prior | latents | seed | epochs | reason |")
@@ -337,7 +446,7 @@ def plot_decomposition(report: Report, path: Path) -> Path:
     prior and latent size, error bars over seeds; reconstruction is off scale, so left out."""
     fig = _figure(max(6.0, 0.6 * len(report.rows) + 2), 4.5)
     ax = fig.add_subplot()
-    labels = [f"{r.prior}\nz={r.latent_dim}" for r in report.rows]
+    labels = [f"{r.prior}\nz={r.latent_dim}" + (f"\n{r.variant}" if r.variant else "") for r in report.rows]
     x = list(range(len(report.rows)))
     mi = [r.stats["mutual_info"].mean or 0.0 for r in report.rows]
     mkl = [r.stats["marginal_kl"].mean or 0.0 for r in report.rows]
@@ -424,7 +533,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = build_report(args.paths)
     except (FileNotFoundError, NotADirectoryError) as e:
-        print(e, file=sys.stderr)
+        print(f"surgery.report: error: {e}", file=sys.stderr)
+        return 2
+    if not report.runs:
+        print(f"surgery.report: error: no run dirs found under {', '.join(args.paths)} "
+              "(a run dir holds .hydra/config.yaml or checkpoints/)", file=sys.stderr)
         return 2
     files = write_report(report, args.out)
     n_complete = sum(r.n_runs for r in report.rows)

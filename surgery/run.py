@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -34,6 +35,22 @@ def surgery_json_name(split: str) -> str:
     return "surgery.json" if split == "train" else f"surgery_{split}.json"
 
 
+def log_px_name(split: str) -> str:
+    """Per-point importance-sampled log p(x) of a split's first points, float64 (numpy .npy)."""
+    return f"log_px_{split}.npy"
+
+
+def write_log_px(values: torch.Tensor, path: str | Path) -> Path:
+    """Write the per-point log-likelihoods atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, values.double().numpy())
+    os.replace(tmp, path)
+    return path
+
+
 def write_json(report: SurgeryReport, path: str | Path) -> Path:
     """Write the report atomically (a temporary file, then a rename)."""
     path = Path(path)
@@ -55,11 +72,13 @@ def run_surgery(
     """Decompose, then write `surgery.json` (and the pictures if `cfg.plots`) into `out_dir` and log them.
 
     Returns:
-        The report and the written files by name ("json", "decomposition", "aggregate_posterior").
+        The report and the written files by name ("json", "log_px", "decomposition", "aggregate_posterior").
     """
     out_dir = Path(out_dir)
     report = decompose(model, data, device=device, **decompose_kwargs(cfg))
     files = {"json": write_json(report, out_dir / surgery_json_name(report.split))}
+    if report.log_likelihood_per_point is not None:
+        files["log_px"] = write_log_px(report.log_likelihood_per_point, out_dir / log_px_name(report.log_likelihood_split))
     if cfg.get("plots", True):
         from surgery.plots import plot_aggregate_posterior_2d, plot_decomposition
 

@@ -111,7 +111,8 @@ def test_markdown_table_cells_are_the_formatted_values(sweep) -> None:
         cells = [c.strip() for c in line.strip("|").split("|")]
         prior, latent_dim = cells[0], int(cells[1])
         runs = values[(prior, latent_dim)]
-        for (key, _), cell in zip(rep.COLUMNS, cells[2:]):
+        assert cells[2] == "—"  # no variant: the runs differ only in prior, size and seed
+        for (key, _), cell in zip(rep.COLUMNS, cells[3:]):
             xs = [shown(v, key) for v in runs if shown(v, key) is not None]
             expected = f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if xs else "—"
             assert cell == expected, (prior, latent_dim, key)
@@ -154,3 +155,43 @@ def test_no_density_pictures_no_grid(tmp_path: Path) -> None:
 def test_missing_path_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert rep.main([str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_no_run_found_exits_non_zero(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    assert rep.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    assert "no run dirs found" in capsys.readouterr().err
+
+
+def test_runs_differing_in_any_setting_are_separate_rows(tmp_path: Path) -> None:
+    for seed, lr in ((0, 1e-3), (1, 1e-3), (0, 5e-4)):
+        path = tmp_path / f"lr{lr}-s{seed}"
+        make_run(path, "gaussian", 10, seed)
+        config = yaml.safe_load((path / ".hydra" / "config.yaml").read_text())
+        config["trainer"] = {"optimizer": {"lr": lr}, "progress": seed == 0}  # progress: bookkeeping, ignored
+        (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    report = rep.build_report([tmp_path])
+    assert sorted((r.variant, r.n_runs) for r in report.rows) == [
+        ("trainer.optimizer.lr=0.0005", 1), ("trainer.optimizer.lr=0.001", 2)
+    ]
+    assert "trainer.optimizer.lr=0.0005" in rep.render_markdown(report)
+
+
+def test_paired_differences_match_a_hand_computation(tmp_path: Path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    hardness = rng.normal(-90, 20, size=500)  # shared by both models: cancels in the pairing
+    a = hardness + 2.0 + rng.normal(0, 0.5, size=500)
+    b = hardness + rng.normal(0, 0.5, size=500)
+    for name, prior, values in (("a", "vampprior", a), ("b", "gaussian", b)):
+        make_run(tmp_path / name, prior, 40, 0)
+        np.save(tmp_path / name / "log_px_test.npy", values)
+    report = rep.build_report([tmp_path])
+    (pair,) = report.paired
+    d = b - a  # the gaussian row comes first, so a = gaussian
+    assert (pair.a, pair.b, pair.n_points) == ("gaussian, z=40", "vampprior, z=40", 500)
+    assert pair.mean == pytest.approx(d.mean(), abs=1e-12)
+    assert pair.stderr == pytest.approx(d.std(ddof=1) / np.sqrt(500), rel=1e-9)
+    assert pair.stderr < 0.1 < 20 / np.sqrt(500)  # far below the unpaired spread
+    assert f"| gaussian, z=40 | vampprior, z=40 | {d.mean():+.3f} ± {pair.stderr:.3f} | 500 |" in rep.render_markdown(report)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -56,6 +57,9 @@ def test_train_writes_surgery_json_and_pictures(trained_run):
     assert (run_dir / "surgery_decomposition.png").stat().st_size > 0
     assert (run_dir / "surgery_aggregate_posterior.png").stat().st_size > 0
     assert "ELBO surgery" in metrics["surgery_table"]
+    per_point = np.load(run_dir / "log_px_test.npy")
+    assert per_point.shape == (50,) and per_point.dtype == np.float64
+    assert per_point.mean() == pytest.approx(report["log_likelihood"], abs=1e-9)
 
 
 def test_cli_rebuilds_the_model_and_reproduces_the_numbers(trained_run, tmp_path):
