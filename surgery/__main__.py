@@ -16,8 +16,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from surgery.decomposition import SurgeryReport
-from surgery.run import run_surgery
-from vae import build_model, resolve_device
+from surgery.run import SurgeryOptions, check_is_points, run_surgery
+from vae import DeviceError, build_model, resolve_device
+from vae.cli import one_line_errors
 from vae.trainer import load_checkpoint
 from vae.trust import check_trusted
 
@@ -28,10 +29,6 @@ MODEL_NODES = ("data", "vae", "prior")
 
 class CheckpointError(ValueError):
     """The checkpoint cannot rebuild a model."""
-
-
-class DeviceError(RuntimeError):
-    """The asked-for device is not available."""
 
 
 def load_model(
@@ -63,21 +60,24 @@ def load_model(
     return model.to(device), data, run_cfg
 
 
+#: Keys of conf/surgery_cli.yaml that are the CLI's own, not surgery options.
+CLI_KEYS = ("checkpoint", "device", "output_dir", "allow", "logger", "debug")
+
+
 def surgery_main(cfg: DictConfig) -> tuple[SurgeryReport, dict[str, Path]]:
-    """Everything but the printing: load, decompose, save, log."""
-    try:
-        device = resolve_device(cfg.device)
-    except RuntimeError as e:
-        raise DeviceError(str(e)) from e
+    """Everything but the printing: check the options, load, decompose, save, log."""
+    options = SurgeryOptions.from_config(cfg, ignore=CLI_KEYS)
+    device = resolve_device(cfg.device)
     checkpoint = Path(cfg.checkpoint).expanduser()
     model, data, run_cfg = load_model(checkpoint, device, allow=cfg.get("allow") or ())
+    check_is_points(options, data)
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else checkpoint.resolve().parent.parent
     logger = hydra.utils.instantiate(
         cfg.logger, run_dir=out_dir, run_config=OmegaConf.to_container(cfg, resolve=True), group=cfg.logger.get("group"),
         _recursive_=False,
     )
     try:
-        report, files = run_surgery(model, data, cfg, out_dir, logger=logger, device=device)
+        report, files = run_surgery(model, data, options, out_dir, logger=logger, device=device)
     finally:
         logger.finish()
     return report, files
@@ -85,12 +85,8 @@ def surgery_main(cfg: DictConfig) -> tuple[SurgeryReport, dict[str, Path]]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="surgery_cli")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors("surgery", debug=bool(cfg.get("debug"))):
         report, files = surgery_main(cfg)
-    except (FileNotFoundError, ValueError, DeviceError) as e:
-        # A bad checkpoint or device is the user's to fix: one clear line, no traceback.
-        print(f"surgery: error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(report.table())
     for path in files.values():
         print(f"wrote {path}")

@@ -8,27 +8,91 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from surgery.decomposition import SurgeryReport, decompose, encode
+from vae.data import SPLITS
+from vae.validation import ConfigError, check_bool, check_choice, check_int
 
 # q(z) beside p(z) for 2-D latents; surgery.report collects these across runs.
 DENSITY_PICTURE = "surgery_aggregate_posterior"
 
-DECOMPOSE_KEYS = (
-    "split", "n_samples", "dimwise_samples", "is_samples", "is_points", "is_split", "seed",
-    "batch_size", "chunk_size", "block_size", "is_batch_elements",
-)
+@dataclass(frozen=True)
+class SurgeryOptions:
+    """The surgery config group, typed and checked when it is built.
+
+    conf/surgery/default.yaml holds the defaults and describes every field. `from_config` refuses unknown keys and bad values
+    with one line, before any training or loading starts.
+    """
+
+    enabled: bool
+    split: str
+    n_samples: int | None
+    dimwise_samples: int | None
+    is_samples: int | None
+    is_points: int | None
+    is_split: str
+    seed: int
+    batch_size: int
+    chunk_size: int
+    block_size: int
+    is_batch_elements: int
+    plots: bool
+    plot_grid: int
+
+    def __post_init__(self) -> None:
+        check_bool("surgery.enabled", self.enabled)
+        check_choice("surgery.split", self.split, SPLITS)
+        check_choice("surgery.is_split", self.is_split, SPLITS)
+        check_int("surgery.n_samples", self.n_samples, 1, allow_none=True)
+        check_int("surgery.dimwise_samples", self.dimwise_samples, 1, allow_none=True)
+        if self.is_samples is not None and not (isinstance(self.is_samples, int) and self.is_samples > 0):
+            raise ConfigError(
+                f"surgery.is_samples must be a positive integer, or null to skip log p(x); got {self.is_samples!r}"
+            )
+        check_int("surgery.is_points", self.is_points, 1, allow_none=True)
+        check_int("surgery.seed", self.seed, 0)
+        for name in ("batch_size", "chunk_size", "block_size", "is_batch_elements"):
+            check_int(f"surgery.{name}", getattr(self, name), 1)
+        check_bool("surgery.plots", self.plots)
+        check_int("surgery.plot_grid", self.plot_grid, 10)
+
+    @classmethod
+    def from_config(cls, node: DictConfig | dict[str, Any], ignore: Iterable[str] = ()) -> SurgeryOptions:
+        """Build from a config node; keys in `ignore` belong to someone else (the CLI's own)."""
+        values = dict(node.items()) if isinstance(node, dict) else OmegaConf.to_container(node, resolve=True)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known - set(ignore))
+        if unknown:
+            raise ConfigError(f"unknown surgery option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def decompose_kwargs(self) -> dict[str, Any]:
+        """The arguments of `surgery.decomposition.decompose`."""
+        return {
+            "split": self.split, "n_samples": self.n_samples, "dimwise_samples": self.dimwise_samples,
+            "is_samples": self.is_samples, "is_points": self.is_points, "is_split": self.is_split, "seed": self.seed,
+            "batch_size": self.batch_size, "chunk_size": self.chunk_size, "block_size": self.block_size,
+            "is_batch_elements": self.is_batch_elements,
+        }
 
 
-def decompose_kwargs(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """The `decompose` arguments held in a surgery config node (conf/surgery/default.yaml)."""
-    return {k: cfg[k] for k in DECOMPOSE_KEYS if k in cfg}
+def check_is_points(options: SurgeryOptions, data: Any) -> None:
+    """Refuse `is_points` beyond the size of its split (it would silently use fewer)."""
+    if options.is_samples and options.is_points is not None:
+        n = len(data.split(options.is_split))
+        if options.is_points > n:
+            raise ConfigError(
+                f"surgery.is_points={options.is_points} but the {options.is_split} split has {n} points; "
+                "use at most that, or null for all"
+            )
 
 
 def surgery_json_name(split: str) -> str:
@@ -64,31 +128,31 @@ def write_json(report: SurgeryReport, path: str | Path) -> Path:
 def run_surgery(
     model: Any,
     data: Any,
-    cfg: DictConfig | dict[str, Any],
+    options: SurgeryOptions,
     out_dir: str | Path,
     logger: Any = None,
     device: torch.device | None = None,
 ) -> tuple[SurgeryReport, dict[str, Path]]:
-    """Decompose, then write `surgery.json` (and the pictures if `cfg.plots`) into `out_dir` and log them.
+    """Decompose, then write `surgery.json` (and the pictures if `options.plots`) into `out_dir` and log them.
 
     Returns:
         The report and the written files by name ("json", "log_px", "decomposition", "aggregate_posterior").
     """
     out_dir = Path(out_dir)
-    report = decompose(model, data, device=device, **decompose_kwargs(cfg))
+    report = decompose(model, data, device=device, **options.decompose_kwargs())
     files = {"json": write_json(report, out_dir / surgery_json_name(report.split))}
     if report.log_likelihood_per_point is not None:
         files["log_px"] = write_log_px(report.log_likelihood_per_point, out_dir / log_px_name(report.log_likelihood_split))
-    if cfg.get("plots", True):
+    if options.plots:
         from surgery.plots import plot_aggregate_posterior_2d, plot_decomposition
 
         suffix = "" if report.split == "train" else f"_{report.split}"
         files["decomposition"] = plot_decomposition(report, out_dir / f"surgery_decomposition{suffix}.png")
         if report.latent_dim == 2:
-            mu, logvar = encode(model, data.split(report.split), cfg.get("batch_size", 1000), device)
+            mu, logvar = encode(model, data.split(report.split), options.batch_size, device)
             files["aggregate_posterior"] = plot_aggregate_posterior_2d(
                 mu, logvar, model.prior, out_dir / f"{DENSITY_PICTURE}{suffix}.png",
-                grid=int(cfg.get("plot_grid", 120)), seed=int(cfg.get("seed", 0)),
+                grid=options.plot_grid, seed=options.seed,
             )
     if logger is not None:
         logger.summary(report.metrics())

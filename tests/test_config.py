@@ -12,7 +12,7 @@ from hydra.errors import MissingConfigException
 
 from priors.base import Prior
 from tests.conftest import CONF, ROOT, compose_config
-from vae import build_model, resolve_device
+from vae import DeviceError, build_model, resolve_device
 from vae.data import digits
 
 
@@ -90,7 +90,7 @@ def test_cuda_without_gpu_is_a_clear_error(monkeypatch) -> None:
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="device=cuda was asked for, but torch sees no CUDA GPU"):
+    with pytest.raises(DeviceError, match="device=cuda was asked for, but torch sees no CUDA GPU"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
 

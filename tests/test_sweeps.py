@@ -74,7 +74,7 @@ def test_report_rows_hold_each_runs_surgery_values(sweep) -> None:
         for key, _ in rep.COLUMNS:
             assert row.stats[key].mean == run.surgery[key], key  # None stays None (dimwise_kl)
             cells.append("—" if run.surgery[key] is None else f"{run.surgery[key]:.2f}")
-        assert f"| {run.prior} | {run.latent_dim} | " + " | ".join(cells) + " | 1 | " in md
+        assert f"| {run.prior} | {run.latent_dim} | — | " + " | ".join(cells) + " | 1 | " in md
 
 
 def test_wandb_one_offline_run_per_job_in_one_group(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from tests.conftest import compose_config
 from vae.data import digits
 from vae.model import VAE
 from vae.trainer import NonFiniteLossError, Trainer, evaluate, load_checkpoint
+from vae.validation import ConfigError
 
 
 def _set(cfg: DictConfig, **values) -> DictConfig:
@@ -121,7 +122,7 @@ def test_evaluate_is_deterministic_and_leaves_the_rng_alone(tiny_cfg: DictConfig
 
 
 def test_bad_trainer_arguments_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="batch_size > 0"):
+    with pytest.raises(ConfigError, match="trainer.batch_size must be a positive integer, got 0"):
         Trainer(batch_size=0, run_dir=tmp_path)
 
 

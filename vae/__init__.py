@@ -4,20 +4,40 @@ from __future__ import annotations
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from priors.base import Prior
 from vae.data import BinarizedData
 from vae.model import VAE
+from vae.validation import ConfigError
+
+
+def instantiate(node: DictConfig, **kwargs):
+    """`hydra.utils.instantiate`, except that a `ConfigError` from the target comes out as itself
+    (it already names the option; Hydra's wrapper would bury it under its own context)."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
+
+
+class DeviceError(ConfigError):
+    """The asked-for device does not exist or is not available."""
 
 
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; `cuda` without a GPU is an error, not a silent CPU run."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"device must be auto, cpu, cuda or cuda:N (or another torch device), got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} was asked for, but torch sees no CUDA GPU; use device=cpu or device=auto")
+        raise DeviceError(f"device={name} was asked for, but torch sees no CUDA GPU; use device=cpu or device=auto")
     return device
 
 
@@ -29,9 +49,17 @@ def build_model(cfg: DictConfig, data: BinarizedData) -> VAE:
     contracts in `vae.networks` and `priors.base` plug in through their `_target_`.
     """
     latent_dim = cfg.vae.latent_dim
-    encoder = hydra.utils.instantiate(cfg.vae.encoder, data_dim=data.data_dim, latent_dim=latent_dim)
-    decoder = hydra.utils.instantiate(cfg.vae.decoder, data_dim=data.data_dim, latent_dim=latent_dim)
-    prior = hydra.utils.instantiate(cfg.prior, latent_dim=latent_dim)
+    encoder = instantiate(cfg.vae.encoder, data_dim=data.data_dim, latent_dim=latent_dim)
+    decoder = instantiate(cfg.vae.decoder, data_dim=data.data_dim, latent_dim=latent_dim)
+    try:
+        prior = instantiate(cfg.prior, latent_dim=latent_dim)
+    except InstantiationException as e:
+        if "Module.__init__() call" in str(e.__cause__):  # torch's words for a missing super().__init__()
+            raise TypeError(
+                f"{cfg.prior._target_} assigns a parameter or module before calling super().__init__(latent_dim): "
+                "call it first in __init__"
+            ) from e
+        raise
     if not isinstance(prior, Prior):
         raise TypeError(f"prior._target_ built a {type(prior).__name__}, which does not subclass priors.base.Prior")
     model = VAE(encoder, decoder, prior, latent_dim)

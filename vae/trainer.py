@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from vae.data import BinarizedData, derive_seed
 from vae.loggers import NullLogger
 from vae.model import VAE
+from vae.validation import ConfigError, check_bool, check_int, check_number
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ CHECKPOINT_FORMAT = 1
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+    """The training loss became NaN or infinite, or diverged; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -91,19 +92,79 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a priorlab checkpoint with `weights_only=True`, with a clear error for a bad file."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a directory; give a checkpoint file, e.g. {path / 'checkpoints' / 'best.pt'}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path} is not a readable priorlab checkpoint (truncated or foreign file?): {e}") from e
+        hint = ""
+        if path.name == "last.pt" and (path.parent / "best.pt").is_file():
+            hint = f"; to continue from the best checkpoint instead, pass trainer.resume={path.parent / 'best.pt'}"
+        raise ValueError(
+            f"{path} is not a readable priorlab checkpoint (truncated or foreign file?): {' '.join(str(e).split())}{hint}"
+        ) from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a priorlab checkpoint (format {CHECKPOINT_FORMAT} expected)")
     return payload
 
 
+class LossWatch:
+    """Watches the training loss on its device; `check` reads it (one synchronization) and stops a bad run.
+
+    It keeps the first step whose loss is not finite, and counts the steps since the last
+    check whose loss exceeded `bound`: when all of them did, the run has diverged.
+    """
+
+    def __init__(self, device: torch.device, bound: float, steps_per_epoch: int, last_path: Path) -> None:
+        self.bound = bound
+        self.steps_per_epoch = steps_per_epoch
+        self.last_path = last_path
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_value = torch.zeros((), dtype=torch.float64, device=device)
+        self.absurd = torch.zeros((), dtype=torch.long, device=device)
+        self.steps: list[int] = []  # steps since the last check
+
+    def update(self, loss: Tensor, step: int) -> None:
+        loss = loss.detach().double()
+        new_bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(new_bad, step, self.first_bad)
+        self.bad_value = torch.where(new_bad, loss, self.bad_value)
+        self.absurd += loss > self.bound
+        self.steps.append(step)
+
+    def _where(self, step: int) -> str:
+        epoch, batch = divmod(step - 1, self.steps_per_epoch)
+        return f"step {step} (epoch {epoch + 1}, batch {batch + 1})"
+
+    def check(self, bar: Any = None) -> None:
+        if not self.steps:
+            return
+        first_bad, bad_value, absurd = int(self.first_bad), float(self.bad_value), int(self.absurd)
+        steps, self.steps = self.steps, []
+        self.absurd.zero_()
+        kept = f"The last good checkpoint is kept at {self.last_path}" + (
+            "" if self.last_path.exists() else " (none was written yet)"
+        )
+        if first_bad >= 0:
+            message = f"loss is {bad_value} at {self._where(first_bad)}; training stopped. {kept}"
+        elif absurd == len(steps):
+            message = (
+                f"the loss exceeded {self.bound:.3g} nats (trainer.max_loss_per_dim per pixel) at every step from "
+                f"{self._where(steps[0])} to step {steps[-1]}: training diverged and was stopped. {kept}"
+            )
+        else:
+            return
+        if bar is not None:
+            bar.close()
+        raise NonFiniteLossError(message)
+
+
 class Trainer:
     """Adam (or any `_partial_` optimizer) on the negative ELBO, with KL warm-up and early stopping.
+
+    Every argument is checked when the trainer is built, before any data is loaded.
 
     Args:
         optimizer: a callable taking the parameters (a Hydra `_partial_` node).
@@ -114,14 +175,16 @@ class Trainer:
         patience: stop after this many validations without a better validation ELBO, counted
             only once the KL warm-up has ended (during it the counter is held at 0).
         eval_batch_size: batch size of the validation pass.
-        log_every_n_steps: how often the per-step loss goes to the logger and progress bar.
+        log_every_n_steps: how often the loss goes to the logger and progress bar, and is
+            checked: training stops at the first non-finite loss, or when every loss of one
+            interval exceeds `max_loss_per_dim` nats per pixel (a divergence).
+        max_loss_per_dim: that bound, per data dimension.
         resume: False; True to continue from `run_dir/checkpoints/last.pt` (if it
             exists; otherwise training starts fresh, as a preempted job's first try does);
             or a checkpoint path.
         progress: show a progress bar.
         run_dir: where `metrics.jsonl` and `checkpoints/` go.
         device: the torch device to train on.
-        logger: a `vae.loggers` logger.
         seed: seeds the per-epoch order of the training set.
     """
 
@@ -135,48 +198,71 @@ class Trainer:
         patience: int = 10,
         eval_batch_size: int = 1000,
         log_every_n_steps: int = 50,
+        max_loss_per_dim: float = 1000.0,
         resume: bool | str = False,
         progress: bool = True,
         run_dir: str | Path = ".",
         device: torch.device | str = "cpu",
-        logger: Any = None,
         seed: int = 0,
     ) -> None:
-        if batch_size <= 0 or max_epochs < 0 or patience <= 0 or warmup_epochs < 0:
-            raise ValueError(
-                f"Trainer: need batch_size > 0, max_epochs >= 0, patience > 0, warmup_epochs >= 0; got "
-                f"{batch_size=}, {max_epochs=}, {patience=}, {warmup_epochs=}"
-            )
+        if not callable(optimizer):
+            raise ConfigError(f"trainer.optimizer must be a _partial_ optimizer node, got {optimizer!r}")
+        try:  # the optimizer checks its own options (a negative lr, say) when built: build one now
+            optimizer([torch.zeros(1, requires_grad=True)])
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"trainer.optimizer: {e}") from e
         self.optimizer = optimizer
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.max_steps = max_steps
-        self.warmup_epochs = warmup_epochs
-        self.patience = patience
-        self.eval_batch_size = eval_batch_size
-        self.log_every_n_steps = log_every_n_steps
+        self.batch_size = check_int("trainer.batch_size", batch_size, 1)
+        self.max_epochs = check_int("trainer.max_epochs", max_epochs, 0)
+        self.max_steps = check_int("trainer.max_steps", max_steps, 1, allow_none=True)
+        self.warmup_epochs = check_number("trainer.warmup_epochs", warmup_epochs, 0)
+        self.patience = check_int("trainer.patience", patience, 1)
+        self.eval_batch_size = check_int("trainer.eval_batch_size", eval_batch_size, 1)
+        self.log_every_n_steps = check_int("trainer.log_every_n_steps", log_every_n_steps, 1)
+        self.max_loss_per_dim = check_number("trainer.max_loss_per_dim", max_loss_per_dim, 0, strict=True)
+        if not isinstance(resume, (bool, str, Path)) and resume is not None:
+            raise ConfigError(f"trainer.resume must be true, false or a checkpoint path, got {resume!r}")
         self.resume = resume
-        self.progress = progress
+        self.progress = check_bool("trainer.progress", progress)
         self.run_dir = Path(run_dir)
         self.device = torch.device(device)
-        self.logger = logger or NullLogger()
-        self.seed = seed
+        self.seed = check_int("seed", seed, 0)
         self.last_path = self.run_dir / "checkpoints" / "last.pt"
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
-    def fit(self, model: VAE, data: BinarizedData, run_config: dict[str, Any] | None = None) -> TrainState:
+    @property
+    def resume_path(self) -> Path | None:
+        """The checkpoint `fit` will continue from, or None for a fresh start."""
+        if self.resume is False or self.resume is None:
+            return None
+        if self.resume is True:
+            return self.last_path if self.last_path.exists() else None
+        path = Path(self.resume).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"trainer.resume={self.resume}: no such checkpoint file")
+        return path
+
+    def fit(
+        self, model: VAE, data: BinarizedData, run_config: dict[str, Any] | None = None, logger: Any = None
+    ) -> TrainState:
         """Train `model` on `data`; return the final `TrainState`.
 
-        `run_config` (the resolved config) is stored in every checkpoint, so a checkpoint
-        alone rebuilds its model.
+        Args:
+            model: the VAE.
+            data: the data set.
+            run_config: the resolved config, stored in every checkpoint so that a checkpoint
+                alone rebuilds its model.
+            logger: a `vae.loggers` logger (None: log nothing).
         """
+        logger = logger or NullLogger()
         model.to(self.device)
         optimizer = self.optimizer(model.parameters())
         state = self._maybe_resume(model, optimizer)
         n_train = len(data.grey["train"])
         steps_per_epoch = math.ceil(n_train / self.batch_size)
         warmup_steps = self.warmup_epochs * steps_per_epoch
+        loss_bound = self.max_loss_per_dim * data.data_dim
         val_x = data.split("val")
         train_x = data.split("train")  # the training set as evaluation sees it, for on_train_epoch_end
 
@@ -188,7 +274,9 @@ class Trainer:
                 model.prior.on_train_epoch_start(state.epoch, model.encoder, x_epoch)
 
             model.train()
-            sums = torch.zeros(3, dtype=torch.float64)  # loss, reconstruction, kl
+            # Kept on the device and read at the logging interval: no synchronization per step.
+            sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, reconstruction, kl
+            watch = LossWatch(self.device, loss_bound, steps_per_epoch, self.last_path)
             n_seen = 0
             bar = tqdm(
                 range(state.batch_in_epoch, steps_per_epoch),
@@ -206,25 +294,22 @@ class Trainer:
 
                 terms = model.elbo_terms(x, index.to(self.device))
                 loss = -(terms.reconstruction - kl_weight * terms.kl).mean()
-                if not torch.isfinite(loss):
-                    bar.close()
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}, batch "
-                        f"{batch + 1}); training stopped. The last good checkpoint is kept at {self.last_path}"
-                        + ("" if self.last_path.exists() else " (none was written yet)")
-                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
 
                 state.step += 1
                 state.batch_in_epoch = batch + 1
-                sums += torch.stack([loss.detach() * len(x), terms.reconstruction.detach().sum(), terms.kl.detach().sum()]).double().cpu()
                 n_seen += len(x)
+                with torch.no_grad():
+                    sums += torch.stack([loss * len(x), terms.reconstruction.sum(), terms.kl.sum()]).double()
+                    watch.update(loss, state.step)
                 if state.step % self.log_every_n_steps == 0:
-                    elbo = (sums[1] - sums[2]).item() / n_seen
-                    bar.set_postfix(loss=f"{sums[0].item() / n_seen:.2f}", elbo=f"{elbo:.2f}")
-                    self.logger.log({"train/loss": loss.item(), "train/kl_weight": kl_weight}, step=state.step)
+                    watch.check(bar)
+                    mean = (sums / n_seen).tolist()
+                    bar.set_postfix(loss=f"{mean[0]:.2f}", elbo=f"{mean[1] - mean[2]:.2f}")
+                    logger.log({"train/loss": loss.item(), "train/kl_weight": kl_weight}, step=state.step)
+            watch.check(bar)
             bar.close()
 
             epoch_done = state.batch_in_epoch == steps_per_epoch
@@ -238,24 +323,32 @@ class Trainer:
                 state.bad_evals = 0
             else:
                 state.bad_evals += 1
+            loss_sum, recon_sum, kl_sum = sums.tolist()
+            per_point = 1 / max(n_seen, 1)
             record = {
                 "epoch": state.epoch + 1,
                 "step": state.step,
                 "complete_epoch": epoch_done,
-                "train_loss": sums[0].item() / max(n_seen, 1),
-                "train_elbo": (sums[1] - sums[2]).item() / max(n_seen, 1),
-                "train_reconstruction": sums[1].item() / max(n_seen, 1),
-                "train_kl": sums[2].item() / max(n_seen, 1),
+                "train_loss": loss_sum * per_point,
+                "train_elbo": (recon_sum - kl_sum) * per_point,
+                "train_reconstruction": recon_sum * per_point,
+                "train_kl": kl_sum * per_point,
                 "val_elbo": val.elbo,
                 "val_reconstruction": val.reconstruction,
                 "val_kl": val.kl,
                 "kl_weight": kl_weight if n_seen else None,
                 "seconds": time.perf_counter() - started,
             }
+            if val.elbo > 0:
+                log.warning(
+                    "validation ELBO %.3f > 0 on binary data, which no normalized prior can give: does %s keep "
+                    "every normalizing constant? Check it with `pytest tests/test_prior_contract.py --prior %s.%s`",
+                    val.elbo, type(model.prior).__name__, type(model.prior).__module__, type(model.prior).__name__,
+                )
             if epoch_done:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             self._append_metrics(record)
-            self.logger.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=state.step)
+            logger.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=state.step)
             log.info(
                 "epoch %d: train ELBO %.2f, val ELBO %.2f%s (%.1fs)",
                 record["epoch"], record["train_elbo"], val.elbo, " (best)" if improved else "", record["seconds"],

@@ -1,0 +1,252 @@
+"""A run never clobbers another, a resume agrees with its run, and every bad input is one clear line before any work."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from priors.base import Prior
+from train import train
+from vae.data import DataError, mnist
+from vae.model import VAE
+from vae.run_dir import RunDirError, RunDirLock
+from vae.trainer import NonFiniteLossError, load_checkpoint
+from vae.validation import ConfigError
+
+from tests.conftest import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ("data=digits", "logger=none", "device=cpu", "vae.latent_dim=2", "vae.hidden_dims=[16]",
+        "trainer.progress=false", "surgery.enabled=false")
+
+
+def tiny(*overrides: str) -> DictConfig:
+    return compose_config(*TINY, *overrides)
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+# ---- a run directory belongs to one run ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    train(tiny("trainer.max_epochs=2"), run_dir=run_dir)
+    return run_dir
+
+
+def test_a_fresh_run_into_a_used_directory_is_refused_and_changes_nothing(finished_run):
+    before = snapshot(finished_run)
+    with pytest.raises(RunDirError, match=r"already holds a run.*trainer.resume=true.*another directory"):
+        train(tiny("trainer.max_epochs=2"), run_dir=finished_run)
+    assert snapshot(finished_run) == before
+
+
+def test_a_resume_that_changes_the_optimizer_is_refused_and_changes_nothing(finished_run):
+    before = snapshot(finished_run)
+    with pytest.raises(RunDirError, match=r"trainer.optimizer.lr: 0.001 -> 0.01"):
+        train(tiny("trainer.max_epochs=3", "trainer.resume=true", "trainer.optimizer.lr=0.01"), run_dir=finished_run)
+    with pytest.raises(RunDirError, match=r"prior._target_: 'priors.gaussian.GaussianPrior' -> 'priors.mixture"):
+        train(tiny("trainer.max_epochs=3", "trainer.resume=true", "prior=mixture"), run_dir=finished_run)
+    assert snapshot(finished_run) == before
+
+
+def test_a_resume_may_train_longer_and_records_it(tmp_path):
+    train(tiny("trainer.max_epochs=1"), run_dir=tmp_path)
+    metrics = train(tiny("trainer.max_epochs=2", "trainer.resume=true"), run_dir=tmp_path)
+    assert metrics["epochs"] == 2
+    (record,) = [json.loads(line) for line in (tmp_path / "resumes.jsonl").read_text().splitlines()]
+    assert record["step"] == 14 and record["changed"] == {"trainer.max_epochs": [1, 2]}
+    stored = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["config"]
+    assert stored["trainer"]["max_epochs"] == 2
+
+
+def test_a_locked_directory_is_refused(tmp_path):
+    with RunDirLock(tmp_path):
+        with pytest.raises(RunDirError, match=rf"in use by another run \(PID {os.getpid()}\)"):
+            train(tiny("trainer.max_epochs=1"), run_dir=tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+    train(tiny("trainer.max_epochs=1"), run_dir=tmp_path)  # released: the lock was never stale
+
+
+def test_two_runs_started_together_in_one_directory(tmp_path):
+    run_dir = tmp_path / "shared"
+    cmd = [sys.executable, "train.py", *TINY, "trainer.max_epochs=3", f"hydra.run.dir={run_dir}"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "in use by another run" in loser or "already holds a run" in loser
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]  # one run's metrics, not two interleaved
+
+
+def test_default_run_directories_are_unique():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        a, b = (compose("train", return_hydra_config=True) for _ in range(2))
+    da, db = str(a.hydra.run.dir), str(b.hydra.run.dir)
+    assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-[0-9a-f]{6}", da), da
+    assert da != db
+
+
+# ---- bad input: one clear error before any work ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.max_steps=-5"], "trainer.max_steps must be a positive integer or null, got -5"),
+        (["data.n_val=0"], "data.n_val must be a positive integer, got 0"),
+        (["data.n_val=5000"], "leaves fewer than 2 of the 1797 digits for training"),
+        (["surgery.split=nope"], "surgery.split must be one of train, val, test; got 'nope'"),
+        (["surgery.is_samples=-1"], "surgery.is_samples must be a positive integer, or null to skip"),
+        (["surgery.is_samples=0"], "surgery.is_samples must be a positive integer, or null to skip"),
+        (["surgery.is_points=0"], "surgery.is_points must be a positive integer or null, got 0"),
+        (["surgery.is_points=500"], "surgery.is_points=500 but the test split has 200 points"),
+        (["surgery.dimwise_samples=0"], "surgery.dimwise_samples must be a positive integer or null"),
+        (["surgery.n_samples=abc"], "surgery.n_samples must be a positive integer or null, got 'abc'"),
+        (["trainer.eval_batch_size=0"], "trainer.eval_batch_size must be a positive integer"),
+        (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps must be a positive integer"),
+        (["trainer.batch_size=1.5"], "trainer.batch_size must be a positive integer, got 1.5"),
+        (["trainer.optimizer.lr=-1"], "trainer.optimizer: Invalid learning rate: -1"),
+        (["seed=-1"], "seed must be an integer >= 0, got -1"),
+        (["device=gpu"], "device must be auto, cpu, cuda or cuda:N"),
+        (["+foo=1"], "unknown config key(s) foo"),
+    ],
+)
+def test_bad_options_fail_before_any_work(tmp_path, overrides, message):
+    run_dir = tmp_path / "run"
+    cfg = tiny("surgery.enabled=true", "trainer.max_epochs=1", *overrides)
+    with pytest.raises((ConfigError, ValueError)) as info:
+        train(cfg, run_dir=run_dir)
+    assert message in str(info.value)
+    written = {p.name for p in run_dir.rglob("*")} if run_dir.exists() else set()
+    assert written <= {".lock"}, written
+
+
+def test_a_directory_as_data_path_names_it(tmp_path):
+    with pytest.raises(DataError, match=rf"data.path={tmp_path} is a directory; pass the file itself"):
+        mnist(path=str(tmp_path))
+
+
+def test_a_truncated_last_checkpoint_suggests_the_best_one(tmp_path):
+    train(tiny("trainer.max_epochs=1"), run_dir=tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"not a readable priorlab checkpoint.*trainer.resume=.*best.pt"):
+        train(tiny("trainer.max_epochs=2", "trainer.resume=true"), run_dir=tmp_path)
+
+
+def test_a_directory_as_checkpoint_is_named_as_such(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory; give a checkpoint file"):
+        load_checkpoint(tmp_path)
+
+
+class ForgotSuperInit(Prior):
+    def __init__(self, latent_dim: int) -> None:
+        self.scale = torch.nn.Parameter(torch.ones(latent_dim))  # before super().__init__
+
+
+def test_a_prior_that_forgot_super_init_is_told_so(tmp_path):
+    cfg = tiny(f"prior._target_={__name__}.ForgotSuperInit")
+    with pytest.raises(TypeError, match=rf"{__name__}.ForgotSuperInit assigns .* before calling super\(\).__init__"):
+        train(cfg, run_dir=tmp_path)
+
+
+# ---- training that goes wrong stops early and says where ----------------------------------
+
+
+def test_divergence_stops_within_one_logging_interval(tmp_path, monkeypatch):
+    original = VAE.elbo_terms
+
+    def diverging(self, x, index=None):
+        terms = original(self, x, index)
+        if self.training and diverging.calls >= 10:
+            terms.reconstruction = terms.reconstruction - 5e24
+        diverging.calls += self.training
+        return terms
+
+    diverging.calls = 0
+    monkeypatch.setattr(VAE, "elbo_terms", diverging)
+    # checked every 5 steps and at the end of each 14-step epoch: steps 11-14 are one interval
+    with pytest.raises(NonFiniteLossError, match=r"exceeded 6.4e\+04 nats .* from step 11 \(epoch 1, batch 11\) to step 14:"):
+        train(tiny("trainer.max_epochs=5", "trainer.log_every_n_steps=5"), run_dir=tmp_path)
+
+
+class Unnormalized(Prior):
+    """A standard normal missing its -D/2 log(2 pi) and with 100 nats added: not a density."""
+
+    def _log_prob(self, z):
+        return -0.5 * z.square().sum(-1) + 100.0
+
+    def _sample(self, n):
+        return torch.randn(n, self.latent_dim)
+
+
+def test_a_positive_elbo_on_binary_data_warns_about_the_prior(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="vae.trainer"):
+        train(tiny("trainer.max_epochs=1", f"prior._target_={__name__}.Unnormalized"), run_dir=tmp_path)
+    assert any("no normalized prior can give" in r.message and "Unnormalized" in r.message for r in caplog.records)
+
+
+# ---- the command line: one line, exit 2; debug=true for the traceback --------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["surgery.split=nope"], "train.py: error: surgery.split must be one of"),
+        (["trainer.optimizer.lr=-1"], "train.py: error: trainer.optimizer: Invalid learning rate: -1"),
+        (["device=cuda"] if not torch.cuda.is_available() else ["device=gpu"], "train.py: error: device="),
+        ([f"prior._target_={__name__}.WrongShape"], "train.py: error: WrongShape."),
+    ],
+)
+def test_train_cli_prints_one_line(tmp_path, args, expected):
+    done = subprocess.run(
+        [sys.executable, "train.py", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(expected), lines
+    assert "Traceback" not in done.stderr
+
+
+def test_debug_true_shows_the_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "train.py", *TINY, "surgery.split=nope", "debug=true", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode != 0 and "Traceback" in done.stderr and "surgery.split must be one of" in done.stderr
+
+
+def test_an_unwritable_run_dir_is_one_line(tmp_path):
+    (tmp_path / "checkpoints").write_text("a file where the checkpoints folder goes")
+    done = subprocess.run(
+        [sys.executable, "train.py", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("train.py: error:")
+
+
+class WrongShape(Prior):
+    def _log_prob(self, z):
+        return z.sum()  # a scalar, not one value per latent
+
+    def _sample(self, n):
+        return torch.randn(n, self.latent_dim)

@@ -1,0 +1,124 @@
+"""A run directory belongs to one run: a lock for the run's lifetime, no silent reuse, resumes that agree.
+
+`train.py` calls these before it writes anything into the directory:
+
+* `RunDirLock`: an exclusive `flock` on `<run dir>/.lock` (the holder's PID written inside,
+  for the error message). The kernel drops the lock when its process dies, so a lock left
+  by a killed run is never stale.
+* `check_fresh`: a directory that already holds checkpoints or metrics is refused unless
+  the run resumes.
+* `resume_changes`: a resume must agree with the checkpoint's stored config on every
+  setting that changes the model, the data or the optimizer; settings that only say how
+  long or how verbosely to train (`RESUMABLE_CHANGES`) may change, and are recorded.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+#: Config keys (or key prefixes ending in ".") a resumed run may change.
+RESUMABLE_CHANGES: tuple[str, ...] = (
+    "trainer.max_epochs", "trainer.max_steps", "trainer.patience", "trainer.progress",
+    "trainer.log_every_n_steps", "trainer.eval_batch_size", "trainer.max_loss_per_dim",
+    "data.path", "data.cache_dir", "device", "debug", "logger.", "surgery.",
+)
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used by this run (in use, already holding a run, or a disagreeing resume)."""
+
+
+class RunDirLock:
+    """Hold an exclusive lock on `run_dir` while the `with` block runs."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunDirLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunDirError(
+                f"{self.path.parent} is in use by another run (PID {holder}); wait for it to finish, "
+                "or give this run its own directory (hydra.run.dir=...)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    return (run_dir / "metrics.jsonl").exists() or any((run_dir / "checkpoints").glob("*.pt"))
+
+
+def check_fresh(run_dir: str | Path) -> None:
+    """Refuse to start a fresh run where one already is."""
+    run_dir = Path(run_dir)
+    if holds_a_run(run_dir):
+        raise RunDirError(
+            f"{run_dir} already holds a run (checkpoints or metrics.jsonl); continue it with trainer.resume=true, "
+            "or start a new run in another directory (hydra.run.dir=...)"
+        )
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix.rstrip("."): node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
+
+
+def resume_changes(stored: dict[str, Any], new: dict[str, Any], checkpoint: str | Path) -> dict[str, list[Any]]:
+    """The settings a resume changes, `{key: [stored, new]}`; raise `RunDirError` if any of
+    them changes the model, the data or the optimizer.
+
+    Args:
+        stored: the resolved config in the checkpoint.
+        new: the resolved config of this run.
+        checkpoint: named in the error.
+    """
+    a, b = _flatten(stored), _flatten(new)
+    for flat in (a, b):
+        flat.pop("trainer.resume", None)  # how this run started, not what it trains
+    missing = object()
+    changed = {k: [a.get(k, missing), b.get(k, missing)] for k in sorted(a.keys() | b.keys()) if a.get(k, missing) != b.get(k, missing)}
+    refused = {k: v for k, v in changed.items() if not _resumable(k)}
+    if refused:
+        shown = ", ".join(
+            f"{k}: {'(absent)' if old is missing else old!r} -> {'(absent)' if new_ is missing else new_!r}"
+            for k, (old, new_) in refused.items()
+        )
+        raise RunDirError(
+            f"cannot resume from {checkpoint}: the config differs in what it trained with ({shown}); "
+            "resume with the same settings, or start a new run in another directory"
+        )
+    return {k: [None if v is missing else v for v in pair] for k, pair in changed.items()}
+
+
+def record_resume(run_dir: str | Path, step: int, changes: dict[str, list[Any]]) -> None:
+    """Append the resume, and what it changed, to `<run dir>/resumes.jsonl`."""
+    with open(Path(run_dir) / "resumes.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": step, "changed": changes}) + "\n")
