@@ -1,10 +1,14 @@
-"""The Prior contract.
+"""The Prior contract: a distribution over latent vectors, nothing more.
 
 A prior is a `torch.nn.Module` over latent vectors of size `latent_dim`. Shapes mirror
 `torch.distributions`:
 
-* `log_prob(z)`: `z` of shape `[..., D]` gives `[...]`, the log density with every
-  normalizing constant kept (the surgery evaluator reports absolute nats).
+* `log_prob(z, context=None)`: `z` of shape `[..., D]` gives `[...]`, the log density
+  with every normalizing constant kept (the surgery evaluator reports absolute nats).
+  `context` conditions the density, as in nflows: during training the VAE passes the
+  batch's training-set indices (int64, `[...]`), which a prior built on the training set
+  (aggregate, exemplar) uses to leave each point's own component out. A prior whose
+  `_log_prob(z)` takes no `context` parameter never sees one.
 * `sample(n)`: a tensor of shape `[n, D]`.
 * `kl(mu, logvar)`: optional analytic KL(q(z|x) || p(z)) for a diagonal-Gaussian
   posterior, shape `[...]`. Priors that have one set `has_analytic_kl = True`; the VAE
@@ -19,29 +23,12 @@ Public methods validate shapes and call the private `_log_prob`, `_sample` and `
 that subclasses implement ("public validates, private implements", as in nflows), so
 every prior raises the same clear error for a wrong shape.
 
-Hooks for priors that depend on the model or the data, called by `vae.build_model`
-and `vae.trainer.Trainer` (a prior that needs none of them ignores them):
-
-* `setup(encoder, train_x)`: once, after the model is built and before training or
-  loading a checkpoint. `encoder` maps a batch `[B, data_dim]` to `(mu, logvar)`, each
-  `[B, D]`; `train_x` holds the training inputs `[N, data_dim]` (grey levels in
-  [0, 1], on the CPU). The VampPrior keeps the encoder here and can initialize its
-  pseudo-inputs from `train_x`. Do not register the encoder as a submodule (its
-  parameters belong to the VAE): store it with `object.__setattr__`.
-* `on_train_epoch_start(epoch, encoder, train_x)`: at the start of every training
-  epoch, with the inputs the epoch trains on (`train_x[i]` is the point with index
-  `i`). The exact aggregate posterior refreshes its encodings of the training set here.
-* `on_train_epoch_end(epoch, encoder, train_x)`: after every complete training epoch,
-  before validation and the checkpoint, with the training set as evaluation sees it
-  (`data.split("train")`, binarized once with the fixed seed; the surgery decomposes that
-  same tensor). A prior whose state depends on the encoder brings it up to date here, so
-  validation, the checkpoint and the surgery see the prior of the trained encoder. The
-  exact aggregate posterior re-encodes the training set, which makes it equal to the
-  surgery's q(z).
-* `train_log_prob(z, index)`: the log density used inside the training loss, where
-  `index` (`[...]`, int64) holds the training-set indices of the points whose
-  posterior samples `z` are. It defaults to `log_prob(z)`; the aggregate posterior
-  overrides it to leave each point's own component out.
+What a prior needs from the model it gets when it is built. A prior config that is a
+`_partial_: true` node is completed by `vae.build_model` with `encoder=` (the VAE's
+encoder, `x [B, P] -> (mu, logvar)`) and `train_x=` (the training inputs `[N, P]`, grey
+levels in [0, 1], on the CPU); the VampPrior and the exemplar prior are built that way.
+Work that must happen as training goes (re-encoding the training set each epoch) is the
+trainer's, through callbacks (`vae.callbacks`), never a method of this contract.
 
 A researcher's own prior lives in their module and plugs in with
 `python train.py prior._target_=mypkg.MyPrior`; Hydra passes `latent_dim`.
@@ -49,7 +36,8 @@ A researcher's own prior lives in their module and plugs in with
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +58,12 @@ class Prior(nn.Module):
 
     has_analytic_kl: bool = False
     is_factorized: bool = False
+    #: Whether `_log_prob` takes a `context` argument (set for each subclass from its signature).
+    takes_context: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.takes_context = "context" in inspect.signature(cls._log_prob).parameters
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
@@ -79,30 +73,29 @@ class Prior(nn.Module):
 
     # ---- public: validate, then call the implementation --------------------------
 
-    def log_prob(self, z: Tensor) -> Tensor:
-        """Log density log p(z).
+    def log_prob(self, z: Tensor, context: Any = None) -> Tensor:
+        """Log density log p(z | context).
 
         Args:
             z: latents, shape `[..., D]`.
+            context: what the density is conditioned on, or None. During training the VAE
+                passes training-set indices of shape `[...]` (leave-one-out priors use
+                them); a prior that takes no context ignores it.
 
         Returns:
             Shape `[...]`.
         """
         self._check_latent(z, "log_prob", "z")
-        out = self._log_prob(z)
+        if self.takes_context:
+            if isinstance(context, Tensor) and context.shape != z.shape[:-1]:
+                raise PriorShapeError(
+                    f"{type(self).__name__}.log_prob expects a context of shape {tuple(z.shape[:-1])} "
+                    f"(z's shape without the last dimension), got {tuple(context.shape)}"
+                )
+            out = self._log_prob(z, context=context)
+        else:
+            out = self._log_prob(z)
         self._check_output(out, z.shape[:-1], "_log_prob")
-        return out
-
-    def train_log_prob(self, z: Tensor, index: Tensor) -> Tensor:
-        """Log density used in the training loss; `index` holds training-set indices, shape `[...]`."""
-        self._check_latent(z, "train_log_prob", "z")
-        if index.shape != z.shape[:-1]:
-            raise PriorShapeError(
-                f"{type(self).__name__}.train_log_prob expects index of shape {tuple(z.shape[:-1])} "
-                f"(z's shape without the last dimension), got {tuple(index.shape)}"
-            )
-        out = self._train_log_prob(z, index)
-        self._check_output(out, z.shape[:-1], "_train_log_prob")
         return out
 
     def sample(self, n: int) -> Tensor:
@@ -136,17 +129,6 @@ class Prior(nn.Module):
         self._check_output(out, z.shape, "_log_prob_per_dim")
         return out
 
-    # ---- hooks (no-ops by default) ----------------------------------------------
-
-    def setup(self, encoder: Encoder, train_x: Tensor) -> None:
-        """Called once after the model is built; see the module docstring."""
-
-    def on_train_epoch_start(self, epoch: int, encoder: Encoder, train_x: Tensor) -> None:
-        """Called at the start of every training epoch; see the module docstring."""
-
-    def on_train_epoch_end(self, epoch: int, encoder: Encoder, train_x: Tensor) -> None:
-        """Called after every complete training epoch; see the module docstring."""
-
     # ---- to implement -----------------------------------------------------------
 
     def _log_prob(self, z: Tensor) -> Tensor:
@@ -160,9 +142,6 @@ class Prior(nn.Module):
 
     def _log_prob_per_dim(self, z: Tensor) -> Tensor:
         raise NotImplementedError
-
-    def _train_log_prob(self, z: Tensor, index: Tensor) -> Tensor:
-        return self._log_prob(z)
 
     # ---- checks -----------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from priors.base import Prior
-from priors.densities import small_gaussian_mixture_log_prob
+from priors.densities import DiagonalGaussianMixture
 
 
 class MixturePrior(Prior):
@@ -16,7 +16,7 @@ class MixturePrior(Prior):
     The weights are a softmax of learned logits, so they stay on the simplex without
     constraints. The log density is a logsumexp over the K components of log pi_k plus the
     component's full log density (the -1/2 log 2 pi terms kept), as torch's
-    `MixtureSameFamily` computes it, through `priors.densities.small_gaussian_mixture_log_prob`
+    `MixtureSameFamily` computes it, through `priors.densities.DiagonalGaussianMixture`
     (matrix products in float64).
 
     Initialization: logits 0 (equal weights), means N(0, init_std^2), log variances 0.
@@ -41,15 +41,14 @@ class MixturePrior(Prior):
         self.means = nn.Parameter(init_std * torch.randn(self.num_components, self.latent_dim))
         self.logvars = nn.Parameter(torch.zeros(self.num_components, self.latent_dim))
 
+    def mixture(self) -> DiagonalGaussianMixture:
+        return DiagonalGaussianMixture(self.means, self.logvars, torch.log_softmax(self.logits, dim=-1))
+
     def _log_prob(self, z: Tensor) -> Tensor:
-        return small_gaussian_mixture_log_prob(z, self.means, self.logvars, torch.log_softmax(self.logits, dim=-1))
+        return self.mixture().log_prob(z)
 
     def _sample(self, n: int) -> Tensor:
-        if n == 0:  # torch's categorical sampler refuses zero draws
-            return self.means.new_zeros(0, self.latent_dim)
-        k = torch.distributions.Categorical(logits=self.logits.detach()).sample((n,))
-        eps = torch.randn(n, self.latent_dim, device=self.means.device, dtype=self.means.dtype)
-        return self.means[k] + torch.exp(0.5 * self.logvars[k]) * eps
+        return self.mixture().sample(n)
 
     def extra_repr(self) -> str:
         return f"latent_dim={self.latent_dim}, num_components={self.num_components}"

@@ -5,7 +5,7 @@
     KL(q || p)  = total correlation + dimension-wise KL           (Chen et al. 2018)
 
 The aggregate posterior q(z) = 1/N sum_n q(z|x_n) is evaluated exactly, over all N
-posteriors, by `priors.densities.gaussian_mixture_logsumexp`; only the outer
+posteriors, by `priors.densities.DiagonalGaussianMixture`; only the outer
 expectations over z are Monte Carlo, and each comes with its standard error.
 
 Everything here is a pure function of a model and data: no prints, no files. The CLI
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from priors.base import Prior
-from priors.densities import diagonal_normal_log_prob, gaussian_mixture_logsumexp
+from priors.densities import DiagonalGaussianMixture, diagonal_normal_log_prob
 
 ESTIMATES = (
     "elbo",
@@ -254,9 +254,8 @@ def aggregate_terms(
     m = z.shape[0]
     log_n = math.log(n)
     log_q_z_given_x = diagonal_normal_log_prob(z.double(), mu[index].double(), logvar[index].double())
-    log_q_z = gaussian_mixture_logsumexp(
-        z, mu, logvar, chunk_size=chunk_size, block_size=block_size, out_dtype=torch.float64
-    ) - log_n
+    q_z = DiagonalGaussianMixture(mu, logvar, small_components=0, chunk_size=chunk_size, block_size=block_size)
+    log_q_z = q_z.log_prob(z, out_dtype=torch.float64)
     if prior is not None:
         log_p_z = _prior_log_prob(prior, z, prior_batch_size).double()
     else:
@@ -272,14 +271,14 @@ def aggregate_terms(
     zs = z[sub]
     log_q_dims = torch.stack(
         [
-            gaussian_mixture_logsumexp(
-                zs[:, j : j + 1].contiguous(), mu[:, j : j + 1].contiguous(), logvar[:, j : j + 1].contiguous(),
-                chunk_size=chunk_size, block_size=block_size, out_dtype=torch.float64,
-            )
+            DiagonalGaussianMixture(
+                mu[:, j : j + 1].contiguous(), logvar[:, j : j + 1].contiguous(), small_components=0,
+                chunk_size=chunk_size, block_size=block_size,
+            ).log_prob(zs[:, j : j + 1].contiguous(), out_dtype=torch.float64)
             for j in range(d)
         ],
         dim=-1,
-    ) - log_n  # [k, D]
+    )  # [k, D]
     total_correlation = Estimate.of(log_q_z[sub] - log_q_dims.sum(-1))
     dimwise_kl = Estimate.of(log_q_dims.sum(-1) - log_p_z[sub])
     per_dim = None

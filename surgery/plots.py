@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from priors.base import Prior  # noqa: E402
-from priors.densities import gaussian_mixture_logsumexp  # noqa: E402
+from priors.densities import DiagonalGaussianMixture  # noqa: E402
 from surgery.decomposition import SurgeryReport  # noqa: E402
 
 
@@ -83,7 +83,7 @@ def plot_aggregate_posterior_2d(
     ys = torch.linspace(float(lo[1]), float(hi[1]), grid, dtype=torch.float64)
     gx, gy = torch.meshgrid(xs, ys, indexing="xy")
     points = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)
-    log_q = gaussian_mixture_logsumexp(points.to(mu.device, mu.dtype), mu, logvar, out_dtype=torch.float64).cpu() - math.log(mu.shape[0])
+    log_q = DiagonalGaussianMixture(mu, logvar).log_prob(points.to(mu.device, mu.dtype), out_dtype=torch.float64).cpu()
     log_p = prior.log_prob(points.to(mu.device, mu.dtype)).double().cpu()
     dens_q, dens_p = log_q.exp().view(grid, grid), log_p.exp().view(grid, grid)
     vmax = float(max(dens_q.max(), dens_p.max()))

@@ -57,7 +57,7 @@ IGNORED_SETTINGS: tuple[str, ...] = (
     "experiment", "hydra.",
 )
 #: Priors in this order first (the zoo's order), any others after, alphabetically.
-PRIOR_ORDER: tuple[str, ...] = ("gaussian", "mixture", "vampprior", "flow", "aggregate")
+PRIOR_ORDER: tuple[str, ...] = ("gaussian", "mixture", "vampprior", "flow", "exemplar", "aggregate")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from tests.conftest import CONF, compose_config
 from train import run_labels
 
-ZOO_PRIORS = ["gaussian", "mixture", "vampprior", "flow", "aggregate"]
+ZOO_PRIORS = ["gaussian", "mixture", "vampprior", "flow", "exemplar", "aggregate"]
 
 
 def compose_with_hydra(*overrides: str) -> DictConfig:
@@ -61,7 +61,7 @@ def test_prior_zoo_is_a_sweep_over_priors_sizes_and_seeds() -> None:
     assert cfg.hydra.mode == RunMode.MULTIRUN  # `python train.py experiment=prior_zoo` sweeps, no -m needed
     jobs = sweep_jobs(cfg)
     grid = {(j["prior"], int(j["vae.latent_dim"]), int(j["seed"])) for j in jobs}
-    assert len(jobs) == len(grid) == 5 * 4 * 3
+    assert len(jobs) == len(grid) == 6 * 4 * 3
     assert {p for p, _, _ in grid} == set(ZOO_PRIORS)
     assert {d for _, d, _ in grid} == {2, 10, 20, 40} and {s for _, _, s in grid} == {0, 1, 2}
     assert cfg.trainer.resume is True and cfg.surgery.split == "train"

@@ -2,8 +2,10 @@
 
 Each case is built the way a run builds it: `hydra.utils.instantiate(cfg.prior,
 latent_dim=D)` from the composed config (shrunk to a few components or layers where the
-config has such a key, so grid integrals stay cheap and accurate), inside a tiny VAE whose
-encoder and a tiny random `train_x` feed the `setup` hook. Everything runs in float64.
+config has such a key, so grid integrals stay cheap and accurate), completed, if it is a
+`_partial_` node, with a tiny VAE's encoder and a tiny random `train_x`; a prior built on
+the training set gets its encodings as the trainer's callback would give them. Everything
+runs in float64.
 
 Run the suite on your own prior with
 `python -m pytest tests/test_prior_contract.py --prior mypkg.module.MyPrior`.
@@ -11,10 +13,12 @@ Run the suite on your own prior with
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -24,18 +28,20 @@ from omegaconf import OmegaConf
 import hydra
 
 from priors.base import Prior
+from vae.callbacks import consumers, encode
 from vae.model import VAE
+from vae.networks import MLPDecoder, MLPEncoder
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Shrinks applied to any config that has the key: small, well-conditioned priors.
-SMALL = {"num_components": 3, "num_layers": 2, "hidden_features": 16}
+SMALL = {"num_components": 3, "num_layers": 2, "hidden_features": 16, "num_exemplars": 5, "k": 3}
 DATA_DIM, N_TRAIN = 6, 12
 
 
 @dataclass
 class PriorCase:
     name: str
-    make: Callable[[int], Prior]  # latent_dim -> an un-set-up prior
+    make: Callable[[int], Any]  # latent_dim -> a prior, or a partial one to complete with encoder and train_x
 
 
 def _config_case(name: str) -> PriorCase:
@@ -51,7 +57,8 @@ def _config_case(name: str) -> PriorCase:
 def _class_case(path: str) -> PriorCase:
     module, _, cls_name = path.rpartition(".")
     cls = getattr(importlib.import_module(module), cls_name)
-    return PriorCase(path, lambda d: cls(latent_dim=d))
+    needs_model = "encoder" in inspect.signature(cls).parameters
+    return PriorCase(path, lambda d: functools.partial(cls, latent_dim=d) if needs_model else cls(latent_dim=d))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -62,13 +69,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def build(case: PriorCase, latent_dim: int, seed: int = 0) -> tuple[Prior, VAE, torch.Tensor]:
-    """The prior inside a tiny float64 VAE, set up with the VAE's encoder and a tiny train_x."""
+    """The prior inside a tiny float64 VAE, as `vae.build_model` and the trainer make it."""
     torch.manual_seed(seed)
-    prior = case.make(latent_dim)
-    model = VAE.mlp(data_dim=DATA_DIM, latent_dim=latent_dim, hidden_dims=[8], prior=prior).double()
+    encoder = MLPEncoder(DATA_DIM, latent_dim, [8]).double()
+    decoder = MLPDecoder(DATA_DIM, latent_dim, [8]).double()
     train_x = torch.rand(N_TRAIN, DATA_DIM, dtype=torch.float64)
-    prior.setup(model.encoder, train_x)
-    prior.on_train_epoch_start(0, model.encoder, train_x)
+    prior = case.make(latent_dim)
+    if isinstance(prior, functools.partial):
+        prior = prior(encoder=encoder, train_x=train_x)
+    model = VAE(encoder, decoder, prior.double(), latent_dim)
+    mu, logvar = encode(encoder, train_x, 100, torch.device("cpu"))
+    for consumer in consumers(model):
+        consumer.update_encodings(mu, logvar)
     return prior, model, train_x
 
 
@@ -104,7 +116,7 @@ def test_shapes(case: PriorCase) -> None:
         assert prior.log_prob(z[0, 0]).shape == ()
         assert torch.isfinite(prior.log_prob(z)).all()
         index = torch.randint(N_TRAIN, (4, 5))
-        assert prior.train_log_prob(z, index).shape == (4, 5)
+        assert prior.log_prob(z, context=index).shape == (4, 5)
         with torch.no_grad():
             s = prior.sample(7)
         assert s.shape == (7, 3) and s.dtype == torch.float64 and torch.isfinite(s).all()
@@ -122,6 +134,26 @@ def test_normalized(case: PriorCase, dim: int, points: int) -> None:
     for _ in range(dim):
         total = torch.trapezoid(total, axes[0], dim=0)
     assert abs(total.item() - 1.0) < 1e-3, f"{case.name}: integral of exp(log_prob) over R^{dim} is {total.item():.6f}"
+
+
+@pytest.mark.parametrize("dim,points", [(1, 4001), (2, 501)])
+def test_normalized_given_a_training_context(case: PriorCase, dim: int, points: int) -> None:
+    """A leave-one-out prior in training is a density for every point it leaves out."""
+    prior, _, _ = build(case, dim)
+    if not prior.takes_context:
+        pytest.skip(f"{case.name} takes no context")
+    prior.train()
+    with torch.no_grad():
+        spread = prior.sample(4000).abs().quantile(0.999).item()
+        axis = torch.linspace(-max(10.0, 2.0 * spread), max(10.0, 2.0 * spread), points, dtype=torch.float64)
+        mesh = torch.stack(torch.meshgrid(*[axis] * dim, indexing="ij"), dim=-1)
+        for index in (0, N_TRAIN - 1):
+            torch.manual_seed(index)  # a random exemplar subset: the same one for every grid point
+            context = torch.full(mesh.shape[:-1], index, dtype=torch.int64)
+            total = prior.log_prob(mesh.reshape(-1, dim), context=context.reshape(-1)).exp().reshape(mesh.shape[:-1])
+            for _ in range(dim):
+                total = torch.trapezoid(total, axis, dim=0)
+            assert abs(total.item() - 1.0) < 1e-3, f"{case.name}: leaving out point {index} integrates to {total.item():.6f}"
 
 
 @pytest.mark.parametrize("dim,points", [(1, 4001), (2, 501)])
@@ -158,7 +190,7 @@ def test_every_parameter_gets_a_gradient(case: PriorCase) -> None:
     prior.train()
     z = torch.randn(16, 3, dtype=torch.float64, requires_grad=True)
     index = torch.arange(16) % N_TRAIN
-    loss = prior.log_prob(z).sum() + prior.train_log_prob(z, index).sum()
+    loss = prior.log_prob(z).sum() + prior.log_prob(z, context=index).sum()
     loss.backward()
     assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
     for name, p in prior.named_parameters():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import hydra
 import torch
 from hydra.errors import InstantiationException
@@ -42,19 +44,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: DictConfig, data: BinarizedData) -> VAE:
-    """Instantiate the encoder, decoder and prior from `cfg.vae` and `cfg.prior`, then run the prior's setup hook.
+    """Build the encoder, the decoder, then the prior, then the VAE.
 
     The encoder and decoder are built with `data_dim` (the data's pixel count) and
-    `latent_dim=cfg.vae.latent_dim`, the prior with `latent_dim`; any classes honouring the
-    contracts in `vae.networks` and `priors.base` plug in through their `_target_`.
+    `latent_dim=cfg.vae.latent_dim`, the prior with `latent_dim`. A prior node marked
+    `_partial_: true` (a prior that needs the model: VampPrior, exemplar) is completed with
+    `encoder=` the encoder and `train_x=` the training inputs (`data.split("train")`). Any
+    classes honouring the contracts in `vae.networks` and `priors.base` plug in through
+    their `_target_`.
     """
     latent_dim = cfg.vae.latent_dim
     encoder = instantiate(cfg.vae.encoder, data_dim=data.data_dim, latent_dim=latent_dim)
     decoder = instantiate(cfg.vae.decoder, data_dim=data.data_dim, latent_dim=latent_dim)
     try:
         prior = instantiate(cfg.prior, latent_dim=latent_dim)
-    except InstantiationException as e:
-        if "Module.__init__() call" in str(e.__cause__):  # torch's words for a missing super().__init__()
+        if isinstance(prior, functools.partial):
+            prior = prior(encoder=encoder, train_x=data.split("train"))
+    except (InstantiationException, AttributeError) as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) else e
+        if "Module.__init__() call" in str(cause):  # torch's words for a missing super().__init__()
             raise TypeError(
                 f"{cfg.prior._target_} assigns a parameter or module before calling super().__init__(latent_dim): "
                 "call it first in __init__"
@@ -62,6 +70,4 @@ def build_model(cfg: DictConfig, data: BinarizedData) -> VAE:
         raise
     if not isinstance(prior, Prior):
         raise TypeError(f"prior._target_ built a {type(prior).__name__}, which does not subclass priors.base.Prior")
-    model = VAE(encoder, decoder, prior, latent_dim)
-    prior.setup(model.encoder, data.grey["train"])
-    return model
+    return VAE(encoder, decoder, prior, latent_dim)

@@ -72,8 +72,8 @@ class VAE(nn.Module):
         """One-sample ELBO terms for a batch `x` `[B, data_dim]`.
 
         The KL is analytic when the prior has one; otherwise log q(z|x) - log p(z) at the
-        reparameterized sample. With `index` (training-set indices `[B]`) the prior's
-        `train_log_prob` is used, which lets the aggregate posterior leave each point out.
+        reparameterized sample. `index` (training-set indices `[B]`) is passed to the prior
+        as its context, which lets the aggregate and exemplar priors leave each point out.
         """
         mu, logvar = self.encode(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
@@ -81,6 +81,5 @@ class VAE(nn.Module):
         if self.prior.has_analytic_kl:
             kl = self.prior.kl(mu, logvar)
         else:
-            log_p = self.prior.log_prob(z) if index is None else self.prior.train_log_prob(z, index)
-            kl = diagonal_normal_log_prob(z, mu, logvar) - log_p
+            kl = diagonal_normal_log_prob(z, mu, logvar) - self.prior.log_prob(z, context=index)
         return ELBOTerms(reconstruction, kl)

@@ -1,8 +1,9 @@
 """The training loop shared by every prior.
 
 `Trainer.fit` reads top to bottom: per epoch it draws the epoch's binarization and
-order, lets the prior refresh itself, then loops over batches (loss, backward, step),
-evaluates on the validation split, appends a line to `metrics.jsonl`, and writes
+order, loops over batches (loss, backward, step), lets the callbacks do the epoch's work
+(`vae.callbacks`: re-encoding the training set for the priors built on it), evaluates on
+the validation split, appends a line to `metrics.jsonl`, and writes
 `checkpoints/last.pt` (and `best.pt` when the validation ELBO improved), each atomically.
 """
 
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vae.callbacks import TrainingSetEncodings
 from vae.data import BinarizedData, derive_seed
 from vae.loggers import NullLogger
 from vae.model import VAE
@@ -264,14 +266,13 @@ class Trainer:
         warmup_steps = self.warmup_epochs * steps_per_epoch
         loss_bound = self.max_loss_per_dim * data.data_dim
         val_x = data.split("val")
-        train_x = data.split("train")  # the training set as evaluation sees it, for on_train_epoch_end
+        encodings = TrainingSetEncodings(self.eval_batch_size)
+        encodings.on_fit_start(model, data, self.device)
 
         while state.epoch < self.max_epochs and not self._out_of_steps(state):
             started = time.perf_counter()
             x_epoch = data.train_epoch(state.epoch)
             order = torch.randperm(n_train, generator=torch.Generator().manual_seed(derive_seed(self.seed, 200, state.epoch)))
-            if state.batch_in_epoch == 0:  # a resumed mid-epoch run restored the prior's state already
-                model.prior.on_train_epoch_start(state.epoch, model.encoder, x_epoch)
 
             model.train()
             # Kept on the device and read at the logging interval: no synchronization per step.
@@ -314,7 +315,7 @@ class Trainer:
 
             epoch_done = state.batch_in_epoch == steps_per_epoch
             if epoch_done:  # a mid-epoch stop keeps the epoch's state, so a resumed run continues it exactly
-                model.prior.on_train_epoch_end(state.epoch, model.encoder, train_x)
+                encodings.on_train_epoch_end(model, data, self.device)
             val = evaluate(model, val_x, self.eval_batch_size, seed=self.seed)
             improved = val.elbo > state.best_val_elbo
             if improved:

@@ -1,0 +1,187 @@
+"""The exemplar prior: the encoder's means at the training inputs, one shared learned variance, leave-one-out."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from priors.base import Encoder, Prior
+from priors.densities import LOG_2PI, DiagonalGaussianMixture
+
+EXEMPLAR_SETS = ("all", "random", "knn")
+VARIANCES = ("scalar", "per_dim")
+
+
+class ExemplarPrior(Prior):
+    """p(z | X without n) = 1/|S'| sum_{m in S'} N(z; mu(x_m), diag(sigma^2)), S' = S without n.
+
+    The aggregate posterior made to learn (Norouzi et al. 2020). What sets it apart from
+    the exact aggregate prior (`prior=aggregate`):
+
+    * one learned variance sigma^2 shared by all exemplars (a scalar, or one per dimension
+      with `variance=per_dim`), separate from the posteriors' own variances;
+    * the exemplar means are computed by the current encoder inside the training graph,
+      so gradients flow through them;
+    * leave-one-out: a point's own exemplar is never in its prior;
+    * an exemplar set per batch (`exemplars`): `all` N of them, a `random` subset of
+      `num_exemplars`, or `knn`, each point's `k` nearest neighbours by their cached means
+      (re-encoded with gradient).
+
+    In training (`context` = the batch's training-set indices) the log density is normalized
+    by the number of exemplars actually summed (|S| - 1 when the point's own exemplar was
+    drawn, else |S|), so the loss stays a bound. Evaluation (no context: validation, the
+    surgery, importance sampling) uses all N exemplars, no leave-one-out, from the cache of
+    their means, which the trainer's `vae.callbacks.TrainingSetEncodings` callback refreshes
+    after every epoch with the epoch's final encoder (and which the checkpoint stores).
+
+    Built as a `_partial_` node (conf/prior/exemplar.yaml): `vae.build_model` completes it
+    with the VAE's encoder and the training inputs, which are the exemplars. The encoder is
+    held without being registered as a submodule (its parameters belong to the VAE).
+
+    Args:
+        latent_dim: size D of the latent space.
+        encoder: the VAE's encoder, `x [B, P] -> (mu, logvar)`.
+        train_x: the exemplars `[N, P]`, in the order of the training-set indices.
+        exemplars: `all`, `random` or `knn`.
+        num_exemplars: |S| for `random` (the paper: half the training set).
+        k: neighbours per point for `knn` (the paper's retrieval variant: 10).
+        variance: `scalar` (the paper) or `per_dim`.
+        init_logvar: the initial log sigma^2.
+        encode_batch_size: inputs per encoder call when the exemplars are encoded.
+
+    References:
+        Norouzi, Fleet & Norouzi, "Exemplar VAE: Linking Generative Models, Nearest
+        Neighbor Retrieval, and Data Augmentation", NeurIPS 2020.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        encoder: Encoder,
+        train_x: Tensor,
+        exemplars: str = "knn",
+        num_exemplars: int = 1000,
+        k: int = 10,
+        variance: str = "scalar",
+        init_logvar: float = 0.0,
+        encode_batch_size: int = 1000,
+    ) -> None:
+        super().__init__(latent_dim)
+        if exemplars not in EXEMPLAR_SETS:
+            raise ValueError(f"ExemplarPrior: exemplars must be one of {EXEMPLAR_SETS}, got {exemplars!r}")
+        if variance not in VARIANCES:
+            raise ValueError(f"ExemplarPrior: variance must be one of {VARIANCES}, got {variance!r}")
+        if not isinstance(train_x, Tensor) or train_x.dim() != 2 or len(train_x) < 2:
+            raise ValueError(f"ExemplarPrior expects train_x of shape [N, data_dim] with N >= 2, got {getattr(train_x, 'shape', train_x)!r}")
+        n = len(train_x)
+        # Each knob is checked against the data where its exemplar set uses it.
+        checks = [("encode_batch_size", encode_batch_size, None), ("num_exemplars", num_exemplars, n if exemplars == "random" else None),
+                  ("k", k, n - 1 if exemplars == "knn" else None)]
+        for name, value, top in checks:
+            if int(value) != value or value < 1 or (top is not None and value > top):
+                raise ValueError(f"ExemplarPrior: {name} must be an integer in [1, {top or 'inf'}], got {value!r}")
+        self.exemplars = exemplars
+        self.num_exemplars = int(num_exemplars)
+        self.k = int(k)
+        self.variance = variance
+        self.encode_batch_size = int(encode_batch_size)
+        self.logvar = nn.Parameter(torch.full((1 if variance == "scalar" else self.latent_dim,), float(init_logvar)))
+        # The cache of all N exemplar means (detached): the knn search and evaluation use it.
+        self.register_buffer("cache_mu", torch.zeros(0, self.latent_dim))
+        object.__setattr__(self, "_encoder", encoder)
+        object.__setattr__(self, "_train_x", train_x)
+
+    @property
+    def num_points(self) -> int:
+        return len(self._train_x)
+
+    # ---- filled by vae.callbacks.TrainingSetEncodings ------------------------------
+
+    @property
+    def needs_encodings(self) -> bool:
+        return self.cache_mu.shape[0] != self.num_points
+
+    @torch.no_grad()
+    def update_encodings(self, mu: Tensor, logvar: Tensor) -> None:
+        """Take the exemplars' means `[N, D]` (from the encoder, after an epoch) as the cache."""
+        if mu.shape != (self.num_points, self.latent_dim):
+            raise ValueError(
+                f"ExemplarPrior: needs the means of its {self.num_points} exemplars, [N, {self.latent_dim}]; got {tuple(mu.shape)}"
+            )
+        self.cache_mu = mu.detach().to(self.cache_mu)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        incoming = state_dict.get(prefix + "cache_mu")
+        if incoming is not None and incoming.shape != self.cache_mu.shape:
+            self.cache_mu = torch.empty_like(incoming, dtype=self.cache_mu.dtype, device=self.cache_mu.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ---- pieces -----------------------------------------------------------------
+
+    def _encode_means(self, index: Tensor) -> Tensor:
+        """The current encoder's means of exemplars `index`, inside the autograd graph."""
+        device = self.logvar.device
+        x = self._train_x[index.cpu()]
+        return torch.cat([self._encoder(b.to(device))[0] for b in x.split(self.encode_batch_size)])
+
+    def _component_logvar(self, n: int) -> Tensor:
+        return self.logvar.expand(n, self.latent_dim)
+
+    def _cached(self) -> Tensor:
+        if self.needs_encodings:
+            raise RuntimeError(
+                "ExemplarPrior has no cached exemplar means yet: the trainer's TrainingSetEncodings callback gives "
+                "them (or update_encodings(mu, logvar), or load a checkpoint)"
+            )
+        return self.cache_mu
+
+    def _leave_one_out(self, z: Tensor, index: Tensor) -> Tensor:
+        """Training: log p(z_i | exemplars S_i without i), flat z `[B, D]`, index `[B]`."""
+        n, device = self.num_points, z.device
+        if self.exemplars == "knn":
+            return self._knn(z, index)
+        chosen = torch.arange(n, device=device) if self.exemplars == "all" else torch.randperm(n, device=device)[: self.num_exemplars]
+        position = torch.full((n,), -1, dtype=torch.int64, device=device)
+        position[chosen] = torch.arange(len(chosen), device=device)
+        mu = self._encode_means(chosen)
+        mixture = DiagonalGaussianMixture(mu, self._component_logvar(len(chosen)))
+        return mixture.log_prob(z, exclude=position[index])  # normalized by |S| - 1 or |S|: what was summed
+
+    def _knn(self, z: Tensor, index: Tensor) -> Tensor:
+        cache = self._cached().to(z.device)
+        with torch.no_grad():
+            query = cache[index]
+            dist = (query.square().sum(-1, keepdim=True) - 2 * query @ cache.T) + cache.square().sum(-1)
+            dist[torch.arange(len(index), device=z.device), index] = math.inf  # never the point itself
+            neighbours = dist.topk(self.k, dim=-1, largest=False).indices  # [B, k]
+            unique, slot = neighbours.unique(return_inverse=True)
+        mu = self._encode_means(unique)[slot]  # [B, k, D], with gradient
+        var_log = self.logvar.to(z.dtype)
+        log_terms = -0.5 * (
+            self.latent_dim * LOG_2PI + var_log.expand(self.latent_dim).sum() + ((z[:, None, :] - mu).square() * torch.exp(-var_log)).sum(-1)
+        )
+        return torch.logsumexp(log_terms.double(), dim=-1).to(z.dtype) - math.log(self.k)
+
+    # ---- the contract ---------------------------------------------------------------
+
+    def _log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        if context is None:
+            cache = self._cached()
+            return DiagonalGaussianMixture(cache, self._component_logvar(len(cache)), small_components=0).log_prob(z)
+        index = context.reshape(-1).to(z.device, torch.int64)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_points):
+            raise IndexError(
+                f"ExemplarPrior.log_prob: context indices must lie in [0, {self.num_points}), got range "
+                f"[{int(index.min())}, {int(index.max())}]"
+            )
+        return self._leave_one_out(z.reshape(-1, self.latent_dim), index).reshape(z.shape[:-1])
+
+    def _sample(self, n: int) -> Tensor:
+        cache = self._cached()
+        return DiagonalGaussianMixture(cache, self._component_logvar(len(cache)).detach()).sample(n)
+
+    def extra_repr(self) -> str:
+        size = {"all": "", "random": f", num_exemplars={self.num_exemplars}", "knn": f", k={self.k}"}[self.exemplars]
+        return f"latent_dim={self.latent_dim}, N={self.num_points}, exemplars={self.exemplars}{size}, variance={self.variance}"
