@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from surgery.run import SurgeryOptions, check_is_points, run_surgery
+from surgery.run import SurgeryOptions, check_is_points, run_surgery, save_run_pictures
 from vae import build_model, instantiate, resolve_device
 from vae.cli import one_line_errors
 from vae.run_dir import RunDirLock, check_fresh, record_resume, resume_changes
@@ -133,6 +133,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 "run_dir": str(run_dir),
             }
             logger.summary({k: v for k, v in metrics.items() if k != "run_dir"})
+            save_run_pictures(model, data, run_dir, logger=logger, seed=cfg.seed)
             if surgery is not None and surgery.enabled:
                 # ELBO surgery of the best checkpoint: surgery.json and pictures in the run dir, numbers to the logger.
                 report, _ = run_surgery(model, data, surgery, run_dir, logger=logger, device=device)

@@ -55,6 +55,9 @@ def plot_decomposition(report: SurgeryReport, path: str | Path) -> Path:
     return path
 
 
+LOG_DENSITY_RANGE = 12.0  # nats of log density the 2-D picture shows below its peak
+
+
 @torch.inference_mode()
 def plot_aggregate_posterior_2d(
     mu: Tensor,
@@ -85,22 +88,83 @@ def plot_aggregate_posterior_2d(
     points = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)
     log_q = DiagonalGaussianMixture(mu, logvar).log_prob(points.to(mu.device, mu.dtype), out_dtype=torch.float64).cpu()
     log_p = prior.log_prob(points.to(mu.device, mu.dtype)).double().cpu()
-    dens_q, dens_p = log_q.exp().view(grid, grid), log_p.exp().view(grid, grid)
-    vmax = float(max(dens_q.max(), dens_p.max()))
+    log_q, log_p = log_q.view(grid, grid), log_p.view(grid, grid)
+    # Log density on one shared scale, floored LOG_DENSITY_RANGE nats below the higher peak:
+    # on a linear scale a broad prior is invisible beside q(z)'s sharp peaks.
+    vmax = float(max(log_q.max(), log_p.max()))
+    vmin = vmax - LOG_DENSITY_RANGE
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True)
-    for ax, dens, samples, title in [
-        (axes[0], dens_q, q_samples, "aggregate posterior q(z)"),
-        (axes[1], dens_p, p_samples, f"prior p(z) ({type(prior).__name__})"),
+    for ax, dens, title in [
+        (axes[0], log_q, "aggregate posterior q(z)"),
+        (axes[1], log_p, f"prior p(z) ({type(prior).__name__})"),
     ]:
-        mesh = ax.pcolormesh(gx.numpy(), gy.numpy(), dens.numpy(), shading="auto", cmap="viridis", vmin=0.0, vmax=vmax)
-        s = samples.double().cpu().numpy()
-        ax.scatter(s[:, 0], s[:, 1], s=1, c="white", alpha=0.35, linewidths=0)
+        mesh = ax.pcolormesh(
+            gx.numpy(), gy.numpy(), dens.clamp(min=vmin).numpy(), shading="auto", cmap="magma", vmin=vmin, vmax=vmax
+        )
+        ax.contour(gx.numpy(), gy.numpy(), dens.numpy(), levels=[vmax - 8, vmax - 4, vmax - 2], colors="white",
+                   linewidths=0.6, alpha=0.7)
         ax.set_title(title)
         ax.set_xlabel("z1")
+        ax.set_aspect("equal")
     axes[0].set_ylabel("z2")
     axes[0].set_xlim(float(lo[0]), float(hi[0]))
     axes[0].set_ylim(float(lo[1]), float(hi[1]))
-    fig.colorbar(mesh, ax=axes, shrink=0.85, label="density (same scale)")
+    fig.colorbar(mesh, ax=axes, shrink=0.85, label="log density (nats; contours 2, 4, 8 below the peak)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _image_grid(images: Tensor, rows: int, cols: int, shape: tuple[int, int]) -> Tensor:
+    """`[rows * cols, P]` images in [0, 1] tiled into one `[rows * (h + 1), cols * (w + 1)]` picture."""
+    h, w = shape
+    canvas = torch.full((rows * (h + 1) - 1, cols * (w + 1) - 1), 0.3)  # light grey lines between images
+    for i, img in enumerate(images[: rows * cols]):
+        r, c = divmod(i, cols)
+        canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = img.reshape(h, w)
+    return canvas
+
+
+def _save_picture(canvas: Tensor, path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(max(3.0, canvas.shape[1] / 28), max(3.0, canvas.shape[0] / 28) + 0.4))
+    ax.imshow(canvas.numpy(), cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+@torch.inference_mode()
+def plot_samples(model, image_shape: tuple[int, int], path: str | Path, n: int = 64, seed: int = 0) -> Path:
+    """`n` draws z ~ p(z) decoded to Bernoulli means, in a square grid."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        z = model.prior.sample(n)
+    images = torch.sigmoid(model.decode(z.to(device))).float().cpu()
+    model.train(was_training)
+    cols = math.ceil(math.sqrt(n))
+    return _save_picture(_image_grid(images, math.ceil(n / cols), cols, image_shape), Path(path),
+                         f"{n} samples from the prior ({type(model.prior).__name__}), Bernoulli means")
+
+
+@torch.inference_mode()
+def plot_reconstructions(model, x: Tensor, image_shape: tuple[int, int], path: str | Path) -> Path:
+    """Inputs (odd rows) above the Bernoulli means decoded from their posterior means (even rows)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    mu, _ = model.encode(x.to(device))
+    recon = torch.sigmoid(model.decode(mu)).float().cpu()
+    model.train(was_training)
+    cols = 8
+    rows = math.ceil(len(x) / cols)
+    pairs = []
+    for r in range(rows):
+        pairs += [x[r * cols : (r + 1) * cols].float().cpu(), recon[r * cols : (r + 1) * cols]]
+    stacked = torch.cat([torch.cat([p, torch.zeros(cols - len(p), p.shape[1])]) for p in pairs])
+    return _save_picture(_image_grid(stacked, 2 * rows, cols, image_shape), Path(path),
+                         "test images (rows 1, 3, ...) and their reconstructions (rows 2, 4, ...)")

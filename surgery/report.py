@@ -15,7 +15,7 @@ mean ± sample standard deviation over seeds), `decomposition.png` (average KL s
 mutual information and marginal KL, per prior and latent size), `marginal_kl.png`
 (marginal KL against latent size, one line per prior, error bars over seeds) and, when
 any run left `surgery_aggregate_posterior*.png` pictures (2-D latents), `density_grids.png` with them side
-by side.
+by side, and `samples.png` with one run's decoded prior samples per row, side by side.
 
 The library part is pure functions returning dataclasses; only `main` prints.
 """
@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from surgery.run import DENSITY_PICTURE, log_px_name
+from surgery.run import DENSITY_PICTURE, SAMPLES_PICTURE, log_px_name
 
 #: The table's columns: (surgery.json field, column title).
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -75,6 +75,7 @@ class RunRecord:
     #: The settings that can change a result (config minus seed and bookkeeping), flat `key=value`.
     settings: frozenset[str] = frozenset()
     log_px: Path | None = None  # per-point test log p(x) (log_px_test.npy), for paired differences
+    samples_png: Path | None = None  # samples.png: draws from the prior, decoded
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,7 @@ def read_run(path: str | Path) -> RunRecord:
         problem="; ".join(problems) or None,
         settings=settings,
         log_px=log_px if log_px.is_file() else None,
+        samples_png=path / SAMPLES_PICTURE if (path / SAMPLES_PICTURE).is_file() else None,
     )
 
 
@@ -509,14 +511,39 @@ def plot_density_grids(runs: Sequence[RunRecord], path: Path, columns: int = 4) 
     return path
 
 
+def plot_samples_side_by_side(report: Report, path: Path) -> Path | None:
+    """One picture of samples per row of the table (its first run that has `samples.png`), side by side;
+    None when no run has one."""
+    import matplotlib.image as mpimg
+
+    panels = []
+    for row in report.rows:
+        for run in report.runs:
+            if (run.problem is None and run.samples_png is not None and run.prior == row.prior
+                    and run.latent_dim == row.latent_dim and row.seeds[:1] == (run.seed,)):
+                panels.append((row, run.samples_png))
+                break
+    if not panels:
+        return None
+    fig = _figure(3.2 * len(panels), 3.6)
+    for i, (row, png) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.imshow(mpimg.imread(png))
+        ax.set_title(row_label(row), fontsize=8)
+        ax.axis("off")
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def write_report(report: Report, out: str | Path) -> ReportFiles:
     """Write `report.md` and the PNGs to `out` (created); return their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot_decomposition(report, out / "decomposition.png"), plot_marginal_kl(report, out / "marginal_kl.png")]
-    grid = plot_density_grids(report.runs, out / "density_grids.png")
-    if grid is not None:
-        plots.append(grid)
+    for extra in (plot_density_grids(report.runs, out / "density_grids.png"),
+                  plot_samples_side_by_side(report, out / "samples.png")):
+        if extra is not None:
+            plots.append(extra)
     markdown = out / "report.md"
     markdown.write_text(render_markdown(report, plots))
     return ReportFiles(markdown=markdown, plots=plots)

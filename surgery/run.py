@@ -23,6 +23,9 @@ from vae.validation import ConfigError, check_bool, check_choice, check_int
 
 # q(z) beside p(z) for 2-D latents; surgery.report collects these across runs.
 DENSITY_PICTURE = "surgery_aggregate_posterior"
+# What a run generates; surgery.report puts the samples of every run side by side.
+SAMPLES_PICTURE = "samples.png"
+RECONSTRUCTIONS_PICTURE = "reconstructions.png"
 
 @dataclass(frozen=True)
 class SurgeryOptions:
@@ -161,3 +164,22 @@ def run_surgery(
             if path.suffix == ".png":
                 logger.image(f"surgery/{name}", path)
     return report, files
+
+
+def save_run_pictures(model: Any, data: Any, out_dir: str | Path, logger: Any = None, seed: int = 0) -> dict[str, Path]:
+    """`samples.png` (64 draws from the prior, decoded) and `reconstructions.png` (the first 32
+    test images and their reconstructions) into `out_dir`, and to the logger as images.
+    Nothing for data that are not images (`data.image_shape` None)."""
+    if getattr(data, "image_shape", None) is None:
+        return {}
+    from surgery.plots import plot_reconstructions, plot_samples
+
+    out_dir = Path(out_dir)
+    files = {
+        "samples": plot_samples(model, data.image_shape, out_dir / SAMPLES_PICTURE, seed=seed),
+        "reconstructions": plot_reconstructions(model, data.split("test")[:32], data.image_shape, out_dir / RECONSTRUCTIONS_PICTURE),
+    }
+    if logger is not None:
+        for name, path in files.items():
+            logger.image(f"pictures/{name}", path)
+    return files

@@ -39,7 +39,7 @@ def shown(v: dict, key: str) -> float | None:
 
 
 def make_run(path: Path, prior: str, latent_dim: int, seed: int, *, surgery: bool = True,
-             checkpoints: bool = True, epochs: int = 7, density: bool = False) -> dict | None:
+             checkpoints: bool = True, epochs: int = 7, density: bool = False, samples: bool = False) -> dict | None:
     (path / ".hydra").mkdir(parents=True)
     target = {"gaussian": "priors.gaussian.GaussianPrior", "vampprior": "priors.vampprior.VampPrior"}[prior]
     config = {"seed": seed, "vae": {"latent_dim": latent_dim}, "prior": {"_target_": target}}
@@ -52,12 +52,13 @@ def make_run(path: Path, prior: str, latent_dim: int, seed: int, *, surgery: boo
     if checkpoints:
         (path / "checkpoints").mkdir()
         (path / "checkpoints" / "last.pt").write_bytes(b"x")
-    if density:
-        from matplotlib.figure import Figure
+    for wanted, name in ((density, "surgery_aggregate_posterior.png"), (samples, "samples.png")):
+        if wanted:
+            from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(2, 2))
-        fig.add_subplot().plot([0, 1], [1, 0])
-        fig.savefig(path / "surgery_aggregate_posterior.png")
+            fig = Figure(figsize=(2, 2))
+            fig.add_subplot().plot([0, 1], [1, 0])
+            fig.savefig(path / name)
     if surgery:
         values = fake_surgery(seed, latent_dim, prior)
         (path / "surgery.json").write_text(json.dumps(values))
@@ -195,3 +196,14 @@ def test_paired_differences_match_a_hand_computation(tmp_path: Path) -> None:
     assert pair.stderr == pytest.approx(d.std(ddof=1) / np.sqrt(500), rel=1e-9)
     assert pair.stderr < 0.1 < 20 / np.sqrt(500)  # far below the unpaired spread
     assert f"| gaussian, z=40 | vampprior, z=40 | {d.mean():+.3f} ± {pair.stderr:.3f} | 500 |" in rep.render_markdown(report)
+
+
+def test_samples_of_each_row_side_by_side(tmp_path: Path) -> None:
+    make_run(tmp_path / "g", "gaussian", 10, 0, samples=True)
+    make_run(tmp_path / "v", "vampprior", 10, 0, samples=True)
+    make_run(tmp_path / "v1", "vampprior", 10, 1, samples=True)  # a second seed: still one panel per row
+    report = rep.build_report([tmp_path])
+    files = rep.write_report(report, tmp_path / "out")
+    assert (tmp_path / "out" / "samples.png").read_bytes()[:8] == PNG_MAGIC
+    assert "![samples](samples.png)" in files.markdown.read_text()
+    assert [p.name for p in files.plots].count("samples.png") == 1

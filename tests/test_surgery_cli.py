@@ -56,6 +56,8 @@ def test_train_writes_surgery_json_and_pictures(trained_run):
     assert -1e-2 < report["mutual_info"] <= report["log_n"]
     assert (run_dir / "surgery_decomposition.png").stat().st_size > 0
     assert (run_dir / "surgery_aggregate_posterior.png").stat().st_size > 0
+    for picture in ("samples.png", "reconstructions.png"):  # what the run generates, for every run
+        assert (run_dir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     assert "ELBO surgery" in metrics["surgery_table"]
     per_point = np.load(run_dir / "log_px_test.npy")
     assert per_point.shape == (50,) and per_point.dtype == np.float64

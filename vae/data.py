@@ -66,12 +66,15 @@ class BinarizedData:
         dynamic: redraw the training set's binarization every epoch.
         seed: seeds the fixed binarizations (and the per-epoch draws, with the epoch).
         name: a label for logs and reports.
+        image_shape: (height, width) of an image, whose flat pixels are one row; None when
+            the rows are not images (no pictures are drawn).
     """
 
     grey: dict[str, Tensor]
     dynamic: bool = True
     seed: int = 0
     name: str = "binarized"
+    image_shape: tuple[int, int] | None = None  # (height, width) of one image, for pictures; None: not images
 
     def __post_init__(self) -> None:
         missing = [s for s in SPLITS if s not in self.grey]
@@ -121,7 +124,9 @@ def mnist(
     file = Path(path).expanduser() if path else fetch_mnist(cache_dir)
     arrays = load_mnist_pickle(file)
     grey = {s: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for s, a in zip(SPLITS, arrays)}
-    return BinarizedData(grey, dynamic=dynamic, seed=seed, name="binarized_mnist" + ("" if dynamic else "_static"))
+    return BinarizedData(
+        grey, dynamic=dynamic, seed=seed, name="binarized_mnist" + ("" if dynamic else "_static"), image_shape=(28, 28)
+    )
 
 
 def digits(dynamic: bool = True, seed: int = 0, n_val: int = 200, n_test: int = 200) -> BinarizedData:
@@ -141,7 +146,7 @@ def digits(dynamic: bool = True, seed: int = 0, n_val: int = 200, n_test: int = 
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(derive_seed(seed, 7)))
     x = x[perm]
     grey = {"val": x[:n_val], "test": x[n_val : n_val + n_test], "train": x[n_val + n_test :]}
-    return BinarizedData(grey, dynamic=dynamic, seed=seed, name="digits")
+    return BinarizedData(grey, dynamic=dynamic, seed=seed, name="digits", image_shape=(8, 8))
 
 
 # ---- fetching and reading the MNIST file ----------------------------------------------
