@@ -71,7 +71,7 @@ def save_run_config(run_dir: Path, cfg: DictConfig) -> None:
     """
     out = run_dir / ".hydra"
     out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml")
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)  # resolved: the report compares values
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hc)}), out / "hydra.yaml")

@@ -25,6 +25,8 @@ from vae.validation import ConfigError, check_bool, check_choice, check_int
 DENSITY_PICTURE = "surgery_aggregate_posterior"
 # What a run generates; surgery.report puts the samples of every run side by side.
 SAMPLES_PICTURE = "samples.png"
+# Written by `python -m priors.fit` into the run dir of a prior fitted after training.
+FIT_JSON = "fit.json"
 RECONSTRUCTIONS_PICTURE = "reconstructions.png"
 
 @dataclass(frozen=True)

@@ -15,7 +15,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from surgery.__main__ import CheckpointError, DeviceError, load_model, surgery_main
+from surgery.__main__ import surgery_main
+from vae import DeviceError
+from vae.checkpoint import CheckpointError, load_model
 from train import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from surgery.__main__ import load_model
+from vae.checkpoint import load_model
 from train import train
 from vae.trust import UntrustedTargetError, check_trusted, is_trusted
 
