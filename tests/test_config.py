@@ -39,9 +39,11 @@ def test_every_prior_option_builds_a_model(option: str) -> None:
 @pytest.mark.parametrize("option", _options("data"))
 def test_every_data_option_composes(option: str) -> None:
     cfg = compose_config(f"data={option}")
-    assert cfg.data._target_ in {"vae.data.mnist", "vae.data.digits"}
+    assert cfg.data._target_ in {"vae.data.mnist", "vae.data.digits", "vae.data.npz"}
     if option == "digits":
         assert hydra.utils.instantiate(cfg.data).data_dim == 64
+    elif option == "npz":
+        assert cfg.data.binarize == "dynamic"  # built in tests/test_npz_data.py, from a generated file
     else:
         assert cfg.data.dynamic is (option == "binarized_mnist")
 

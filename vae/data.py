@@ -149,6 +149,116 @@ def digits(dynamic: bool = True, seed: int = 0, n_val: int = 200, n_test: int = 
     return BinarizedData(grey, dynamic=dynamic, seed=seed, name="digits", image_shape=(8, 8))
 
 
+BINARIZATIONS = ("dynamic", "static", "none")
+
+
+def npz(
+    path: str,
+    binarize: str = "dynamic",
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    image_shape: list[int] | None = None,
+    seed: int = 0,
+) -> BinarizedData:
+    """Your own data set from a `.npz` file (read with `allow_pickle=False`).
+
+    The file holds arrays `train`, `val` and `test`, or `train` alone, which is then split
+    into `val_fraction` and `test_fraction` by a permutation with a fixed seed. Each array
+    is `[n, H, W]` images (their shape is kept for the pictures) or `[n, P]` flat rows
+    (`image_shape: [H, W]` names their shape), with values that are grey levels in [0, 1]
+    (floats), 0-255 (integers, divided by 255) or already binary.
+
+    Args:
+        path: the `.npz` file.
+        binarize: `dynamic` (a fresh Bernoulli draw for the training set every epoch,
+            validation and test binarized once), `static` (every split once, with `seed`)
+            or `none` (the data are already binary; every value must be 0 or 1).
+        val_fraction, test_fraction: the split of a lone `train` array.
+        image_shape: `[H, W]` of flat rows, for the pictures; null for no pictures.
+        seed: seed of the split and of the fixed binarizations.
+    """
+    file = Path(path).expanduser()
+    if file.is_dir() or not file.is_file():
+        raise DataError(f"data.path={file} is {'a directory' if file.is_dir() else 'not a file'}; pass a .npz file")
+    if binarize not in BINARIZATIONS:
+        raise ConfigError(f"data.binarize must be one of {', '.join(BINARIZATIONS)}; got {binarize!r}")
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise DataError(f"{file} is not a readable .npz file of plain arrays: {' '.join(str(e).split())}") from e
+    if "train" not in arrays:
+        raise DataError(f"{file} holds {sorted(arrays) or 'no arrays'}; it needs a 'train' array (and optionally 'val' and 'test')")
+    given = [s for s in SPLITS if s in arrays]
+    if given != ["train"] and given != list(SPLITS):
+        missing = [s for s in SPLITS if s not in arrays]
+        raise DataError(f"{file} has {given} but not {missing}: give all of train, val and test, or train alone")
+    shapes = {name: arrays[name].shape for name in given}
+    for name in given:
+        if arrays[name].ndim not in (2, 3):
+            raise DataError(f"{file}: '{name}' has shape {shapes[name]}; expected [n, H, W] images or [n, P] rows")
+    if len({a.shape[1:] for a in (arrays[n] for n in given)}) != 1:
+        raise DataError(f"{file}: the splits' pixel shapes differ: {shapes}")
+    first = arrays["train"]
+    if first.ndim == 3:
+        shape = tuple(int(v) for v in first.shape[1:])
+    elif image_shape is not None:
+        shape = tuple(int(v) for v in image_shape)
+        if len(shape) != 2 or shape[0] * shape[1] != first.shape[1]:
+            raise ConfigError(f"data.image_shape={list(image_shape)} does not hold {first.shape[1]} pixels")
+    else:
+        shape = None
+    grey = {name: _as_grey_levels(arrays[name], file, name) for name in given}
+    if given == ["train"]:
+        grey = _split(grey["train"], val_fraction, test_fraction, seed, file)
+    for name, x in grey.items():
+        if len(x) < 2:
+            raise DataError(f"{file}: split '{name}' has {len(x)} point(s); every split needs at least 2")
+    if binarize == "none":
+        for name, x in grey.items():
+            if not bool(((x == 0) | (x == 1)).all()):
+                raise DataError(f"{file}: data.binarize=none needs binary data, but '{name}' holds values other than 0 and 1")
+    return BinarizedData(grey, dynamic=binarize == "dynamic", seed=seed, name=file.stem, image_shape=shape)
+
+
+def _as_grey_levels(a: np.ndarray, file: Path, name: str) -> Tensor:
+    """Flat float32 grey levels in [0, 1] from floats in [0, 1], integers 0-255, or booleans."""
+    flat = a.reshape(len(a), -1)
+    if flat.dtype == np.bool_:
+        flat = flat.astype(np.float32)
+    elif np.issubdtype(flat.dtype, np.integer):
+        if flat.size and (flat.min() < 0 or flat.max() > 255):
+            raise DataError(f"{file}: '{name}' holds integers outside 0-255 (range {flat.min()} to {flat.max()})")
+        flat = flat.astype(np.float32) / 255.0
+    elif np.issubdtype(flat.dtype, np.floating):
+        if not np.isfinite(flat).all():
+            raise DataError(f"{file}: '{name}' holds NaN or infinite values")
+        if flat.size and (flat.min() < 0 or flat.max() > 1):
+            raise DataError(
+                f"{file}: '{name}' holds floats outside [0, 1] (range {flat.min():.4g} to {flat.max():.4g}); "
+                "scale grey levels to [0, 1], or store 0-255 as integers"
+            )
+        flat = flat.astype(np.float32)
+    else:
+        raise DataError(f"{file}: '{name}' has dtype {flat.dtype}; expected floats, integers or booleans")
+    return torch.from_numpy(np.ascontiguousarray(flat))
+
+
+def _split(x: Tensor, val_fraction: float, test_fraction: float, seed: int, file: Path) -> dict[str, Tensor]:
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not (isinstance(f, (int, float)) and 0 < f < 1):
+            raise ConfigError(f"data.{name} must be a number in (0, 1), got {f!r}")
+    n_val, n_test = round(len(x) * val_fraction), round(len(x) * test_fraction)
+    if len(x) - n_val - n_test < 2 or n_val < 2 or n_test < 2:
+        raise DataError(
+            f"{file}: {len(x)} points cannot be split into train / {val_fraction} val / {test_fraction} test "
+            "with at least 2 in each"
+        )
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(derive_seed(seed, 7)))
+    x = x[perm]
+    return {"val": x[:n_val], "test": x[n_val : n_val + n_test], "train": x[n_val + n_test :]}
+
+
 # ---- fetching and reading the MNIST file ----------------------------------------------
 
 
