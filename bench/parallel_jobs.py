@@ -24,8 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def launch(run_dir: Path, threads: int, epochs: int, extra: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "WANDB_SILENT": "true"}
-    cmd = [sys.executable, "train.py", "logger=none", "surgery.enabled=false", "trainer.progress=false",
-           f"trainer.max_epochs={epochs}", "device=cpu", f"hydra.run.dir={run_dir}", *extra]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "logger=none",
+        "surgery.enabled=false",
+        "trainer.progress=false",
+        f"trainer.max_epochs={epochs}",
+        "device=cpu",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -44,7 +53,7 @@ def run_layout(tmp: Path, name: str, jobs: int, threads: int, epochs: int, extra
         if p.returncode != 0:
             raise SystemExit(f"{name}: train.py failed:\n{err[-2000:]}")
     per_job = [statistics.median(epoch_seconds(d)) for d in dirs]
-    for d, s in zip(dirs, per_job):
+    for d, s in zip(dirs, per_job, strict=False):
         print(f"  {d.name}: median {s:.2f} s/epoch ({threads} thread{'s' if threads > 1 else ''})")
     return sum(3600.0 / s for s in per_job)
 
@@ -61,8 +70,10 @@ def main() -> None:
         one = run_layout(Path(tmp), "one", 1, args.jobs, args.epochs, extra)
         print(f"{args.jobs} jobs side by side, 1 thread each:")
         many = run_layout(Path(tmp), "many", args.jobs, 1, args.epochs, extra)
-    print(f"epochs per hour, whole machine: one {args.jobs}-thread job {one:.0f}, "
-          f"{args.jobs} single-threaded jobs {many:.0f}; ratio (side by side / one) {many / one:.2f}")
+    print(
+        f"epochs per hour, whole machine: one {args.jobs}-thread job {one:.0f}, "
+        f"{args.jobs} single-threaded jobs {many:.0f}; ratio (side by side / one) {many / one:.2f}"
+    )
 
 
 if __name__ == "__main__":

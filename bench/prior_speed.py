@@ -40,7 +40,9 @@ TARGETS = {"mixture": 1.5, "flow": 2.5, "vampprior": 4.0, "exemplar": 4.0, "aggr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--priors", nargs="+", default=["gaussian", "mixture", "flow", "vampprior", "exemplar", "aggregate"])
+    parser.add_argument(
+        "--priors", nargs="+", default=["gaussian", "mixture", "flow", "vampprior", "exemplar", "aggregate"]
+    )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=None, help="time this many steps and extrapolate to an epoch")
     parser.add_argument("--data", default="binarized_mnist")
@@ -51,24 +53,37 @@ def main() -> None:
         args.priors.insert(0, "gaussian")
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        base = ["logger=none", f"data={args.data}", "vae.latent_dim=40", "vae.hidden_dims=[300,300]",
-                "trainer.batch_size=100", "trainer.progress=false", f"trainer.max_epochs={args.epochs}",
-                f"trainer.max_steps={args.max_steps if args.max_steps else 'null'}", f"device={args.device}"]
+        base = [
+            "logger=none",
+            f"data={args.data}",
+            "vae.latent_dim=40",
+            "vae.hidden_dims=[300,300]",
+            "trainer.batch_size=100",
+            "trainer.progress=false",
+            f"trainer.max_epochs={args.epochs}",
+            f"trainer.max_steps={args.max_steps if args.max_steps else 'null'}",
+            f"device={args.device}",
+        ]
         cfgs = {p: compose("train", overrides=[*base, f"prior={p}", *args.overrides]) for p in args.priors}
     data = hydra.utils.instantiate(cfgs["gaussian"].data)
     n_train = len(data.grey["train"])
     steps_per_epoch = -(-n_train // 100)
-    print(f"{args.data}: N={n_train}, z=40, batch 100, MLP 300-300, torch threads={torch.get_num_threads()}, "
-          f"device={args.device}")
+    print(
+        f"{args.data}: N={n_train}, z=40, batch 100, MLP 300-300, torch threads={torch.get_num_threads()}, "
+        f"device={args.device}"
+    )
     if args.max_steps:
-        print(f"partial epochs: {args.max_steps} training steps timed and scaled to {steps_per_epoch} per epoch "
-              f"(binarization, epoch-end callback and validation counted once, measured separately)")
+        print(
+            f"partial epochs: {args.max_steps} training steps timed and scaled to {steps_per_epoch} per epoch "
+            f"(binarization, epoch-end callback and validation counted once, measured separately)"
+        )
 
     # Untimed warm-up: the first fit in a process pays for thread pools and allocator growth.
     warm = build_model(cfgs["gaussian"], data)
     with tempfile.TemporaryDirectory() as run_dir:
-        hydra.utils.instantiate(cfgs["gaussian"].trainer, run_dir=run_dir, device=torch.device(args.device),
-                                max_steps=3, max_epochs=1).fit(warm, data)
+        hydra.utils.instantiate(
+            cfgs["gaussian"].trainer, run_dir=run_dir, device=torch.device(args.device), max_steps=3, max_epochs=1
+        ).fit(warm, data)
 
     results = {}
     for name, cfg in cfgs.items():
@@ -96,13 +111,20 @@ def main() -> None:
             train_time = max(r["seconds"] - fixed, 0.0)
             per_epoch.append(binarize + hook + val + train_time * steps_per_epoch / steps)
         results[name] = sum(per_epoch) / len(per_epoch)
-        print(f"  {name:10s} {results[name]:8.1f} s/epoch   (binarization {binarize:.1f} s, epoch-end callback {hook:.1f} s, validation {val:.1f} s)",
-              flush=True)
+        print(
+            f"  {name:10s} {results[name]:8.1f} s/epoch   (binarization {binarize:.1f} s, epoch-end callback "
+            f"{hook:.1f} s, validation {val:.1f} s)",
+            flush=True,
+        )
 
     print("\nratio to the Gaussian prior (same run):")
     for name, secs in results.items():
         target = TARGETS.get(name)
-        verdict = "" if target is None else f"  target <= {target}x: {'met' if secs / results['gaussian'] <= target else 'NOT met'}"
+        verdict = (
+            ""
+            if target is None
+            else f"  target <= {target}x: {'met' if secs / results['gaussian'] <= target else 'NOT met'}"
+        )
         print(f"  {name:10s} {secs / results['gaussian']:6.2f}x{verdict}")
 
 

@@ -92,20 +92,28 @@ def main() -> None:
 
     # ---- ours: the whole exact decomposition --------------------------------------------
     started = time.perf_counter()
-    terms = aggregate_terms(mu, logvar, prior, z, index, dimwise_samples=args.dimwise_samples,
-                            generator=torch.Generator().manual_seed(0))
+    terms = aggregate_terms(
+        mu, logvar, prior, z, index, dimwise_samples=args.dimwise_samples, generator=torch.Generator().manual_seed(0)
+    )
     ours_total = time.perf_counter() - started
     log_q_ours = terms.marginal_kl_per_sample + prior.log_prob(z).double()
     per_dim_rows = args.dimwise_samples
     dimwise_full = terms.seconds_dimwise * args.n / per_dim_rows
     print("\n[ours] exact decomposition, one run")
     print(f"  MI + marginal KL (log q(z) at all M = {args.n:,}, over all N): {terms.seconds_aggregate:7.2f} s")
-    print(f"  TC + dimension-wise KL ({args.d} 1-D kernels at {per_dim_rows:,} of the M):   {terms.seconds_dimwise:7.2f} s"
-          f"  (all M: ~{dimwise_full:.0f} s extrapolated)")
+    print(
+        f"  TC + dimension-wise KL ({args.d} 1-D kernels at {per_dim_rows:,} of the M):   "
+        f"{terms.seconds_dimwise:7.2f} s"
+        f"  (all M: ~{dimwise_full:.0f} s extrapolated)"
+    )
     print(f"  total:                                                        {ours_total:7.2f} s")
-    print(f"  MI = {terms.mutual_info.value:.4f} +- {terms.mutual_info.stderr:.4f}, marginal KL = {terms.marginal_kl.value:.4f} "
-          f"+- {terms.marginal_kl.stderr:.4f}, TC = {terms.total_correlation.value:.4f} +- {terms.total_correlation.stderr:.4f}, "
-          f"log N = {math.log(args.n):.4f}")
+    print(
+        f"  MI = {terms.mutual_info.value:.4f} +- {terms.mutual_info.stderr:.4f}, marginal KL = "
+        f"{terms.marginal_kl.value:.4f} "
+        f"+- {terms.marginal_kl.stderr:.4f}, TC = {terms.total_correlation.value:.4f} +- "
+        f"{terms.total_correlation.stderr:.4f}, "
+        f"log N = {math.log(args.n):.4f}"
+    )
 
     # ---- the baseline, on a subsample, extrapolated ---------------------------------------
     rows = torch.arange(args.baseline_rows)
@@ -113,8 +121,11 @@ def main() -> None:
     base_joint, base_dims = baseline_log_q(z[rows], mu, logvar)
     base_time = time.perf_counter() - started
     base_full = base_time * args.n / args.baseline_rows
-    print(f"\n[baseline] torch.distributions broadcast, 10 samples at a time: {base_time:.2f} s for {args.baseline_rows} samples"
-          f" -> {base_full:.0f} s for M = {args.n:,} (linear extrapolation; gives log q(z) and all log q(z_d))")
+    print(
+        f"\n[baseline] torch.distributions broadcast, 10 samples at a time: {base_time:.2f} s for "
+        f"{args.baseline_rows} samples"
+        f" -> {base_full:.0f} s for M = {args.n:,} (linear extrapolation; gives log q(z) and all log q(z_d))"
+    )
 
     # ---- accuracy against float64 -------------------------------------------------------------
     ref_rows = torch.arange(args.ref_rows)
@@ -125,17 +136,24 @@ def main() -> None:
     # our per-dimension values on rows that the dimension-wise estimator happened to use
     from priors.densities import gaussian_mixture_logsumexp
 
-    ours_dims = torch.stack([
-        gaussian_mixture_logsumexp(z[ref_rows, j : j + 1], mu[:, j : j + 1], logvar[:, j : j + 1], out_dtype=torch.float64)
-        for j in range(args.d)
-    ], -1) - math.log(args.n)
+    ours_dims = torch.stack(
+        [
+            gaussian_mixture_logsumexp(
+                z[ref_rows, j : j + 1], mu[:, j : j + 1], logvar[:, j : j + 1], out_dtype=torch.float64
+            )
+            for j in range(args.d)
+        ],
+        -1,
+    ) - math.log(args.n)
     err_ours_dims = (ours_dims - ref_dims).abs().max().item()
     print(f"\n[accuracy] max |error| vs float64 on {args.ref_rows} samples:")
     print(f"  log q(z):   ours {err_ours:.2e} nats, baseline {err_base:.2e} nats")
     print(f"  log q(z_d): ours {err_ours_dims:.2e} nats, baseline {err_base_dims:.2e} nats")
-    print(f"\n[summary] MI/marginal-KL kernel: ours {terms.seconds_aggregate:.2f} s vs baseline {base_full:.0f} s "
-          f"-> {base_full / terms.seconds_aggregate:.0f}x; whole decomposition {ours_total:.2f} s "
-          f"-> {base_full / ours_total:.0f}x (baseline also yields the per-dimension terms at all M)")
+    print(
+        f"\n[summary] MI/marginal-KL kernel: ours {terms.seconds_aggregate:.2f} s vs baseline {base_full:.0f} s "
+        f"-> {base_full / terms.seconds_aggregate:.0f}x; whole decomposition {ours_total:.2f} s "
+        f"-> {base_full / ours_total:.0f}x (baseline also yields the per-dimension terms at all M)"
+    )
 
     # ---- importance-sampled log-likelihood vs the decoder floor -------------------------------
     model = VAE.mlp(784, args.d, [300, 300], GaussianPrior(args.d)).eval()
@@ -156,10 +174,14 @@ def main() -> None:
             model.decode(z_batch)
         floor_time = time.perf_counter() - started
     scale = args.is_total / args.is_points
-    print(f"\n[log p(x)] K = {args.is_samples}, {args.is_points} test points timed, extrapolated to {args.is_total:,} "
-          f"({args.is_total * args.is_samples / 1e6:.0f} million latent samples):")
-    print(f"  importance sampling {is_time * scale:.0f} s, decoder forward floor {floor_time * scale:.0f} s "
-          f"-> ratio {is_time / floor_time:.2f}x")
+    print(
+        f"\n[log p(x)] K = {args.is_samples}, {args.is_points} test points timed, extrapolated to {args.is_total:,} "
+        f"({args.is_total * args.is_samples / 1e6:.0f} million latent samples):"
+    )
+    print(
+        f"  importance sampling {is_time * scale:.0f} s, decoder forward floor {floor_time * scale:.0f} s "
+        f"-> ratio {is_time / floor_time:.2f}x"
+    )
 
 
 if __name__ == "__main__":

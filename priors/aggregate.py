@@ -82,7 +82,11 @@ class AggregatePosteriorPrior(Prior):
         for name in ("mu", "logvar"):
             incoming = state_dict.get(prefix + name)
             if incoming is not None and incoming.dim() == 2 and incoming.shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(incoming, dtype=getattr(self, name).dtype, device=getattr(self, name).device))
+                setattr(
+                    self,
+                    name,
+                    torch.empty_like(incoming, dtype=getattr(self, name).dtype, device=getattr(self, name).device),
+                )
         self._mixture = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -100,7 +104,9 @@ class AggregatePosteriorPrior(Prior):
                 "callback gives them (or update_encodings(mu, logvar), or load a checkpoint)"
             )
         if self._mixture is None:
-            self._mixture = DiagonalGaussianMixture(self.mu, self.logvar, chunk_size=self.chunk_size, small_components=0)
+            self._mixture = DiagonalGaussianMixture(
+                self.mu, self.logvar, chunk_size=self.chunk_size, small_components=0
+            )
         return self._mixture
 
     def _log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:

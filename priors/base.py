@@ -37,7 +37,8 @@ A researcher's own prior lives in their module and plugs in with
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -156,9 +157,7 @@ class Prior(nn.Module):
     def _check_output(self, out: Tensor, expected: torch.Size, method: str) -> None:
         if not isinstance(out, Tensor) or out.shape != expected:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise PriorShapeError(
-                f"{type(self).__name__}.{method} returned shape {got}, expected {tuple(expected)}"
-            )
+            raise PriorShapeError(f"{type(self).__name__}.{method} returned shape {got}, expected {tuple(expected)}")
 
     def extra_repr(self) -> str:
         return f"latent_dim={self.latent_dim}"

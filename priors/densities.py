@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -180,7 +180,9 @@ class _Components:
 
 @dataclass
 class _Entries:
-    """Exactly computed log densities of one block: `values[k, j]` = log N(z[row_start + rows[k]]; component cols[k, j]).
+    """Exactly computed log densities of one block.
+
+    `values[k, j]` = log N(z[row_start + rows[k]]; component cols[k, j]).
 
     A dense block has `rows` = all its rows, `cols` = `[1, Nb]` (the same columns for every row).
     """
@@ -377,7 +379,8 @@ def gaussian_mixture_logsumexp(
     Memory is bounded whatever M and N are: one `chunk_size x block_size` block in z's
     dtype (and its float64 copy for a dense block; 32 MiB at the defaults), the exactly
     recomputed entries of one block (at most `dense_fraction` of it, each with a `[D]`
-    float64 difference), plus O(M + N D) float64 for the component constants and the result. The full M x N matrix is never formed. On CUDA
+    float64 difference), plus O(M + N D) float64 for the component constants and the result.
+    The full M x N matrix is never formed. On CUDA
     the matrix products run with TF32 off (restored afterwards).
 
     Args:
@@ -427,8 +430,13 @@ def gaussian_mixture_logsumexp(
 
 
 def _kernel(
-    z: Tensor, comps: _Components, exclude: Tensor | None, chunk_size: int, block_size: int,
-    dense_fraction: float, out_dtype: torch.dtype,
+    z: Tensor,
+    comps: _Components,
+    exclude: Tensor | None,
+    chunk_size: int,
+    block_size: int,
+    dense_fraction: float,
+    out_dtype: torch.dtype,
 ) -> Tensor:
     block_size = -(-block_size // comps.group) * comps.group
     with exact_float32_matmul(z.device):
@@ -537,7 +545,9 @@ class DiagonalGaussianMixture:
                 (a float32 result rounds a value of -1e4 nats to ~1e-3).
         """
         if z.shape[-1] != self.mu.shape[1]:
-            raise ValueError(f"DiagonalGaussianMixture: z has {z.shape[-1]} dimensions, the components {self.mu.shape[1]}")
+            raise ValueError(
+                f"DiagonalGaussianMixture: z has {z.shape[-1]} dimensions, the components {self.mu.shape[1]}"
+            )
         if exclude is not None:
             if exclude.shape != z.shape[:-1]:
                 raise ValueError(f"exclude must have shape {tuple(z.shape[:-1])}, got {tuple(exclude.shape)}")
@@ -549,9 +559,13 @@ class DiagonalGaussianMixture:
             flat = z.reshape(-1, z.shape[-1])
             comps = self._constants.get(z.dtype)
             if comps is None:
-                comps = self._constants[z.dtype] = _Components(self.mu.to(z.device), self.logvar.to(z.device), DEFAULT_GROUP, z.dtype)
+                comps = self._constants[z.dtype] = _Components(
+                    self.mu.to(z.device), self.logvar.to(z.device), DEFAULT_GROUP, z.dtype
+                )
             flat_ex = None if exclude is None else exclude.reshape(-1)
-            lse = _kernel(flat, comps, flat_ex, self.chunk_size, self.block_size, 0.25, torch.float64).reshape(z.shape[:-1])
+            lse = _kernel(flat, comps, flat_ex, self.chunk_size, self.block_size, 0.25, torch.float64).reshape(
+                z.shape[:-1]
+            )
         return (lse - self._log_normalizer(exclude, lse)).to(out_dtype or z.dtype)
 
     def _log_normalizer(self, exclude: Tensor | None, like: Tensor) -> Tensor | float:

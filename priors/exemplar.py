@@ -74,11 +74,17 @@ class ExemplarPrior(Prior):
         if variance not in VARIANCES:
             raise ValueError(f"ExemplarPrior: variance must be one of {VARIANCES}, got {variance!r}")
         if not isinstance(train_x, Tensor) or train_x.dim() != 2 or len(train_x) < 2:
-            raise ValueError(f"ExemplarPrior expects train_x of shape [N, data_dim] with N >= 2, got {getattr(train_x, 'shape', train_x)!r}")
+            raise ValueError(
+                "ExemplarPrior expects train_x of shape [N, data_dim] with N >= 2, got "
+                f"{getattr(train_x, 'shape', train_x)!r}"
+            )
         n = len(train_x)
         # Each knob is checked against the data where its exemplar set uses it.
-        checks = [("encode_batch_size", encode_batch_size, None), ("num_exemplars", num_exemplars, n if exemplars == "random" else None),
-                  ("k", k, n - 1 if exemplars == "knn" else None)]
+        checks = [
+            ("encode_batch_size", encode_batch_size, None),
+            ("num_exemplars", num_exemplars, n if exemplars == "random" else None),
+            ("k", k, n - 1 if exemplars == "knn" else None),
+        ]
         for name, value, top in checks:
             if int(value) != value or value < 1 or (top is not None and value > top):
                 raise ValueError(f"ExemplarPrior: {name} must be an integer in [1, {top or 'inf'}], got {value!r}")
@@ -108,7 +114,8 @@ class ExemplarPrior(Prior):
         """Take the exemplars' means `[N, D]` (from the encoder, after an epoch) as the cache."""
         if mu.shape != (self.num_points, self.latent_dim):
             raise ValueError(
-                f"ExemplarPrior: needs the means of its {self.num_points} exemplars, [N, {self.latent_dim}]; got {tuple(mu.shape)}"
+                f"ExemplarPrior: needs the means of its {self.num_points} exemplars, [N, {self.latent_dim}]; got "
+                f"{tuple(mu.shape)}"
             )
         self.cache_mu = mu.detach().to(self.cache_mu)
 
@@ -142,7 +149,11 @@ class ExemplarPrior(Prior):
         n, device = self.num_points, z.device
         if self.exemplars == "knn":
             return self._knn(z, index)
-        chosen = torch.arange(n, device=device) if self.exemplars == "all" else torch.randperm(n, device=device)[: self.num_exemplars]
+        chosen = (
+            torch.arange(n, device=device)
+            if self.exemplars == "all"
+            else torch.randperm(n, device=device)[: self.num_exemplars]
+        )
         position = torch.full((n,), -1, dtype=torch.int64, device=device)
         position[chosen] = torch.arange(len(chosen), device=device)
         mu = self._encode_means(chosen)
@@ -160,7 +171,9 @@ class ExemplarPrior(Prior):
         mu = self._encode_means(unique)[slot]  # [B, k, D], with gradient
         var_log = self.logvar.to(z.dtype)
         log_terms = -0.5 * (
-            self.latent_dim * LOG_2PI + var_log.expand(self.latent_dim).sum() + ((z[:, None, :] - mu).square() * torch.exp(-var_log)).sum(-1)
+            self.latent_dim * LOG_2PI
+            + var_log.expand(self.latent_dim).sum()
+            + ((z[:, None, :] - mu).square() * torch.exp(-var_log)).sum(-1)
         )
         return torch.logsumexp(log_terms.double(), dim=-1).to(z.dtype) - math.log(self.k)
 
@@ -184,4 +197,5 @@ class ExemplarPrior(Prior):
 
     def extra_repr(self) -> str:
         size = {"all": "", "random": f", num_exemplars={self.num_exemplars}", "knn": f", k={self.k}"}[self.exemplars]
-        return f"latent_dim={self.latent_dim}, N={self.num_points}, exemplars={self.exemplars}{size}, variance={self.variance}"
+        sizes = f"latent_dim={self.latent_dim}, N={self.num_points}"
+        return f"{sizes}, exemplars={self.exemplars}{size}, variance={self.variance}"

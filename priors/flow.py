@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from nflows.distributions import StandardNormal
@@ -70,7 +70,9 @@ class FlowPrior(Prior):
         if layer is None:
             layer = partial(MaskedAffineAutoregressiveTransform, num_blocks=num_blocks)
         if not callable(layer):
-            raise TypeError(f"FlowPrior: layer must be a callable building an nflows Transform, got {type(layer).__name__}")
+            raise TypeError(
+                f"FlowPrior: layer must be a callable building an nflows Transform, got {type(layer).__name__}"
+            )
         self.num_layers = int(num_layers)
         transforms: list[Transform] = []
         for i in range(self.num_layers):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,13 +59,17 @@ class VampPrior(Prior):
         if init not in INITS:
             raise ValueError(f"VampPrior: init must be one of {INITS}, got {init!r}")
         if not isinstance(train_x, Tensor) or train_x.dim() != 2:
-            raise ValueError(f"VampPrior expects train_x of shape [N, data_dim], got {getattr(train_x, 'shape', train_x)!r}")
+            raise ValueError(
+                f"VampPrior expects train_x of shape [N, data_dim], got {getattr(train_x, 'shape', train_x)!r}"
+            )
         self.num_components = int(num_components)
         self.init = init
         n, data_dim = train_x.shape
         if init == "data":
             if n < self.num_components:
-                raise ValueError(f"VampPrior: init='data' needs at least K={self.num_components} training points, got {n}")
+                raise ValueError(
+                    f"VampPrior: init='data' needs at least K={self.num_components} training points, got {n}"
+                )
             raw = train_x[torch.randperm(n)[: self.num_components]].clone()
         else:
             raw = init_mean + init_std * torch.randn(self.num_components, data_dim)
@@ -105,4 +108,5 @@ class VampPrior(Prior):
         return self.mixture().sample(n)
 
     def extra_repr(self) -> str:
-        return f"latent_dim={self.latent_dim}, num_components={self.num_components}, data_dim={self.data_dim}, init={self.init!r}"
+        sizes = f"latent_dim={self.latent_dim}, num_components={self.num_components}, data_dim={self.data_dim}"
+        return f"{sizes}, init={self.init!r}"

@@ -18,7 +18,6 @@ from vae import resolve_device
 from vae.checkpoint import load_model
 from vae.cli import one_line_errors
 
-
 #: Keys of conf/surgery_cli.yaml that are the CLI's own, not surgery options.
 CLI_KEYS = ("checkpoint", "device", "output_dir", "allow", "logger", "debug")
 
@@ -32,7 +31,10 @@ def surgery_main(cfg: DictConfig) -> tuple[SurgeryReport, dict[str, Path]]:
     check_is_points(options, data)
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else checkpoint.resolve().parent.parent
     logger = hydra.utils.instantiate(
-        cfg.logger, run_dir=out_dir, run_config=OmegaConf.to_container(cfg, resolve=True), group=cfg.logger.get("group"),
+        cfg.logger,
+        run_dir=out_dir,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+        group=cfg.logger.get("group"),
         _recursive_=False,
     )
     try:

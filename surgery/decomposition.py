@@ -46,7 +46,7 @@ class Estimate:
     stderr: float
 
     @classmethod
-    def of(cls, per_sample: Tensor) -> "Estimate":
+    def of(cls, per_sample: Tensor) -> Estimate:
         x = per_sample.double()
         n = x.numel()
         stderr = float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
@@ -161,9 +161,19 @@ class SurgeryReport:
         row("ELBO", self.elbo, self.elbo_stderr)
         row("  reconstruction E_q[log p(x|z)]", self.reconstruction, self.reconstruction_stderr)
         row("  average KL", self.avg_kl, self.avg_kl_stderr, "(analytic)" if self.avg_kl_analytic else "(Monte Carlo)")
-        row("    index-code mutual info I[n;z]", self.mutual_info, self.mutual_info_stderr, f"(log N = {self.log_n:.4f})")
+        row(
+            "    index-code mutual info I[n;z]",
+            self.mutual_info,
+            self.mutual_info_stderr,
+            f"(log N = {self.log_n:.4f})",
+        )
         row("    marginal KL(q(z)||p(z))", self.marginal_kl, self.marginal_kl_stderr)
-        row("      total correlation", self.total_correlation, self.total_correlation_stderr, f"(M = {self.dimwise_samples:,})")
+        row(
+            "      total correlation",
+            self.total_correlation,
+            self.total_correlation_stderr,
+            f"(M = {self.dimwise_samples:,})",
+        )
         row(f"      {dimwise_name}", self.dimwise_kl, self.dimwise_kl_stderr, f"(M = {self.dimwise_samples:,})")
         row("  check: avg KL - (MI + marginal KL)", self.identity_gap, self.identity_gap_stderr, "(0 up to MC error)")
         row("optimal-prior ELBO (ELBO + marginal KL)", self.optimal_prior_elbo, self.optimal_prior_elbo_stderr)
@@ -272,8 +282,11 @@ def aggregate_terms(
     log_q_dims = torch.stack(
         [
             DiagonalGaussianMixture(
-                mu[:, j : j + 1].contiguous(), logvar[:, j : j + 1].contiguous(), small_components=0,
-                chunk_size=chunk_size, block_size=block_size,
+                mu[:, j : j + 1].contiguous(),
+                logvar[:, j : j + 1].contiguous(),
+                small_components=0,
+                chunk_size=chunk_size,
+                block_size=block_size,
             ).log_prob(zs[:, j : j + 1].contiguous(), out_dtype=torch.float64)
             for j in range(d)
         ],
@@ -283,7 +296,9 @@ def aggregate_terms(
     dimwise_kl = Estimate.of(log_q_dims.sum(-1) - log_p_z[sub])
     per_dim = None
     if prior is not None and prior.is_factorized:
-        log_p_dims = torch.cat([prior.log_prob_per_dim(zs[s : s + prior_batch_size]) for s in range(0, k, prior_batch_size)])
+        log_p_dims = torch.cat(
+            [prior.log_prob_per_dim(zs[s : s + prior_batch_size]) for s in range(0, k, prior_batch_size)]
+        )
         per_dim = (log_q_dims - log_p_dims.double()).mean(0).tolist()
     return AggregateTerms(
         mutual_info=mutual_info,
@@ -433,7 +448,9 @@ def decompose(
             log_p_z = _prior_log_prob(prior, z, batch_size).double()
             log_q_z_given_x = diagonal_normal_log_prob(z.double(), mu.double(), logvar.double())
             if prior.has_analytic_kl:
-                kl = torch.cat([prior.kl(mu[s : s + batch_size], logvar[s : s + batch_size]) for s in range(0, len(x), batch_size)]).double()
+                kl = torch.cat(
+                    [prior.kl(mu[s : s + batch_size], logvar[s : s + batch_size]) for s in range(0, len(x), batch_size)]
+                ).double()
             else:
                 kl = log_q_z_given_x - log_p_z
             seconds["elbo"] = time.perf_counter() - started
@@ -445,8 +462,15 @@ def decompose(
                 index = _sample_index(n, n_samples, generator, device)
                 z_agg = _draw(mu[index], logvar[index], generator)
             agg = aggregate_terms(
-                mu, logvar, prior, z_agg, index,
-                dimwise_samples=dimwise_samples, generator=generator, chunk_size=chunk_size, block_size=block_size,
+                mu,
+                logvar,
+                prior,
+                z_agg,
+                index,
+                dimwise_samples=dimwise_samples,
+                generator=generator,
+                chunk_size=chunk_size,
+                block_size=block_size,
                 prior_batch_size=batch_size,
             )
             seconds["mutual_info_marginal_kl"] = agg.seconds_aggregate

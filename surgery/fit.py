@@ -134,7 +134,9 @@ def fit_prior(
         curve.append({"epoch": epoch, "train_log_prior": -total / len(mu), "val_log_prior": val_score})
         bar.set_postfix(train=f"{-total / len(mu):.3f}", val=f"{val_score:.3f}")
         if not math.isfinite(val_score):
-            raise FloatingPointError(f"fitting {type(prior).__name__}: the validation log p(z) became {val_score} at epoch {epoch}")
+            raise FloatingPointError(
+                f"fitting {type(prior).__name__}: the validation log p(z) became {val_score} at epoch {epoch}"
+            )
         if val_score > best:
             best, best_epoch, bad = val_score, epoch, 0
             best_state = copy.deepcopy(prior.state_dict())
@@ -221,14 +223,26 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     after = _surgeries(model, data, surgery, device)
 
     name = str(cfg.prior._target_).rsplit(".", 1)[-1]
-    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else checkpoint.resolve().parent.parent / "fitted" / f"{name}-{secrets.token_hex(3)}"
+    out_dir = (
+        Path(cfg.out_dir)
+        if cfg.get("out_dir")
+        else checkpoint.resolve().parent.parent / "fitted" / f"{name}-{secrets.token_hex(3)}"
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(run_cfg, resolve=True)
     config["prior"] = OmegaConf.to_container(cfg.prior, resolve=True)
-    save_checkpoint(out_dir / "checkpoints" / "best.pt", {
-        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": None, "state": None,
-        "rng_cpu": torch.get_rng_state(), "rng_cuda": None, "config": config,
-    })
+    save_checkpoint(
+        out_dir / "checkpoints" / "best.pt",
+        {
+            "format": CHECKPOINT_FORMAT,
+            "model": model.state_dict(),
+            "optimizer": None,
+            "state": None,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": None,
+            "config": config,
+        },
+    )
     (out_dir / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(OmegaConf.create(config), out_dir / ".hydra" / "config.yaml")
     write_json(after["train"], out_dir / "surgery.json")
@@ -263,6 +277,8 @@ def main(cfg: DictConfig) -> None:
             f"difference {r['identity_gap']:+.3f} +- {r['identity_gap_stderr']:.3f})"
         )
     if "test_log_likelihood_gain" in result:
-        print(f"test log p(x): {result['test_log_likelihood_before']:.3f} -> {result['test_log_likelihood_after']:.3f} "
-              f"({result['test_log_likelihood_gain']:+.3f})")
+        print(
+            f"test log p(x): {result['test_log_likelihood_before']:.3f} -> {result['test_log_likelihood_after']:.3f} "
+            f"({result['test_log_likelihood_gain']:+.3f})"
+        )
     print(f"wrote {out_dir}")

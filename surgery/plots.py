@@ -30,7 +30,9 @@ def plot_decomposition(report: SurgeryReport, path: str | Path) -> Path:
         (dimwise, report.dimwise_kl, report.dimwise_kl_stderr),
     ]
     colors = ["#4c72b0", "#55a868", "#c44e52", "#dd8452", "#8172b3"]
-    ax_kl.bar([t[0] for t in kl_terms], [t[1] for t in kl_terms], yerr=[t[2] for t in kl_terms], color=colors, capsize=4)
+    ax_kl.bar(
+        [t[0] for t in kl_terms], [t[1] for t in kl_terms], yerr=[t[2] for t in kl_terms], color=colors, capsize=4
+    )
     ax_kl.axhline(report.log_n, color="k", ls="--", lw=1, label=f"log N = {report.log_n:.2f}")
     for i, (_, value, _) in enumerate(kl_terms):
         ax_kl.annotate(f"{value:.2f}", (i, value), ha="center", va="bottom", fontsize=8)
@@ -38,10 +40,21 @@ def plot_decomposition(report: SurgeryReport, path: str | Path) -> Path:
     ax_kl.set_title(f"average KL = MI + marginal KL ({report.split}, N = {report.n_points:,})")
     ax_kl.legend(loc="upper right", fontsize=8)
 
-    bounds = [("ELBO", report.elbo, report.elbo_stderr), ("optimal-prior\nELBO", report.optimal_prior_elbo, report.optimal_prior_elbo_stderr)]
+    bounds = [
+        ("ELBO", report.elbo, report.elbo_stderr),
+        ("optimal-prior\nELBO", report.optimal_prior_elbo, report.optimal_prior_elbo_stderr),
+    ]
     if report.log_likelihood is not None:
-        bounds.append((f"log p(x)\n{report.log_likelihood_split}, K={report.is_samples}", report.log_likelihood, report.log_likelihood_stderr))
-    ax_bound.bar([b[0] for b in bounds], [b[1] for b in bounds], yerr=[b[2] for b in bounds], color="#937860", capsize=4)
+        bounds.append(
+            (
+                f"log p(x)\n{report.log_likelihood_split}, K={report.is_samples}",
+                report.log_likelihood,
+                report.log_likelihood_stderr,
+            )
+        )
+    ax_bound.bar(
+        [b[0] for b in bounds], [b[1] for b in bounds], yerr=[b[2] for b in bounds], color="#937860", capsize=4
+    )
     low = min(b[1] for b in bounds)
     high = max(b[1] for b in bounds)
     pad = max(1.0, 0.5 * (high - low))
@@ -75,7 +88,9 @@ def plot_aggregate_posterior_2d(
     path = Path(path)
     g = torch.Generator(device=mu.device).manual_seed(seed)
     pick = torch.randperm(mu.shape[0], generator=g, device=mu.device)[:n_scatter]
-    q_samples = mu[pick] + torch.exp(0.5 * logvar[pick]) * torch.randn(mu[pick].shape, generator=g, device=mu.device, dtype=mu.dtype)
+    q_samples = mu[pick] + torch.exp(0.5 * logvar[pick]) * torch.randn(
+        mu[pick].shape, generator=g, device=mu.device, dtype=mu.dtype
+    )
     p_samples = prior.sample(n_scatter).to(mu.dtype)
     both = torch.cat([q_samples, p_samples]).double().cpu()
     lo = torch.quantile(both, 0.005, dim=0)
@@ -101,8 +116,15 @@ def plot_aggregate_posterior_2d(
         mesh = ax.pcolormesh(
             gx.numpy(), gy.numpy(), dens.clamp(min=vmin).numpy(), shading="auto", cmap="magma", vmin=vmin, vmax=vmax
         )
-        ax.contour(gx.numpy(), gy.numpy(), dens.numpy(), levels=[vmax - 8, vmax - 4, vmax - 2], colors="white",
-                   linewidths=0.6, alpha=0.7)
+        ax.contour(
+            gx.numpy(),
+            gy.numpy(),
+            dens.numpy(),
+            levels=[vmax - 8, vmax - 4, vmax - 2],
+            colors="white",
+            linewidths=0.6,
+            alpha=0.7,
+        )
         ax.set_title(title)
         ax.set_xlabel("z1")
         ax.set_aspect("equal")
@@ -147,8 +169,11 @@ def plot_samples(model, image_shape: tuple[int, int], path: str | Path, n: int =
     images = torch.sigmoid(model.decode(z.to(device))).float().cpu()
     model.train(was_training)
     cols = math.ceil(math.sqrt(n))
-    return _save_picture(_image_grid(images, math.ceil(n / cols), cols, image_shape), Path(path),
-                         f"{n} samples from the prior ({type(model.prior).__name__}), Bernoulli means")
+    return _save_picture(
+        _image_grid(images, math.ceil(n / cols), cols, image_shape),
+        Path(path),
+        f"{n} samples from the prior ({type(model.prior).__name__}), Bernoulli means",
+    )
 
 
 @torch.inference_mode()
@@ -166,5 +191,8 @@ def plot_reconstructions(model, x: Tensor, image_shape: tuple[int, int], path: s
     for r in range(rows):
         pairs += [x[r * cols : (r + 1) * cols].float().cpu(), recon[r * cols : (r + 1) * cols]]
     stacked = torch.cat([torch.cat([p, torch.zeros(cols - len(p), p.shape[1])]) for p in pairs])
-    return _save_picture(_image_grid(stacked, 2 * rows, cols, image_shape), Path(path),
-                         "test images (rows 1, 3, ...) and their reconstructions (rows 2, 4, ...)")
+    return _save_picture(
+        _image_grid(stacked, 2 * rows, cols, image_shape),
+        Path(path),
+        "test images (rows 1, 3, ...) and their reconstructions (rows 2, 4, ...)",
+    )

@@ -51,10 +51,24 @@ FIELDS: tuple[str, ...] = tuple(k for k, _ in COLUMNS) + ("reconstruction", "log
 #: Config keys that never change a result (bookkeeping), left out when runs are grouped.
 #: The seed is left out too: runs differing only in it are one row, summarized over seeds.
 IGNORED_SETTINGS: tuple[str, ...] = (
-    "seed", "device", "logger.", "trainer.progress", "trainer.resume", "trainer.log_every_n_steps",
-    "trainer.eval_batch_size", "data.path", "data.cache_dir", "surgery.enabled", "surgery.batch_size",
-    "surgery.chunk_size", "surgery.block_size", "surgery.is_batch_elements", "surgery.plots", "surgery.plot_grid",
-    "experiment", "hydra.",
+    "seed",
+    "device",
+    "logger.",
+    "trainer.progress",
+    "trainer.resume",
+    "trainer.log_every_n_steps",
+    "trainer.eval_batch_size",
+    "data.path",
+    "data.cache_dir",
+    "surgery.enabled",
+    "surgery.batch_size",
+    "surgery.chunk_size",
+    "surgery.block_size",
+    "surgery.is_batch_elements",
+    "surgery.plots",
+    "surgery.plot_grid",
+    "experiment",
+    "hydra.",
 )
 #: Priors in this order first (the zoo's order), any others after, alphabetically.
 PRIOR_ORDER: tuple[str, ...] = ("gaussian", "mixture", "vampprior", "flow", "exemplar", "aggregate")
@@ -304,9 +318,7 @@ def _prior_key(name: str) -> tuple[int, str]:
 def _variants(groups: Sequence[frozenset[str]]) -> list[str]:
     """Per group, its settings not shared by every group, minus the prior's and the latent size's."""
     common = frozenset.intersection(*groups) if groups else frozenset()
-    return [
-        ", ".join(sorted(x for x in g - common if not x.startswith(("prior", "vae.latent_dim=")))) for g in groups
-    ]
+    return [", ".join(sorted(x for x in g - common if not x.startswith(("prior", "vae.latent_dim=")))) for g in groups]
 
 
 def _mean_log_px(members: Sequence[RunRecord]) -> tuple[float, ...] | None:
@@ -326,7 +338,7 @@ def paired_differences(rows: Sequence[Row]) -> list[PairedDifference]:
         for b in with_points[i + 1 :]:
             if len(a.log_px) != len(b.log_px):
                 continue
-            d = [x - y for x, y in zip(a.log_px, b.log_px)]
+            d = [x - y for x, y in zip(a.log_px, b.log_px, strict=False)]
             n = len(d)
             mean = sum(d) / n
             stderr = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else math.nan
@@ -346,7 +358,7 @@ def summarize(runs: Sequence[RunRecord]) -> Report:
     for r in complete:
         groups.setdefault((str(r.prior), int(r.latent_dim or 0), r.settings), []).append(r)
     keys = sorted(groups, key=lambda k: (_prior_key(k[0]), k[1], sorted(k[2])))
-    variants = dict(zip(keys, _variants([k[2] for k in keys])))
+    variants = dict(zip(keys, _variants([k[2] for k in keys]), strict=False))
     rows = []
     for key in keys:
         prior, latent_dim, _ = key
@@ -410,8 +422,15 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for row in report.rows:
-        cells = [row.prior, str(row.latent_dim), row.variant or "—", *(format_stat(row.stats[k]) for k, _ in COLUMNS),
-                 str(row.n_runs), _format_epochs(row.epochs), ",".join(row.splits)]
+        cells = [
+            row.prior,
+            str(row.latent_dim),
+            row.variant or "—",
+            *(format_stat(row.stats[k]) for k, _ in COLUMNS),
+            str(row.n_runs),
+            _format_epochs(row.epochs),
+            ",".join(row.splits),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if not report.rows:
         lines.append("")
@@ -420,12 +439,14 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
     fitted = [r for r in report.runs if r.problem is None and r.fit is not None]
     if fitted:
         lines += [
-            "## Fitted after training", "",
+            "## Fitted after training",
+            "",
             "Priors fitted to a trained model's frozen encoder and decoder (`python -m priors.fit`). With the "
             "networks fixed, the ELBO changes by exactly the marginal-KL reduction; the last columns check that "
             "(gain − reduction, ± its standard error). The training split is where the prior was fitted, so its "
             "share is optimistic; the test split and test log p(x) are the honest measures. The exact aggregate "
-            "posterior is the ceiling: it closes 100% of the training split's marginal KL.", "",
+            "posterior is the ceiling: it closes 100% of the training split's marginal KL.",
+            "",
             "| fitted prior | to a model with | marginal KL, train (before → after) | closed, train | "
             "marginal KL, test (before → after) | closed, test | ELBO gain, train | gain − reduction | "
             "test log p(x) change | fit epochs, seconds |",
@@ -436,7 +457,8 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
             ll = f.get("test_log_likelihood_gain")
             how = "—" if not f.get("fit") else f"{f['fit']['epochs']}, {f['fit']['seconds']:.0f}"
             lines.append(
-                f"| {f['new_prior']} | {f['old_prior']} | {tr['marginal_kl_before']:.3f} → {tr['marginal_kl_after']:.3f} | "
+                f"| {f['new_prior']} | {f['old_prior']} | {tr['marginal_kl_before']:.3f} → "
+                f"{tr['marginal_kl_after']:.3f} | "
                 f"{100 * tr['share_closed']:.1f}% | {te['marginal_kl_before']:.3f} → {te['marginal_kl_after']:.3f} | "
                 f"{100 * te['share_closed']:.1f}% | {tr['elbo_gain']:+.3f} | "
                 f"{tr['identity_gap']:+.3f} ± {tr['identity_gap_stderr']:.3f} | "
@@ -445,11 +467,14 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
         lines.append("")
     if report.paired:
         lines += [
-            "## Paired differences in test log p(x)", "",
+            "## Paired differences in test log p(x)",
+            "",
             "Row a minus row b on the same test points: the mean of the per-point differences ± its "
             "standard error. The per-row spread above includes how hard each test point is; a paired "
-            "difference cancels it, so this is the uncertainty of a ranking.", "",
-            "| a | b | a − b (nats) | points |", "|---|---|---|---|",
+            "difference cancels it, so this is the uncertainty of a ranking.",
+            "",
+            "| a | b | a − b (nats) | points |",
+            "|---|---|---|---|",
         ]
         lines += [f"| {p.a} | {p.b} | {p.mean:+.3f} ± {p.stderr:.3f} | {p.n_points:,} |" for p in report.paired]
         lines.append("")
@@ -514,7 +539,9 @@ def plot_marginal_kl(report: Report, path: Path) -> Path:
                 [r.latent_dim for r in rows],
                 [r.stats["marginal_kl"].mean for r in rows],
                 yerr=[r.stats["marginal_kl"].std or 0.0 for r in rows],
-                marker="o", capsize=3, label=prior,
+                marker="o",
+                capsize=3,
+                label=prior,
             )
     ax.set_xlabel("latent dimensions")
     ax.set_ylabel("marginal KL (nats per data point)")
@@ -530,8 +557,11 @@ def plot_density_grids(runs: Sequence[RunRecord], path: Path, columns: int = 4) 
     None when no run has one."""
     import matplotlib.image as mpimg
 
-    panels = [(r, p) for r in sorted(runs, key=lambda r: (_prior_key(str(r.prior)), r.latent_dim or 0, r.seed or 0))
-              for p in r.density_pngs]
+    panels = [
+        (r, p)
+        for r in sorted(runs, key=lambda r: (_prior_key(str(r.prior)), r.latent_dim or 0, r.seed or 0))
+        for p in r.density_pngs
+    ]
     if not panels:
         return None
     cols = min(columns, len(panels))
@@ -554,8 +584,13 @@ def plot_samples_side_by_side(report: Report, path: Path) -> Path | None:
     panels = []
     for row in report.rows:
         for run in report.runs:
-            if (run.problem is None and run.samples_png is not None and run.prior == row.prior
-                    and run.latent_dim == row.latent_dim and row.seeds[:1] == (run.seed,)):
+            if (
+                run.problem is None
+                and run.samples_png is not None
+                and run.prior == row.prior
+                and run.latent_dim == row.latent_dim
+                and row.seeds[:1] == (run.seed,)
+            ):
                 panels.append((row, run.samples_png))
                 break
     if not panels:
@@ -575,8 +610,10 @@ def write_report(report: Report, out: str | Path) -> ReportFiles:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot_decomposition(report, out / "decomposition.png"), plot_marginal_kl(report, out / "marginal_kl.png")]
-    for extra in (plot_density_grids(report.runs, out / "density_grids.png"),
-                  plot_samples_side_by_side(report, out / "samples.png")):
+    for extra in (
+        plot_density_grids(report.runs, out / "density_grids.png"),
+        plot_samples_side_by_side(report, out / "samples.png"),
+    ):
         if extra is not None:
             plots.append(extra)
     markdown = out / "report.md"
@@ -598,8 +635,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"surgery.report: error: {e}", file=sys.stderr)
         return 2
     if not report.runs:
-        print(f"surgery.report: error: no run dirs found under {', '.join(args.paths)} "
-              "(a run dir holds .hydra/config.yaml or checkpoints/)", file=sys.stderr)
+        print(
+            f"surgery.report: error: no run dirs found under {', '.join(args.paths)} "
+            "(a run dir holds .hydra/config.yaml or checkpoints/)",
+            file=sys.stderr,
+        )
         return 2
     files = write_report(report, args.out)
     n_complete = sum(r.n_runs for r in report.rows)

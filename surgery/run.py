@@ -29,12 +29,13 @@ SAMPLES_PICTURE = "samples.png"
 FIT_JSON = "fit.json"
 RECONSTRUCTIONS_PICTURE = "reconstructions.png"
 
+
 @dataclass(frozen=True)
 class SurgeryOptions:
     """The surgery config group, typed and checked when it is built.
 
-    conf/surgery/default.yaml holds the defaults and describes every field. `from_config` refuses unknown keys and bad values
-    with one line, before any training or loading starts.
+    conf/surgery/default.yaml holds the defaults and describes every field. `from_config`
+    refuses unknown keys and bad values with one line, before any training or loading starts.
     """
 
     enabled: bool
@@ -76,15 +77,24 @@ class SurgeryOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known - set(ignore))
         if unknown:
-            raise ConfigError(f"unknown surgery option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown surgery option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}"
+            )
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def decompose_kwargs(self) -> dict[str, Any]:
         """The arguments of `surgery.decomposition.decompose`."""
         return {
-            "split": self.split, "n_samples": self.n_samples, "dimwise_samples": self.dimwise_samples,
-            "is_samples": self.is_samples, "is_points": self.is_points, "is_split": self.is_split, "seed": self.seed,
-            "batch_size": self.batch_size, "chunk_size": self.chunk_size, "block_size": self.block_size,
+            "split": self.split,
+            "n_samples": self.n_samples,
+            "dimwise_samples": self.dimwise_samples,
+            "is_samples": self.is_samples,
+            "is_points": self.is_points,
+            "is_split": self.is_split,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "chunk_size": self.chunk_size,
+            "block_size": self.block_size,
             "is_batch_elements": self.is_batch_elements,
         }
 
@@ -147,7 +157,9 @@ def run_surgery(
     report = decompose(model, data, device=device, **options.decompose_kwargs())
     files = {"json": write_json(report, out_dir / surgery_json_name(report.split))}
     if report.log_likelihood_per_point is not None:
-        files["log_px"] = write_log_px(report.log_likelihood_per_point, out_dir / log_px_name(report.log_likelihood_split))
+        files["log_px"] = write_log_px(
+            report.log_likelihood_per_point, out_dir / log_px_name(report.log_likelihood_split)
+        )
     if options.plots:
         from surgery.plots import plot_aggregate_posterior_2d, plot_decomposition
 
@@ -156,8 +168,12 @@ def run_surgery(
         if report.latent_dim == 2:
             mu, logvar = encode(model, data.split(report.split), options.batch_size, device)
             files["aggregate_posterior"] = plot_aggregate_posterior_2d(
-                mu, logvar, model.prior, out_dir / f"{DENSITY_PICTURE}{suffix}.png",
-                grid=options.plot_grid, seed=options.seed,
+                mu,
+                logvar,
+                model.prior,
+                out_dir / f"{DENSITY_PICTURE}{suffix}.png",
+                grid=options.plot_grid,
+                seed=options.seed,
             )
     if logger is not None:
         logger.summary(report.metrics())
@@ -179,7 +195,9 @@ def save_run_pictures(model: Any, data: Any, out_dir: str | Path, logger: Any = 
     out_dir = Path(out_dir)
     files = {
         "samples": plot_samples(model, data.image_shape, out_dir / SAMPLES_PICTURE, seed=seed),
-        "reconstructions": plot_reconstructions(model, data.split("test")[:32], data.image_shape, out_dir / RECONSTRUCTIONS_PICTURE),
+        "reconstructions": plot_reconstructions(
+            model, data.split("test")[:32], data.image_shape, out_dir / RECONSTRUCTIONS_PICTURE
+        ),
     }
     if logger is not None:
         for name, path in files.items():

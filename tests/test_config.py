@@ -78,7 +78,9 @@ def test_every_vae_option_builds(option: str) -> None:
 
 
 def test_unknown_option_lists_the_choices() -> None:
-    with pytest.raises(MissingConfigException, match=r"(?s)Could not find 'prior/nope'.*Available options in 'prior'.*gaussian"):
+    with pytest.raises(
+        MissingConfigException, match=r"(?s)Could not find 'prior/nope'.*Available options in 'prior'.*gaussian"
+    ):
         compose_config("prior=nope")
 
 

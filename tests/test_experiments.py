@@ -52,7 +52,11 @@ def test_elbo_surgery_is_hoffman_johnson_setting_with_the_recipe() -> None:
     assert cfg.trainer == recipe.trainer and cfg.vae == recipe.vae
     assert cfg.hydra.mode == RunMode.MULTIRUN
     jobs = sweep_jobs(cfg)
-    assert [(j["prior"], j["vae.latent_dim"]) for j in jobs] == [("gaussian", "2"), ("gaussian", "10"), ("gaussian", "20")]
+    assert [(j["prior"], j["vae.latent_dim"]) for j in jobs] == [
+        ("gaussian", "2"),
+        ("gaussian", "10"),
+        ("gaussian", "20"),
+    ]
     assert [j["vae.latent_dim"] for j in sweep_jobs(cfg, "vae.latent_dim=10")] == ["10"]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -15,10 +14,9 @@ from hydra import compose, initialize_config_dir
 from priors.mixture import MixturePrior
 from surgery import report as rep
 from surgery.fit import FitOptions, fit_main, fit_prior
+from tests.conftest import compose_config
 from train import train
 from vae.checkpoint import load_model
-
-from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,16 +24,34 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_config("data=digits", "logger=none", "device=cpu", "vae.latent_dim=3", "vae.hidden_dims=[32]",
-                         "trainer.max_epochs=15", "trainer.progress=false", "surgery.enabled=false")
+    cfg = compose_config(
+        "data=digits",
+        "logger=none",
+        "device=cpu",
+        "vae.latent_dim=3",
+        "vae.hidden_dims=[32]",
+        "trainer.max_epochs=15",
+        "trainer.progress=false",
+        "surgery.enabled=false",
+    )
     train(cfg, run_dir=run_dir)
     return run_dir / "checkpoints" / "best.pt"
 
 
 def fit_cfg(checkpoint: Path, out_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("fit", overrides=[f"checkpoint={checkpoint}", f"out_dir={out_dir}", "device=cpu",
-                                         "fit.progress=false", "fit.max_epochs=40", "surgery.is_samples=20", *overrides])
+        return compose(
+            "fit",
+            overrides=[
+                f"checkpoint={checkpoint}",
+                f"out_dir={out_dir}",
+                "device=cpu",
+                "fit.progress=false",
+                "fit.max_epochs=40",
+                "surgery.is_samples=20",
+                *overrides,
+            ],
+        )
 
 
 @pytest.mark.parametrize("prior", ["mixture", "flow"])
@@ -56,7 +72,14 @@ def test_the_elbo_gain_is_the_marginal_kl_reduction(trained, tmp_path, prior):
     for key, value in old.state_dict().items():
         if not key.startswith("prior."):
             assert torch.equal(new.state_dict()[key], value), key
-    for name in ("surgery.json", "surgery_test.json", "log_px_test.npy", "samples.png", "reconstructions.png", "fit.json"):
+    for name in (
+        "surgery.json",
+        "surgery_test.json",
+        "log_px_test.npy",
+        "samples.png",
+        "reconstructions.png",
+        "fit.json",
+    ):
         assert (out_dir / name).is_file(), name
 
 
@@ -74,8 +97,12 @@ def test_fit_prior_recovers_an_analytic_aggregate_posterior():
     m, log_s2 = torch.tensor([1.5, -2.0]), torch.tensor([-0.5, 0.3])
     posteriors = (m.expand(10_000, 2).clone(), log_s2.expand(10_000, 2).clone())
     prior = MixturePrior(2, num_components=1)
-    history = fit_prior(prior, posteriors, (m.expand(5000, 2).clone(), log_s2.expand(5000, 2).clone()),
-                        FitOptions(lr=0.02, batch_size=1000, max_epochs=100, patience=15, progress=False))
+    history = fit_prior(
+        prior,
+        posteriors,
+        (m.expand(5000, 2).clone(), log_s2.expand(5000, 2).clone()),
+        FitOptions(lr=0.02, batch_size=1000, max_epochs=100, patience=15, progress=False),
+    )
     torch.testing.assert_close(prior.means[0].detach(), m, atol=0.05, rtol=0)
     torch.testing.assert_close(prior.logvars[0].detach(), log_s2, atol=0.1, rtol=0)
     entropy = 0.5 * (2 * math.log(2 * math.pi * math.e) + float(log_s2.sum()))
@@ -84,8 +111,13 @@ def test_fit_prior_recovers_an_analytic_aggregate_posterior():
 
 def test_a_users_prior_fits_and_the_report_shows_it(trained, tmp_path):
     # The new prior comes from the command line (trusted); prior=gaussian is a node without extra keys.
-    cfg = fit_cfg(trained, tmp_path / "fit", "prior=gaussian", "prior._target_=examples.student_t_prior.StudentTPrior",
-                  "+prior.df=4.0")
+    cfg = fit_cfg(
+        trained,
+        tmp_path / "fit",
+        "prior=gaussian",
+        "prior._target_=examples.student_t_prior.StudentTPrior",
+        "+prior.df=4.0",
+    )
     out_dir, result = fit_main(cfg)
     assert result["new_prior"] == "StudentTPrior"
     report = rep.build_report([trained.parent.parent, out_dir])
@@ -98,6 +130,9 @@ def test_a_users_prior_fits_and_the_report_shows_it(trained, tmp_path):
 def test_bad_fit_options_are_one_line(trained, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "priors.fit", f"checkpoint={trained}", "fit.lr=-1", f"out_dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 2 and done.stderr.strip() == "priors.fit: error: fit.lr must be a number > 0, got -1"

@@ -63,9 +63,13 @@ def test_matches_double_loop(logvar_mean):
     exclude = torch.where(torch.arange(6) % 2 == 0, idx, torch.full_like(idx, -1))
     for ex in (None, exclude):
         expected = reference_logsumexp(z, mu, logvar, ex)
-        got = gaussian_mixture_logsumexp(z.double(), mu.double(), logvar.double(), ex, chunk_size=4, block_size=4, group=2)
+        got = gaussian_mixture_logsumexp(
+            z.double(), mu.double(), logvar.double(), ex, chunk_size=4, block_size=4, group=2
+        )
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
-        got32 = gaussian_mixture_logsumexp(z, mu, logvar, ex, chunk_size=4, block_size=4, group=2, out_dtype=torch.float64)
+        got32 = gaussian_mixture_logsumexp(
+            z, mu, logvar, ex, chunk_size=4, block_size=4, group=2, out_dtype=torch.float64
+        )
         torch.testing.assert_close(got32, reference_logsumexp(z, mu.float(), logvar.float(), ex), rtol=0, atol=1e-9)
 
 
@@ -97,7 +101,9 @@ def test_exclude_and_edge_cases():
     z, idx = samples(mu, logvar, 5)
     # exclude = -1 everywhere is the same as no exclusion
     none = torch.full((5,), -1, dtype=torch.int64)
-    torch.testing.assert_close(gaussian_mixture_logsumexp(z, mu, logvar, none), gaussian_mixture_logsumexp(z, mu, logvar))
+    torch.testing.assert_close(
+        gaussian_mixture_logsumexp(z, mu, logvar, none), gaussian_mixture_logsumexp(z, mu, logvar)
+    )
     # one component, excluded: -inf
     out = gaussian_mixture_logsumexp(z[:2], mu[:1], logvar[:1], torch.tensor([0, -1]))
     assert out[0] == -math.inf and torch.isfinite(out[1])
@@ -114,7 +120,9 @@ def test_chunking_does_not_change_results():
     exclude = idx
     base = gaussian_mixture_logsumexp(z, mu, logvar, exclude, out_dtype=torch.float64)
     for chunk, block, group in [(1, 32, 32), (7, 64, 8), (120, 1000, 16), (64, 96, 1)]:
-        got = gaussian_mixture_logsumexp(z, mu, logvar, exclude, chunk, block_size=block, group=group, out_dtype=torch.float64)
+        got = gaussian_mixture_logsumexp(
+            z, mu, logvar, exclude, chunk, block_size=block, group=group, out_dtype=torch.float64
+        )
         torch.testing.assert_close(got, base, rtol=0, atol=1e-10)
 
 
@@ -152,7 +160,9 @@ def test_cached_constants_follow_in_place_updates():
     mu.add_(0.5)  # an in-place refresh, as the aggregate prior does every epoch
     logvar.copy_(logvar - 1)
     expected = vectorized_reference(z, mu, logvar)
-    torch.testing.assert_close(gaussian_mixture_logsumexp(z, mu, logvar, out_dtype=torch.float64), expected, rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        gaussian_mixture_logsumexp(z, mu, logvar, out_dtype=torch.float64), expected, rtol=0, atol=1e-9
+    )
     with torch.inference_mode():  # inference tensors have no version counter: never cached, still right
         mu_i, logvar_i = mu.clone(), logvar.clone()
         first = gaussian_mixture_logsumexp(z, mu_i, logvar_i, out_dtype=torch.float64)
@@ -169,7 +179,9 @@ def test_gradcheck_float64():
     exclude = torch.tensor([int(idx[0]), -1, int(idx[2]), -1, -1])
     for dense in (0.25, 0.0):  # sparse refinement and the dense float64 block
         torch.autograd.gradcheck(
-            lambda z_: gaussian_mixture_logsumexp(z_, mu.double(), logvar.double(), exclude, 2, block_size=8, group=4, dense_fraction=dense),
+            lambda z_, dense=dense: gaussian_mixture_logsumexp(
+                z_, mu.double(), logvar.double(), exclude, 2, block_size=8, group=4, dense_fraction=dense
+            ),
             (z,),
         )
 

@@ -9,13 +9,12 @@ import textwrap
 import pytest
 import torch
 
+from tests.conftest import compose_config
 from train import train
 from vae import build_model
 from vae.data import digits
 from vae.networks import GatedDense, GatedMLPDecoder, GatedMLPEncoder
 from vae.optim import AdamNormGrad
-
-from tests.conftest import compose_config
 
 
 def test_gated_dense_is_the_product_of_a_linear_map_and_a_sigmoid_gate() -> None:
@@ -42,7 +41,10 @@ def test_gated_encoder_bounds_logvar_and_decoder_gives_logits() -> None:
     assert dec(torch.randn(3, 7, 40)).shape == (3, 7, 784)
     # 784-300-300 gated: two linear maps per gated layer
     assert [tuple(m.weight.shape) for m in enc.body.modules() if isinstance(m, torch.nn.Linear)] == [
-        (300, 784), (300, 784), (300, 300), (300, 300)
+        (300, 784),
+        (300, 784),
+        (300, 300),
+        (300, 300),
     ]
 
 
@@ -62,7 +64,7 @@ def test_adam_normgrad_steps_as_adam_on_the_normalized_gradient() -> None:
     opt = AdamNormGrad([a, b], lr=0.1)
     ref = torch.optim.Adam([a_ref, b_ref], lr=0.1)
     for step in range(3):
-        scale = 10.0 ** step  # the raw gradient's size must not matter
+        scale = 10.0**step  # the raw gradient's size must not matter
         ga, gb = torch.randn(5) * scale, torch.randn(3, 2) * scale
         a.grad, b.grad = ga.clone(), gb.clone()
         a_ref.grad, b_ref.grad = ga / (ga.norm() + 1e-7), gb / (gb.norm() + 1e-7)
@@ -106,9 +108,17 @@ def outside_package(tmp_path, monkeypatch):
 
 
 def test_an_encoder_from_outside_the_packages_plugs_in(outside_package, tmp_path) -> None:
-    cfg = compose_config("data=digits", "logger=none", "device=cpu", "vae.latent_dim=3", "trainer.max_epochs=2",
-                         "trainer.progress=false", "surgery.enabled=false",
-                         f"vae.encoder._target_={outside_package}.ConvEncoder", "+vae.encoder.channels=2")
+    cfg = compose_config(
+        "data=digits",
+        "logger=none",
+        "device=cpu",
+        "vae.latent_dim=3",
+        "trainer.max_epochs=2",
+        "trainer.progress=false",
+        "surgery.enabled=false",
+        f"vae.encoder._target_={outside_package}.ConvEncoder",
+        "+vae.encoder.channels=2",
+    )
     model = build_model(cfg, digits())
     assert type(model.encoder).__name__ == "ConvEncoder" and model.encoder.conv[0].out_channels == 2
     metrics = train(cfg, run_dir=tmp_path)

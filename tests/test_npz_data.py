@@ -31,6 +31,7 @@ def test_a_lone_train_array_of_uint8_images_is_split_and_scaled(tmp_path):
     assert data.image_shape == (8, 8) and data.data_dim == 64 and data.dynamic
     everything = torch.cat([data.grey[s] for s in ("train", "val", "test")])
     expected = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255)
+
     # a permutation of the rows: the same multiset of images
     def rows(x):
         return sorted(map(tuple, (x * 255).round().to(torch.int64).tolist()))
@@ -59,7 +60,11 @@ def test_three_splits_of_flat_binary_rows(tmp_path):
         ({"train": np.zeros((10, 4)), "val": np.zeros((3, 4))}, {}, "not \\['test'\\]"),
         ({"val": np.zeros((3, 4))}, {}, "it needs a 'train' array"),
         ({"train": np.zeros((10, 4)), "val": np.zeros((3, 5)), "test": np.zeros((3, 4))}, {}, "pixel shapes differ"),
-        ({"train": np.zeros((10, 4)), "val": np.zeros((1, 4)), "test": np.zeros((3, 4))}, {}, "split 'val' has 1 point"),
+        (
+            {"train": np.zeros((10, 4)), "val": np.zeros((1, 4)), "test": np.zeros((3, 4))},
+            {},
+            "split 'val' has 1 point",
+        ),
         ({"train": np.zeros((5, 4))}, {}, "cannot be split"),
         ({"train": np.full((30, 4), 0.5)}, {"binarize": "none"}, "needs binary data"),
         ({"train": np.zeros((10, 4))}, {"image_shape": [3, 3]}, "does not hold 4 pixels"),
@@ -80,10 +85,24 @@ def test_a_pickled_object_array_is_refused(tmp_path):
 def test_trains_on_a_generated_file_through_train_py(tmp_path):
     np.savez(tmp_path / "digits.npz", train=digits_uint8())
     done = subprocess.run(
-        [sys.executable, "train.py", "data=npz", f"data.path={tmp_path / 'digits.npz'}", "logger=none", "device=cpu",
-         "vae.latent_dim=2", "vae.hidden_dims=[16]", "trainer.max_epochs=2", "trainer.progress=false",
-         "surgery.is_samples=10", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "train.py",
+            "data=npz",
+            f"data.path={tmp_path / 'digits.npz'}",
+            "logger=none",
+            "device=cpu",
+            "vae.latent_dim=2",
+            "vae.hidden_dims=[16]",
+            "trainer.max_epochs=2",
+            "trainer.progress=false",
+            "surgery.is_samples=10",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "test ELBO" in done.stdout

@@ -16,16 +16,17 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import hydra
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-import hydra
 
 from priors.base import Prior
 from vae.callbacks import consumers, encode
@@ -153,7 +154,9 @@ def test_normalized_given_a_training_context(case: PriorCase, dim: int, points: 
             total = prior.log_prob(mesh.reshape(-1, dim), context=context.reshape(-1)).exp().reshape(mesh.shape[:-1])
             for _ in range(dim):
                 total = torch.trapezoid(total, axis, dim=0)
-            assert abs(total.item() - 1.0) < 1e-3, f"{case.name}: leaving out point {index} integrates to {total.item():.6f}"
+            assert abs(total.item() - 1.0) < 1e-3, (
+                f"{case.name}: leaving out point {index} integrates to {total.item():.6f}"
+            )
 
 
 @pytest.mark.parametrize("dim,points", [(1, 4001), (2, 501)])
@@ -204,7 +207,9 @@ def test_state_dict_round_trip(case: PriorCase) -> None:
     prior_b, model_b, _ = build(case, 3, seed=1)
     z = torch.randn(9, 3, dtype=torch.float64)
     state_a, state_b = prior_a.state_dict(), prior_b.state_dict()
-    priors_differ = any(not torch.equal(state_a[k], state_b[k]) for k in state_a if state_a[k].shape == state_b[k].shape)
+    priors_differ = any(
+        not torch.equal(state_a[k], state_b[k]) for k in state_a if state_a[k].shape == state_b[k].shape
+    )
     for p in (prior_a, prior_b):
         p.eval()
     with torch.no_grad():

@@ -16,9 +16,9 @@ from torch import distributions as dist
 from examples.student_t_prior import StudentTPrior
 from priors.aggregate import AggregatePosteriorPrior
 from priors.base import Prior, PriorShapeError
+from priors.exemplar import ExemplarPrior
 from priors.flow import FlowPrior
 from priors.gaussian import GaussianPrior
-from priors.exemplar import ExemplarPrior
 from priors.mixture import MixturePrior
 from priors.vampprior import VampPrior
 from vae.model import VAE
@@ -61,7 +61,8 @@ def test_vampprior_matches_mean_of_encoder_posteriors() -> None:
     mu, logvar = encoder(p.pseudo_inputs)
     ref = torch.stack(
         [
-            math.log(0.25) + sum(dist.Normal(mu[k, d], torch.exp(0.5 * logvar[k, d])).log_prob(z[:, d]) for d in range(2))
+            math.log(0.25)
+            + sum(dist.Normal(mu[k, d], torch.exp(0.5 * logvar[k, d])).log_prob(z[:, d]) for d in range(2))
             for k in range(4)
         ]
     ).logsumexp(0)
@@ -86,7 +87,9 @@ def test_vampprior_follows_the_encoder_after_a_step() -> None:
     opt.step()
     with torch.no_grad():
         mu, logvar = encoder(p.pseudo_inputs)
-        ref = torch.logsumexp(-0.5 * (math.log(2 * math.pi) + logvar + (z[:, None] - mu).square() / logvar.exp()).sum(-1), -1)
+        ref = torch.logsumexp(
+            -0.5 * (math.log(2 * math.pi) + logvar + (z[:, None] - mu).square() / logvar.exp()).sum(-1), -1
+        )
         torch.testing.assert_close(p.log_prob(z), ref - math.log(4), rtol=0, atol=1e-12)
         assert not torch.allclose(p.log_prob(z), before)
 
@@ -139,7 +142,9 @@ def test_aggregate_new_encodings_replace_the_old_and_a_resized_load() -> None:
     with torch.no_grad():
         p.update_encodings(*encoder(x1))
         mu, logvar = encoder(x1)
-    assert abs(p.log_prob(z)[0].item() - _loop_log_q(z[0], mu, logvar)) < 1e-10 and not torch.allclose(p.log_prob(z), before)
+    assert abs(p.log_prob(z)[0].item() - _loop_log_q(z[0], mu, logvar)) < 1e-10 and not torch.allclose(
+        p.log_prob(z), before
+    )
     # A checkpoint with another N loads into a fresh prior sized differently.
     other, _, _ = _aggregate(n=4)
     other.load_state_dict(p.state_dict())
@@ -147,7 +152,9 @@ def test_aggregate_new_encodings_replace_the_old_and_a_resized_load() -> None:
     torch.testing.assert_close(other.log_prob(z), p.log_prob(z), rtol=0, atol=0)
 
 
-def _exemplar(exemplars: str, n: int = 8, d: int = 2, variance: str = "scalar", **kw) -> tuple[ExemplarPrior, MLPEncoder, torch.Tensor]:
+def _exemplar(
+    exemplars: str, n: int = 8, d: int = 2, variance: str = "scalar", **kw
+) -> tuple[ExemplarPrior, MLPEncoder, torch.Tensor]:
     encoder = tiny_encoder(d)
     train_x = torch.rand(n, 5, dtype=F64)
     p = ExemplarPrior(d, encoder, train_x, exemplars=exemplars, variance=variance, init_logvar=-0.7, **kw).double()
@@ -241,8 +248,14 @@ def test_student_t_matches_torch() -> None:
 
 
 def test_flow_spline_option_and_one_dimension() -> None:
-    spline = FlowPrior(2, num_layers=2, hidden_features=8, layer=partial(
-        MaskedPiecewiseRationalQuadraticAutoregressiveTransform, tails="linear", tail_bound=3.0, num_bins=4))
+    spline = FlowPrior(
+        2,
+        num_layers=2,
+        hidden_features=8,
+        layer=partial(
+            MaskedPiecewiseRationalQuadraticAutoregressiveTransform, tails="linear", tail_bound=3.0, num_bins=4
+        ),
+    )
     assert isinstance(spline.flow._transform._transforms[0], MaskedPiecewiseRationalQuadraticAutoregressiveTransform)
     # Outside the tail bound the spline is the identity: the density there is the standard normal's.
     far = torch.tensor([[50.0, -60.0]])
@@ -280,7 +293,9 @@ def test_latent_size_mismatch(prior: Prior) -> None:
 
 def test_encoder_latent_size_mismatch() -> None:
     encoder = tiny_encoder(2)
-    with pytest.raises(ValueError, match=r"VampPrior: the encoder maps pseudo-inputs to mu \(3, 2\).*expected \(3, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"VampPrior: the encoder maps pseudo-inputs to mu \(3, 2\).*expected \(3, 4\)"
+    ):
         VampPrior(4, encoder, torch.rand(6, 5, dtype=F64), num_components=3)
     with pytest.raises(ValueError, match=r"AggregatePosteriorPrior: needs encodings mu, logvar of shape \[N, 4\]"):
         AggregatePosteriorPrior(4).update_encodings(*encoder(torch.rand(6, 5, dtype=F64)))
@@ -310,8 +325,11 @@ def test_vampprior_bad_arguments() -> None:
 
 def test_aggregate_without_encodings() -> None:
     p = AggregatePosteriorPrior(2)
-    for call in (lambda: p.log_prob(torch.zeros(3, 2)), lambda: p.sample(2),
-                 lambda: p.log_prob(torch.zeros(3, 2), context=torch.zeros(3, dtype=torch.int64))):
+    for call in (
+        lambda: p.log_prob(torch.zeros(3, 2)),
+        lambda: p.sample(2),
+        lambda: p.log_prob(torch.zeros(3, 2), context=torch.zeros(3, dtype=torch.int64)),
+    ):
         with pytest.raises(RuntimeError, match="AggregatePosteriorPrior has no encodings of the training set yet"):
             call()
     q, _, _ = _aggregate(n=5)
@@ -343,9 +361,18 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 )
 def test_trains_one_epoch_through_train_py(override: str, tmp_path: Path) -> None:
     r = _run(
-        ["train.py", override, "data=digits", "logger=none", "trainer.max_epochs=1", "trainer.progress=false",
-         "vae.latent_dim=4", "vae.hidden_dims=[32]", "prior.num_layers=2" if "flow" in override else "seed=0",
-         f"hydra.run.dir={tmp_path}"],
+        [
+            "train.py",
+            override,
+            "data=digits",
+            "logger=none",
+            "trainer.max_epochs=1",
+            "trainer.progress=false",
+            "vae.latent_dim=4",
+            "vae.hidden_dims=[32]",
+            "prior.num_layers=2" if "flow" in override else "seed=0",
+            f"hydra.run.dir={tmp_path}",
+        ],
         tmp_path,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -355,8 +382,18 @@ def test_trains_one_epoch_through_train_py(override: str, tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_contract_suite_runs_on_a_user_prior(tmp_path: Path) -> None:
     r = _run(
-        ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_prior_contract.py",
-         "--prior", "examples.student_t_prior.StudentTPrior", "-k", "StudentTPrior"],
+        [
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_prior_contract.py",
+            "--prior",
+            "examples.student_t_prior.StudentTPrior",
+            "-k",
+            "StudentTPrior",
+        ],
         tmp_path,
     )
     assert r.returncode == 0, r.stdout[-3000:]
@@ -380,7 +417,8 @@ def test_small_mixture_float32_agrees_with_float64_for_sharp_components() -> Non
     assert (got.double() - exact).abs().max() < 1e-4
     prec = torch.exp(-logvar).float()
     naive = torch.logsumexp(
-        z.float().square() @ (-0.5 * prec).T + z.float() @ (mu.float() * prec).T
+        z.float().square() @ (-0.5 * prec).T
+        + z.float() @ (mu.float() * prec).T
         - 0.5 * (40 * math.log(2 * math.pi) + logvar.float().sum(-1) + (mu.float().square() * prec).sum(-1))
         + log_w.float(),
         dim=-1,

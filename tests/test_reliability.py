@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from priors.base import Prior
+from tests.conftest import compose_config
 from train import train
 from vae.data import DataError, mnist
 from vae.model import VAE
@@ -23,11 +24,16 @@ from vae.run_dir import RunDirError, RunDirLock
 from vae.trainer import NonFiniteLossError, load_checkpoint
 from vae.validation import ConfigError
 
-from tests.conftest import compose_config
-
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ("data=digits", "logger=none", "device=cpu", "vae.latent_dim=2", "vae.hidden_dims=[16]",
-        "trainer.progress=false", "surgery.enabled=false")
+TINY = (
+    "data=digits",
+    "logger=none",
+    "device=cpu",
+    "vae.latent_dim=2",
+    "vae.hidden_dims=[16]",
+    "trainer.progress=false",
+    "surgery.enabled=false",
+)
 
 
 def tiny(*overrides: str) -> DictConfig:
@@ -85,7 +91,9 @@ def test_a_locked_directory_is_refused(tmp_path):
 def test_two_runs_started_together_in_one_directory(tmp_path):
     run_dir = tmp_path / "shared"
     cmd = [sys.executable, "train.py", *TINY, "trainer.max_epochs=3", f"hydra.run.dir={run_dir}"]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
@@ -183,7 +191,9 @@ def test_divergence_stops_within_one_logging_interval(tmp_path, monkeypatch):
     diverging.calls = 0
     monkeypatch.setattr(VAE, "elbo_terms", diverging)
     # checked every 5 steps and at the end of each 14-step epoch: steps 11-14 are one interval
-    with pytest.raises(NonFiniteLossError, match=r"exceeded 6.4e\+04 nats .* from step 11 \(epoch 1, batch 11\) to step 14:"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"exceeded 6.4e\+04 nats .* from step 11 \(epoch 1, batch 11\) to step 14:"
+    ):
         train(tiny("trainer.max_epochs=5", "trainer.log_every_n_steps=5"), run_dir=tmp_path)
 
 
@@ -218,7 +228,11 @@ def test_a_positive_elbo_on_binary_data_warns_about_the_prior(tmp_path, caplog):
 def test_train_cli_prints_one_line(tmp_path, args, expected):
     done = subprocess.run(
         [sys.executable, "train.py", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -229,7 +243,10 @@ def test_train_cli_prints_one_line(tmp_path, args, expected):
 def test_debug_true_shows_the_traceback(tmp_path):
     done = subprocess.run(
         [sys.executable, "train.py", *TINY, "surgery.split=nope", "debug=true", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode != 0 and "Traceback" in done.stderr and "surgery.split must be one of" in done.stderr
 
@@ -238,7 +255,10 @@ def test_an_unwritable_run_dir_is_one_line(tmp_path):
     (tmp_path / "checkpoints").write_text("a file where the checkpoints folder goes")
     done = subprocess.run(
         [sys.executable, "train.py", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("train.py: error:")

@@ -11,8 +11,17 @@ import yaml
 
 from surgery import report as rep
 
-ESTIMATES = ("elbo", "reconstruction", "avg_kl", "mutual_info", "marginal_kl", "total_correlation",
-             "dimwise_kl", "optimal_prior_elbo", "log_likelihood")
+ESTIMATES = (
+    "elbo",
+    "reconstruction",
+    "avg_kl",
+    "mutual_info",
+    "marginal_kl",
+    "total_correlation",
+    "dimwise_kl",
+    "optimal_prior_elbo",
+    "log_likelihood",
+)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -21,11 +30,19 @@ def fake_surgery(seed: int, latent_dim: int, prior: str) -> dict:
     base = {"gaussian": 0.0, "vampprior": 3.0}[prior] + latent_dim
     mi, mkl = 5.0 + 0.1 * seed + base / 10, 2.0 + 0.3 * seed + base / 5
     out = {
-        "split": "train", "n_points": 1397, "n_samples": 1, "log_n": 7.2422,
-        "reconstruction": -80.0 - seed, "avg_kl": mi + mkl, "mutual_info": mi, "marginal_kl": mkl,
-        "total_correlation": 0.5 + 0.05 * seed, "dimwise_kl": -1.0 - 0.05 * seed if prior == "vampprior" else mkl - 0.5 - 0.05 * seed,
+        "split": "train",
+        "n_points": 1397,
+        "n_samples": 1,
+        "log_n": 7.2422,
+        "reconstruction": -80.0 - seed,
+        "avg_kl": mi + mkl,
+        "mutual_info": mi,
+        "marginal_kl": mkl,
+        "total_correlation": 0.5 + 0.05 * seed,
+        "dimwise_kl": -1.0 - 0.05 * seed if prior == "vampprior" else mkl - 0.5 - 0.05 * seed,
         "prior_factorized": prior != "vampprior",
-        "log_likelihood": -85.0 + 0.2 * seed - base / 100, "is_samples": 10,
+        "log_likelihood": -85.0 + 0.2 * seed - base / 100,
+        "is_samples": 10,
     }
     out["elbo"] = out["reconstruction"] - out["avg_kl"]
     out["optimal_prior_elbo"] = out["elbo"] + mkl
@@ -38,8 +55,18 @@ def shown(v: dict, key: str) -> float | None:
     return None if key == "dimwise_kl" and not v["prior_factorized"] else v[key]
 
 
-def make_run(path: Path, prior: str, latent_dim: int, seed: int, *, surgery: bool = True,
-             checkpoints: bool = True, epochs: int = 7, density: bool = False, samples: bool = False) -> dict | None:
+def make_run(
+    path: Path,
+    prior: str,
+    latent_dim: int,
+    seed: int,
+    *,
+    surgery: bool = True,
+    checkpoints: bool = True,
+    epochs: int = 7,
+    density: bool = False,
+    samples: bool = False,
+) -> dict | None:
     (path / ".hydra").mkdir(parents=True)
     target = {"gaussian": "priors.gaussian.GaussianPrior", "vampprior": "priors.vampprior.VampPrior"}[prior]
     config = {"seed": seed, "vae": {"latent_dim": latent_dim}, "prior": {"_target_": target}}
@@ -77,7 +104,9 @@ def sweep(tmp_path: Path) -> tuple[Path, dict]:
     for prior in ("vampprior", "gaussian"):  # the report orders gaussian first anyway
         for latent_dim in (2, 10):
             for seed in (0, 1, 2):
-                v = make_run(root / str(job), prior, latent_dim, seed, epochs=5 + seed, density=latent_dim == 2 and seed == 0)
+                v = make_run(
+                    root / str(job), prior, latent_dim, seed, epochs=5 + seed, density=latent_dim == 2 and seed == 0
+                )
                 values.setdefault((prior, latent_dim), []).append(v)
                 job += 1
     make_run(root / str(job), "gaussian", 40, 0, surgery=False)  # trained, surgery missing
@@ -89,7 +118,12 @@ def sweep(tmp_path: Path) -> tuple[Path, dict]:
 def test_rows_hold_mean_and_std_over_seeds(sweep) -> None:
     root, values = sweep
     report = rep.build_report([root])
-    assert [(r.prior, r.latent_dim) for r in report.rows] == [("gaussian", 2), ("gaussian", 10), ("vampprior", 2), ("vampprior", 10)]
+    assert [(r.prior, r.latent_dim) for r in report.rows] == [
+        ("gaussian", 2),
+        ("gaussian", 10),
+        ("vampprior", 2),
+        ("vampprior", 10),
+    ]
     for row in report.rows:
         runs = values[(row.prior, row.latent_dim)]
         assert row.n_runs == 3 and row.seeds == (0, 1, 2) and row.epochs == (5, 6, 7)
@@ -113,7 +147,7 @@ def test_markdown_table_cells_are_the_formatted_values(sweep) -> None:
         prior, latent_dim = cells[0], int(cells[1])
         runs = values[(prior, latent_dim)]
         assert cells[2] == "—"  # no variant: the runs differ only in prior, size and seed
-        for (key, _), cell in zip(rep.COLUMNS, cells[3:]):
+        for (key, _), cell in zip(rep.COLUMNS, cells[3:], strict=False):
             xs = [shown(v, key) for v in runs if shown(v, key) is not None]
             expected = f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if xs else "—"
             assert cell == expected, (prior, latent_dim, key)
@@ -173,7 +207,8 @@ def test_runs_differing_in_any_setting_are_separate_rows(tmp_path: Path) -> None
         (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     report = rep.build_report([tmp_path])
     assert sorted((r.variant, r.n_runs) for r in report.rows) == [
-        ("trainer.optimizer.lr=0.0005", 1), ("trainer.optimizer.lr=0.001", 2)
+        ("trainer.optimizer.lr=0.0005", 1),
+        ("trainer.optimizer.lr=0.001", 2),
     ]
     assert "trainer.optimizer.lr=0.0005" in rep.render_markdown(report)
 
@@ -195,7 +230,9 @@ def test_paired_differences_match_a_hand_computation(tmp_path: Path) -> None:
     assert pair.mean == pytest.approx(d.mean(), abs=1e-12)
     assert pair.stderr == pytest.approx(d.std(ddof=1) / np.sqrt(500), rel=1e-9)
     assert pair.stderr < 0.1 < 20 / np.sqrt(500)  # far below the unpaired spread
-    assert f"| gaussian, z=40 | vampprior, z=40 | {d.mean():+.3f} ± {pair.stderr:.3f} | 500 |" in rep.render_markdown(report)
+    assert f"| gaussian, z=40 | vampprior, z=40 | {d.mean():+.3f} ± {pair.stderr:.3f} | 500 |" in rep.render_markdown(
+        report
+    )
 
 
 def test_samples_of_each_row_side_by_side(tmp_path: Path) -> None:

@@ -65,13 +65,17 @@ def brute_force(mu, logvar, z, recon=None, kl=None):
         dw.append(sum(log_q_dims) - log_p)
         for j in range(d):
             per_dim[j].append(log_q_dims[j] - log_p_dims[j])
-    out = {"mutual_info": mean_and_stderr(mi), "marginal_kl": mean_and_stderr(mkl),
-           "total_correlation": mean_and_stderr(tc), "dimwise_kl": mean_and_stderr(dw),
-           "per_dim": [sum(v) / len(v) for v in per_dim]}
+    out = {
+        "mutual_info": mean_and_stderr(mi),
+        "marginal_kl": mean_and_stderr(mkl),
+        "total_correlation": mean_and_stderr(tc),
+        "dimwise_kl": mean_and_stderr(dw),
+        "per_dim": [sum(v) / len(v) for v in per_dim],
+    }
     if recon is not None:
         out["reconstruction"] = mean_and_stderr(recon)
-        out["elbo"] = mean_and_stderr([r - k for r, k in zip(recon, kl)])
-        out["optimal_prior_elbo"] = mean_and_stderr([r - k + g for r, k, g in zip(recon, kl, mkl)])
+        out["elbo"] = mean_and_stderr([r - k for r, k in zip(recon, kl, strict=False)])
+        out["optimal_prior_elbo"] = mean_and_stderr([r - k + g for r, k, g in zip(recon, kl, mkl, strict=False)])
         out["avg_kl"] = (sum(kl) / len(kl), 0.0)
     return out
 
@@ -79,7 +83,16 @@ def brute_force(mu, logvar, z, recon=None, kl=None):
 def test_decompose_matches_brute_force_to_1e6():
     model = tiny_vae()
     x = torch.bernoulli(torch.full((15, 6), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(3))
-    report = decompose(model, FixedData(train=x), n_samples=None, dimwise_samples=None, is_samples=None, seed=5, chunk_size=4, block_size=8)
+    report = decompose(
+        model,
+        FixedData(train=x),
+        n_samples=None,
+        dimwise_samples=None,
+        is_samples=None,
+        seed=5,
+        chunk_size=4,
+        block_size=8,
+    )
 
     # Redo it by hand: the same draws, then double loops.
     with torch.no_grad():
@@ -91,13 +104,26 @@ def test_decompose_matches_brute_force_to_1e6():
     for n in range(15):
         r = 0.0
         for p in range(6):
-            l, xv = float(logits[n, p]), float(x[n, p])
-            r += xv * -math.log1p(math.exp(-l)) + (1 - xv) * -math.log1p(math.exp(l))
+            line, xv = float(logits[n, p]), float(x[n, p])
+            r += xv * -math.log1p(math.exp(-line)) + (1 - xv) * -math.log1p(math.exp(line))
         recon.append(r)
-        kl.append(sum(0.5 * (math.exp(float(logvar[n, j])) + float(mu[n, j]) ** 2 - 1 - float(logvar[n, j])) for j in range(2)))
+        kl.append(
+            sum(
+                0.5 * (math.exp(float(logvar[n, j])) + float(mu[n, j]) ** 2 - 1 - float(logvar[n, j])) for j in range(2)
+            )
+        )
     ref = brute_force(mu, logvar, z, recon, kl)
 
-    for name in ("elbo", "reconstruction", "avg_kl", "mutual_info", "marginal_kl", "total_correlation", "dimwise_kl", "optimal_prior_elbo"):
+    for name in (
+        "elbo",
+        "reconstruction",
+        "avg_kl",
+        "mutual_info",
+        "marginal_kl",
+        "total_correlation",
+        "dimwise_kl",
+        "optimal_prior_elbo",
+    ):
         value, stderr = ref[name]
         assert getattr(report, name) == pytest.approx(value, abs=1e-6), name
         assert getattr(report, name + "_stderr") == pytest.approx(stderr, abs=1e-6), name
@@ -111,23 +137,38 @@ def test_decompose_matches_brute_force_to_1e6():
 
 def test_aggregate_terms_match_brute_force_with_subsamples():
     g = torch.Generator().manual_seed(0)
-    mu, logvar = torch.randn(20, 3, generator=g, dtype=torch.float64), torch.randn(20, 3, generator=g, dtype=torch.float64) - 1
-    terms = aggregate_terms(mu, logvar, GaussianPrior(3).double(), n_samples=9, dimwise_samples=None, generator=torch.Generator().manual_seed(1), chunk_size=3, block_size=4)
+    mu, logvar = (
+        torch.randn(20, 3, generator=g, dtype=torch.float64),
+        torch.randn(20, 3, generator=g, dtype=torch.float64) - 1,
+    )
+    terms = aggregate_terms(
+        mu,
+        logvar,
+        GaussianPrior(3).double(),
+        n_samples=9,
+        dimwise_samples=None,
+        generator=torch.Generator().manual_seed(1),
+        chunk_size=3,
+        block_size=4,
+    )
     assert terms.n_samples == 9
     # reconstruct the sample points from the same stream
     g2 = torch.Generator().manual_seed(1)
     index = torch.randperm(20, generator=g2)[:9].sort().values
     z = mu[index] + torch.exp(0.5 * logvar[index]) * torch.randn((9, 3), generator=g2, dtype=torch.float64)
     ref_all = brute_force(mu, logvar, z)  # MI uses comps[m]: fix it for the index below
-    mi = [float(-0.5 * (math.log(2 * math.pi) * 3 + logvar[i].sum() + ((z[k] - mu[i]) ** 2 / logvar[i].exp()).sum())) for k, i in enumerate(index.tolist())]
-    log_q = [mi_k - v for mi_k, v in zip(mi, [0.0] * 9)]  # placeholder, replaced below
+    mi = [
+        float(-0.5 * (math.log(2 * math.pi) * 3 + logvar[i].sum() + ((z[k] - mu[i]) ** 2 / logvar[i].exp()).sum()))
+        for k, i in enumerate(index.tolist())
+    ]
+    log_q = [mi_k - v for mi_k, v in zip(mi, [0.0] * 9, strict=False)]  # placeholder, replaced below
     # log q(z_k) from the brute force's marginal KL: mkl_k = log q - log p
     assert terms.marginal_kl.value == pytest.approx(ref_all["marginal_kl"][0], abs=1e-9)
     assert terms.total_correlation.value == pytest.approx(ref_all["total_correlation"][0], abs=1e-9)
     assert terms.dimwise_kl.value == pytest.approx(ref_all["dimwise_kl"][0], abs=1e-9)
     log_p = [sum(log_normal_1d(float(z[k, j]), 0, 0) for j in range(3)) for k in range(9)]
-    log_q = [v + lp for v, lp in zip(terms.marginal_kl_per_sample.tolist(), log_p)]
-    expected_mi = mean_and_stderr([a - b for a, b in zip(mi, log_q)])
+    log_q = [v + lp for v, lp in zip(terms.marginal_kl_per_sample.tolist(), log_p, strict=False)]
+    expected_mi = mean_and_stderr([a - b for a, b in zip(mi, log_q, strict=False)])
     assert (terms.mutual_info.value, terms.mutual_info.stderr) == pytest.approx(expected_mi, abs=1e-9)
 
 
@@ -166,10 +207,12 @@ def test_float32_agrees_with_float64_to_1e4_nats():
     logvar = -7 + torch.randn(3000, 12, generator=g)
     gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
     # the same sample points for both dtypes
-    z = (mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g))
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g)
     idx = torch.arange(3000)
     t32 = aggregate_terms(mu, logvar, GaussianPrior(12), z, idx, generator=gen(), dimwise_samples=100)
-    t64 = aggregate_terms(mu.double(), logvar.double(), GaussianPrior(12).double(), z.double(), idx, generator=gen(), dimwise_samples=100)
+    t64 = aggregate_terms(
+        mu.double(), logvar.double(), GaussianPrior(12).double(), z.double(), idx, generator=gen(), dimwise_samples=100
+    )
     for name in ("mutual_info", "marginal_kl", "total_correlation", "dimwise_kl"):
         assert abs(getattr(t32, name).value - getattr(t64, name).value) < 1e-4, name
 
@@ -228,7 +271,9 @@ def test_importance_sampling_recovers_the_exact_evidence():
     exact = model.exact_log_evidence(x)
     with torch.no_grad():
         one = importance_log_likelihood(model, x, 1)
-        est = importance_log_likelihood(model, x, 5000, batch_elements=4 * 700, generator=torch.Generator().manual_seed(0))
+        est = importance_log_likelihood(
+            model, x, 5000, batch_elements=4 * 700, generator=torch.Generator().manual_seed(0)
+        )
     assert (est - exact).abs().max() < 1e-2  # converges: Monte Carlo error a few 1e-3 at K = 5000
     assert (est - exact).mean().abs() < 5e-3
     assert (one - exact).abs().max() > 2e-2  # and the test could fail: one sample is visibly off
@@ -251,7 +296,9 @@ def test_cuda_matches_cpu():
     z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g)
     idx = torch.arange(2000)
     cpu = aggregate_terms(mu, logvar, GaussianPrior(10), z, idx, dimwise_samples=None)
-    gpu = aggregate_terms(mu.cuda(), logvar.cuda(), GaussianPrior(10).cuda(), z.cuda(), idx.cuda(), dimwise_samples=None)
+    gpu = aggregate_terms(
+        mu.cuda(), logvar.cuda(), GaussianPrior(10).cuda(), z.cuda(), idx.cuda(), dimwise_samples=None
+    )
     for name in ("mutual_info", "marginal_kl", "total_correlation", "dimwise_kl"):
         assert abs(getattr(cpu, name).value - getattr(gpu, name).value) < 1e-4
 

@@ -13,18 +13,29 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 from surgery.__main__ import surgery_main
+from train import train
 from vae import DeviceError
 from vae.checkpoint import CheckpointError, load_model
-from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 FIELDS = [
-    "split", "n_points", "n_samples", "elbo", "reconstruction", "avg_kl", "mutual_info", "marginal_kl", "log_n",
-    "total_correlation", "dimwise_kl", "optimal_prior_elbo", "log_likelihood", "is_samples",
+    "split",
+    "n_points",
+    "n_samples",
+    "elbo",
+    "reconstruction",
+    "avg_kl",
+    "mutual_info",
+    "marginal_kl",
+    "log_n",
+    "total_correlation",
+    "dimwise_kl",
+    "optimal_prior_elbo",
+    "log_likelihood",
+    "is_samples",
 ]
 
 
@@ -36,11 +47,21 @@ def compose_cfg(name, overrides):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_cfg("train", [
-        "data=digits", "logger=none", "vae.latent_dim=2", "vae.hidden_dims=[32]", "trainer.max_epochs=1",
-        "trainer.progress=false", "device=cpu", "surgery.is_samples=20", "surgery.is_points=50",
-        "surgery.plot_grid=30",
-    ])
+    cfg = compose_cfg(
+        "train",
+        [
+            "data=digits",
+            "logger=none",
+            "vae.latent_dim=2",
+            "vae.hidden_dims=[32]",
+            "trainer.max_epochs=1",
+            "trainer.progress=false",
+            "device=cpu",
+            "surgery.is_samples=20",
+            "surgery.is_points=50",
+            "surgery.plot_grid=30",
+        ],
+    )
     metrics = train(cfg, run_dir=run_dir)
     return run_dir, metrics
 
@@ -68,10 +89,17 @@ def test_train_writes_surgery_json_and_pictures(trained_run):
 
 def test_cli_rebuilds_the_model_and_reproduces_the_numbers(trained_run, tmp_path):
     run_dir, _ = trained_run
-    cfg = compose_cfg("surgery_cli", [
-        f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "device=cpu", "is_samples=20", "is_points=50",
-        f"output_dir={tmp_path}", "plots=false",
-    ])
+    cfg = compose_cfg(
+        "surgery_cli",
+        [
+            f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
+            "device=cpu",
+            "is_samples=20",
+            "is_points=50",
+            f"output_dir={tmp_path}",
+            "plots=false",
+        ],
+    )
     report, files = surgery_main(cfg)
     saved = json.loads((run_dir / "surgery.json").read_text())
     for field in ("elbo", "mutual_info", "marginal_kl", "total_correlation", "log_likelihood"):
@@ -123,8 +151,18 @@ def test_cuda_without_a_gpu_says_so(trained_run):
 
 
 def test_surgery_can_be_disabled_in_training(tmp_path):
-    cfg = compose_cfg("train", ["data=digits", "logger=none", "trainer.max_steps=2", "trainer.max_epochs=1",
-                                "trainer.progress=false", "device=cpu", "surgery.enabled=false"])
+    cfg = compose_cfg(
+        "train",
+        [
+            "data=digits",
+            "logger=none",
+            "trainer.max_steps=2",
+            "trainer.max_epochs=1",
+            "trainer.progress=false",
+            "device=cpu",
+            "surgery.enabled=false",
+        ],
+    )
     metrics = train(cfg, run_dir=tmp_path)
     assert "surgery" not in metrics and not (tmp_path / "surgery.json").exists()
 
@@ -135,13 +173,32 @@ def test_cli_end_to_end_in_a_subprocess(trained_run):
     ckpt = run_dir / "checkpoints" / "best.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-m", "surgery", f"checkpoint={ckpt}", "device=cpu", "is_samples=50", "is_points=100", "split=test"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "surgery",
+            f"checkpoint={ckpt}",
+            "device=cpu",
+            "is_samples=50",
+            "is_points=100",
+            "split=test",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert "ELBO surgery on the test split" in done.stdout
     report = json.loads((run_dir / "surgery_test.json").read_text())
     assert report["split"] == "test" and report["n_points"] == 200
-    bad = subprocess.run([sys.executable, "-m", "surgery", "checkpoint=/nonexistent.pt"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "surgery", "checkpoint=/nonexistent.pt"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

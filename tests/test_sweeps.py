@@ -39,11 +39,22 @@ def sweep(request, tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp(request.param)
     sweep_dir = tmp / "multirun"
     extra = [f"hydra.launcher.submitit_folder={tmp / 'submitit' / '%j'}"] if "submitit" in request.param else []
-    run_sweep(sweep_dir, "logger=none", f"prior={','.join(PRIORS)}",
-              f"vae.latent_dim={','.join(map(str, LATENT_DIMS))}", *LAUNCHERS[request.param], *extra)
+    run_sweep(
+        sweep_dir,
+        "logger=none",
+        f"prior={','.join(PRIORS)}",
+        f"vae.latent_dim={','.join(map(str, LATENT_DIMS))}",
+        *LAUNCHERS[request.param],
+        *extra,
+    )
     out = tmp / "report"
-    proc = subprocess.run([sys.executable, "-m", "surgery.report", str(sweep_dir), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "surgery.report", str(sweep_dir), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"table: {out / 'report.md'}" in proc.stdout
     return sweep_dir, out
@@ -81,7 +92,7 @@ def test_wandb_one_offline_run_per_job_in_one_group(tmp_path: Path) -> None:
     """Three jobs on two loky workers: a worker runs two jobs, each its own wandb run."""
     sweep_dir = tmp_path / "multirun"
     run_sweep(sweep_dir, "logger=wandb", "prior=gaussian", "vae.latent_dim=2,3,4", *LAUNCHERS["joblib"])
-    for job, latent_dim in zip(("0", "1", "2"), (2, 3, 4)):
+    for job, latent_dim in zip(("0", "1", "2"), (2, 3, 4), strict=False):
         runs = list((sweep_dir / job / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, (job, runs)
         (data,) = runs[0].glob("run-*.wandb")

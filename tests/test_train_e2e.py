@@ -16,8 +16,16 @@ pytestmark = pytest.mark.slow
 
 def _run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_SILENT": "true"}
-    cmd = [sys.executable, "train.py", "data=digits", "trainer.max_epochs=1", "trainer.progress=false",
-           "vae.hidden_dims=[32,32]", f"hydra.run.dir={tmp_path}", *overrides]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "data=digits",
+        "trainer.max_epochs=1",
+        "trainer.progress=false",
+        "vae.hidden_dims=[32,32]",
+        f"hydra.run.dir={tmp_path}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -8,9 +8,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from tests.conftest import compose_config
 from train import train
 from vae import build_model
-from tests.conftest import compose_config
 from vae.data import digits
 from vae.model import VAE
 from vae.trainer import NonFiniteLossError, Trainer, evaluate, load_checkpoint
@@ -35,11 +35,11 @@ def _params(path: Path) -> dict[str, torch.Tensor]:
 
 def test_a_few_epochs_lower_the_loss(tiny_cfg: DictConfig, tmp_path: Path) -> None:
     metrics = train(_set(tiny_cfg, **{"trainer.max_epochs": 4}), run_dir=tmp_path)
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == [1, 2, 3, 4]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3, 4]
     assert lines[-1]["train_loss"] < lines[0]["train_loss"] - 2
     assert lines[-1]["val_elbo"] > lines[0]["val_elbo"]
-    assert metrics["val_elbo"] == max(l["val_elbo"] for l in lines)
+    assert metrics["val_elbo"] == max(line["val_elbo"] for line in lines)
     assert metrics["test_elbo"] < 0 and metrics["steps"] == 4 * 14
     for name in ("best.pt", "last.pt"):
         ckpt = load_checkpoint(tmp_path / "checkpoints" / name)
@@ -64,7 +64,7 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tiny_cfg: DictConfig, tm
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # the resumed run continued its metrics file rather than restarting it
-    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 42 and steps == sorted(steps)
 
 
@@ -105,7 +105,7 @@ def test_early_stopping_honours_patience(tiny_cfg: DictConfig, tmp_path: Path) -
 
 def test_kl_warmup_is_linear(tiny_cfg: DictConfig, tmp_path: Path) -> None:
     train(_set(tiny_cfg, **{"trainer.max_epochs": 3, "trainer.warmup_epochs": 2}), run_dir=tmp_path)
-    weights = [json.loads(l)["kl_weight"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    weights = [json.loads(line)["kl_weight"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # weight at the last step of each epoch: 14/28, 28/28, then capped at 1
     assert weights == pytest.approx([0.5, 1.0, 1.0])
 
@@ -144,7 +144,9 @@ def test_evaluation_noise_is_not_the_initialization_stream(tiny_cfg: DictConfig)
     # train() seeds torch with cfg.seed, then builds the model. If evaluation reused that
     # seed, its noise would replay the draws that placed the mixture's means, putting the
     # "posterior samples" on the components and making the Monte Carlo KL hugely negative.
-    cfg = _set(tiny_cfg, **{"prior._target_": "priors.mixture.MixturePrior", "prior.num_components": 200, "vae.latent_dim": 20})
+    cfg = _set(
+        tiny_cfg, **{"prior._target_": "priors.mixture.MixturePrior", "prior.num_components": 200, "vae.latent_dim": 20}
+    )
     data = digits()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data)
@@ -158,8 +160,16 @@ def test_aggregate_prior_is_the_surgerys_q_after_training(tmp_path: Path) -> Non
     # KL vanishes (2e-7 nats here). Without on_train_epoch_end it holds the epoch start's
     # encodings of that epoch's own binarization, and the marginal KL here is 0.035 nats.
     cfg = compose_config(
-        "data=digits", "logger=none", "device=cpu", "prior=aggregate", "vae.latent_dim=4", "vae.hidden_dims=[32,32]",
-        "trainer.max_epochs=2", "trainer.progress=false", "surgery.is_samples=10", "surgery.is_points=20",
+        "data=digits",
+        "logger=none",
+        "device=cpu",
+        "prior=aggregate",
+        "vae.latent_dim=4",
+        "vae.hidden_dims=[32,32]",
+        "trainer.max_epochs=2",
+        "trainer.progress=false",
+        "surgery.is_samples=10",
+        "surgery.is_points=20",
         "surgery.plots=false",
     )
     metrics = train(cfg, run_dir=tmp_path)
@@ -176,8 +186,10 @@ def test_aggregate_prior_is_the_surgerys_q_after_training(tmp_path: Path) -> Non
 
 def test_patience_is_held_during_warmup(tiny_cfg: DictConfig, tmp_path: Path) -> None:
     # lr=0: no validation after the first is better; the counter starts once the KL weight is 1
-    cfg = _set(tiny_cfg, **{"trainer.max_epochs": 20, "trainer.patience": 2, "trainer.warmup_epochs": 5,
-                            "trainer.optimizer.lr": 0.0})
+    cfg = _set(
+        tiny_cfg,
+        **{"trainer.max_epochs": 20, "trainer.patience": 2, "trainer.warmup_epochs": 5, "trainer.optimizer.lr": 0.0},
+    )
     metrics = train(cfg, run_dir=tmp_path)
     # epochs 2-4 end with weight < 1 (held); epoch 5 ends at weight 1 (1st), 6 (2nd): stop
     assert metrics["epochs"] == 6 and metrics["best_epoch"] == 1
@@ -193,5 +205,5 @@ def test_a_kill_between_metrics_and_checkpoint_leaves_no_duplicate_epoch(tiny_cf
     epoch3 = {**json.loads(lines[-1]), "epoch": 3, "step": 42}
     metrics.write_text("\n".join([*lines, json.dumps(epoch3), '{"epoch": 4, "st']) + "\n")
     train(_set(cfg, **{"trainer.max_epochs": 3, "trainer.resume": True}), run_dir=tmp_path)
-    epochs = [json.loads(l)["epoch"] for l in metrics.read_text().splitlines()]
+    epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
     assert epochs == [1, 2, 3]

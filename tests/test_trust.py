@@ -11,11 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from vae.checkpoint import load_model
-from train import train
-from vae.trust import UntrustedTargetError, check_trusted, is_trusted
-
 from tests.conftest import compose_config
+from train import train
+from vae.checkpoint import load_model
+from vae.trust import UntrustedTargetError, check_trusted, is_trusted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,8 +35,17 @@ def test_the_crafted_node_really_writes_a_file_when_instantiated(tmp_path):
 
 
 def train_tiny(run_dir: Path, *overrides: str) -> Path:
-    cfg = compose_config("data=digits", "logger=none", "device=cpu", "vae.latent_dim=2", "vae.hidden_dims=[16]",
-                         "trainer.max_steps=2", "trainer.progress=false", "surgery.enabled=false", *overrides)
+    cfg = compose_config(
+        "data=digits",
+        "logger=none",
+        "device=cpu",
+        "vae.latent_dim=2",
+        "vae.hidden_dims=[16]",
+        "trainer.max_steps=2",
+        "trainer.progress=false",
+        "surgery.enabled=false",
+        *overrides,
+    )
     train(cfg, run_dir=run_dir)
     return run_dir / "checkpoints" / "best.pt"
 
@@ -131,9 +139,21 @@ def test_cli_refuses_in_one_line_and_allow_lets_it_through(checkpoint, tmp_path)
     marker = tmp_path / "pwned"
     evil = tampered(checkpoint, tmp_path / "evil.pt", lambda c: c.__setitem__("data", writes_file(marker)))
     done = subprocess.run(
-        [sys.executable, "-m", "surgery", f"checkpoint={evil}", "device=cpu", "is_samples=5", "is_points=5",
-         f"output_dir={tmp_path}", "plots=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "surgery",
+            f"checkpoint={evil}",
+            "device=cpu",
+            "is_samples=5",
+            "is_points=5",
+            f"output_dir={tmp_path}",
+            "plots=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 2 and not marker.exists()
     assert done.stderr.strip().count("\n") == 0 and "pathlib.Path.write_text" in done.stderr

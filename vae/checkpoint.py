@@ -20,9 +20,7 @@ class CheckpointError(ValueError):
     """The checkpoint cannot rebuild a model."""
 
 
-def load_model(
-    checkpoint: str | Path, device: Any = "cpu", allow: Iterable[str] = ()
-) -> tuple[Any, Any, DictConfig]:
+def load_model(checkpoint: str | Path, device: Any = "cpu", allow: Iterable[str] = ()) -> tuple[Any, Any, DictConfig]:
     """Rebuild (model, data, run config) from a priorlab checkpoint.
 
     The file is read with `torch.load(weights_only=True)` (via `vae.trainer.load_checkpoint`),

@@ -17,7 +17,14 @@ from vae.validation import ConfigError
 #: Errors whose message says what to fix: exit code 2. Anything else is reported on one line
 #: too, with its type, and exit code 1; `debug=true` shows the traceback of either.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DataError, RunDirError, UntrustedTargetError, PriorShapeError, OSError, ValueError, FloatingPointError,
+    ConfigError,
+    DataError,
+    RunDirError,
+    UntrustedTargetError,
+    PriorShapeError,
+    OSError,
+    ValueError,
+    FloatingPointError,
 )
 
 

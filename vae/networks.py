@@ -25,7 +25,7 @@ from torch import Tensor, nn
 def mlp(sizes: Sequence[int]) -> nn.Sequential:
     """Linear layers with ReLU between them (none after the last)."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
@@ -45,7 +45,7 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    """ReLU MLP from z `[..., latent_dim]` to Bernoulli logits `[..., data_dim]`; `hidden_dims` as the encoder's, mirrored."""
+    """ReLU MLP from z `[..., latent_dim]` to Bernoulli logits `[..., data_dim]`; `hidden_dims` mirrored."""
 
     def __init__(self, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (300, 300)) -> None:
         super().__init__()
@@ -73,7 +73,7 @@ class GatedDense(nn.Module):
 
 
 def gated_stack(sizes: Sequence[int]) -> nn.Sequential:
-    return nn.Sequential(*(GatedDense(a, b) for a, b in zip(sizes[:-1], sizes[1:])))
+    return nn.Sequential(*(GatedDense(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=False)))
 
 
 def he_init_(module: nn.Module) -> None:

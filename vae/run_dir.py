@@ -23,9 +23,19 @@ from typing import Any
 
 #: Config keys (or key prefixes ending in ".") a resumed run may change.
 RESUMABLE_CHANGES: tuple[str, ...] = (
-    "trainer.max_epochs", "trainer.max_steps", "trainer.patience", "trainer.progress",
-    "trainer.log_every_n_steps", "trainer.eval_batch_size", "trainer.max_loss_per_dim",
-    "data.path", "data.cache_dir", "device", "debug", "logger.", "surgery.",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.patience",
+    "trainer.progress",
+    "trainer.log_every_n_steps",
+    "trainer.eval_batch_size",
+    "trainer.max_loss_per_dim",
+    "data.path",
+    "data.cache_dir",
+    "device",
+    "debug",
+    "logger.",
+    "surgery.",
 )
 
 
@@ -104,7 +114,11 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any], checkpoint: str 
     for flat in (a, b):
         flat.pop("trainer.resume", None)  # how this run started, not what it trains
     missing = object()
-    changed = {k: [a.get(k, missing), b.get(k, missing)] for k in sorted(a.keys() | b.keys()) if a.get(k, missing) != b.get(k, missing)}
+    changed = {
+        k: [a.get(k, missing), b.get(k, missing)]
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k, missing) != b.get(k, missing)
+    }
     refused = {k: v for k, v in changed.items() if not _resumable(k)}
     if refused:
         shown = ", ".join(

@@ -14,10 +14,11 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,6 +33,7 @@ from vae.validation import ConfigError, check_bool, check_int, check_number
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+DEFAULT_OPTIMIZER = partial(torch.optim.Adam, lr=1e-3)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -95,7 +97,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a priorlab checkpoint with `weights_only=True`, with a clear error for a bad file."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"checkpoint {path} is a directory; give a checkpoint file, e.g. {path / 'checkpoints' / 'best.pt'}")
+        raise IsADirectoryError(
+            f"checkpoint {path} is a directory; give a checkpoint file, e.g. {path / 'checkpoints' / 'best.pt'}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -105,7 +109,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if path.name == "last.pt" and (path.parent / "best.pt").is_file():
             hint = f"; to continue from the best checkpoint instead, pass trainer.resume={path.parent / 'best.pt'}"
         raise ValueError(
-            f"{path} is not a readable priorlab checkpoint (truncated or foreign file?): {' '.join(str(e).split())}{hint}"
+            f"{path} is not a readable priorlab checkpoint (truncated or foreign file?): "
+            f"{' '.join(str(e).split())}{hint}"
         ) from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a priorlab checkpoint (format {CHECKPOINT_FORMAT} expected)")
@@ -192,7 +197,7 @@ class Trainer:
 
     def __init__(
         self,
-        optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.Adam, lr=1e-3),
+        optimizer: Callable[..., torch.optim.Optimizer] = DEFAULT_OPTIMIZER,
         batch_size: int = 100,
         max_epochs: int = 10,
         max_steps: int | None = None,
@@ -272,7 +277,9 @@ class Trainer:
         while state.epoch < self.max_epochs and not self._out_of_steps(state):
             started = time.perf_counter()
             x_epoch = data.train_epoch(state.epoch)
-            order = torch.randperm(n_train, generator=torch.Generator().manual_seed(derive_seed(self.seed, 200, state.epoch)))
+            order = torch.randperm(
+                n_train, generator=torch.Generator().manual_seed(derive_seed(self.seed, 200, state.epoch))
+            )
 
             model.train()
             # Kept on the device and read at the logging interval: no synchronization per step.
@@ -344,7 +351,10 @@ class Trainer:
                 log.warning(
                     "validation ELBO %.3f > 0 on binary data, which no normalized prior can give: does %s keep "
                     "every normalizing constant? Check it with `pytest tests/test_prior_contract.py --prior %s.%s`",
-                    val.elbo, type(model.prior).__name__, type(model.prior).__module__, type(model.prior).__name__,
+                    val.elbo,
+                    type(model.prior).__name__,
+                    type(model.prior).__module__,
+                    type(model.prior).__name__,
                 )
             if epoch_done:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -352,7 +362,11 @@ class Trainer:
             logger.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=state.step)
             log.info(
                 "epoch %d: train ELBO %.2f, val ELBO %.2f%s (%.1fs)",
-                record["epoch"], record["train_elbo"], val.elbo, " (best)" if improved else "", record["seconds"],
+                record["epoch"],
+                record["train_elbo"],
+                val.elbo,
+                " (best)" if improved else "",
+                record["seconds"],
             )
 
             payload = self._checkpoint(model, optimizer, state, run_config or {})
