@@ -492,8 +492,26 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem}]({p.name})" for p in plots]
-    lines += ["", "## Runs", ""]
-    lines += [f"- {r.path} ({r.prior}, z={r.latent_dim}, seed {r.seed})" for r in report.runs]
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| run dir | prior | latents | seed | epochs | best val ELBO (epoch) | "
+        "slope, last 50 epochs (nats/epoch) | hours |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.runs:
+        curve = learning_curve(r.path / "metrics.jsonl")
+        if curve:
+            best_epoch, best, _ = max(curve, key=lambda c: c[1])
+            slope = recent_slope(curve)
+            hours = sum(s for _, _, s in curve if math.isfinite(s)) / 3600
+            lines.append(
+                f"| {r.path} | {r.prior} | {r.latent_dim} | {r.seed} | {curve[-1][0]} | {best:.2f} ({best_epoch}) | "
+                f"{'—' if slope is None else f'{slope:+.4f}'} | {hours:.2f} |"
+            )
+        else:
+            lines.append(f"| {r.path} | {r.prior} | {r.latent_dim} | {r.seed} | — | — | — | — |")
     return "\n".join(lines) + "\n"
 
 
@@ -605,6 +623,51 @@ def plot_samples_side_by_side(report: Report, path: Path) -> Path | None:
     return path
 
 
+def learning_curve(metrics_path: Path) -> list[tuple[int, float, float]]:
+    """(epoch, validation ELBO, seconds) of every complete epoch in metrics.jsonl, in order."""
+    if not metrics_path.is_file():
+        return []
+    curve: dict[int, tuple[float, float]] = {}
+    for line in metrics_path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if record.get("complete_epoch", True) and record.get("val_elbo") is not None:
+                curve[int(record["epoch"])] = (float(record["val_elbo"]), float(record.get("seconds", math.nan)))
+    return [(e, v, s) for e, (v, s) in sorted(curve.items())]
+
+
+def recent_slope(curve: Sequence[tuple[int, float, float]], window: int = 50) -> float | None:
+    """Least-squares slope of the validation ELBO over the last `window` epochs (nats per epoch)."""
+    tail = curve[-window:]
+    if len(tail) < 2:
+        return None
+    xs, ys = [e for e, _, _ in tail], [v for _, v, _ in tail]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else None
+
+
+def plot_learning_curves(runs: Sequence[RunRecord], path: Path) -> Path | None:
+    """Validation ELBO against epoch for every run with metrics, finished or still going; None if none."""
+    curves = [(r, learning_curve(r.path / "metrics.jsonl")) for r in runs]
+    curves = [(r, c) for r, c in curves if c]
+    if not curves:
+        return None
+    fig = _figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    for run, curve in curves:
+        label = f"{run.prior}, z={run.latent_dim}, {run.path.name}" + ("" if run.problem is None else " (running)")
+        ax.plot([e for e, _, _ in curve], [v for _, v, _ in curve], label=label, linewidth=1)
+    best = max(v for _, c in curves for _, v, _ in c)
+    ax.set_ylim(best - 25, best + 2)  # the first epochs are far below: keep the converging part readable
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation ELBO (nats)")
+    ax.set_title("Learning curves")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def write_report(report: Report, out: str | Path) -> ReportFiles:
     """Write `report.md` and the PNGs to `out` (created); return their paths."""
     out = Path(out)
@@ -613,6 +676,7 @@ def write_report(report: Report, out: str | Path) -> ReportFiles:
     for extra in (
         plot_density_grids(report.runs, out / "density_grids.png"),
         plot_samples_side_by_side(report, out / "samples.png"),
+        plot_learning_curves(report.runs, out / "learning_curves.png"),
     ):
         if extra is not None:
             plots.append(extra)

@@ -244,3 +244,20 @@ def test_samples_of_each_row_side_by_side(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "samples.png").read_bytes()[:8] == PNG_MAGIC
     assert "![samples](samples.png)" in files.markdown.read_text()
     assert [p.name for p in files.plots].count("samples.png") == 1
+
+
+def test_learning_curves_and_the_slope_of_a_run_still_going(tmp_path: Path) -> None:
+    make_run(tmp_path / "done", "gaussian", 10, 0)
+    running = tmp_path / "running"
+    make_run(running, "vampprior", 10, 0, surgery=False)
+    lines = [{"epoch": e, "complete_epoch": True, "val_elbo": -100 + 0.02 * e, "seconds": 36.0} for e in range(1, 121)]
+    lines.insert(5, {"epoch": 6, "complete_epoch": False, "val_elbo": 0.0, "seconds": 1.0})  # a mid-epoch stop
+    (running / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    curve = rep.learning_curve(running / "metrics.jsonl")
+    assert [e for e, _, _ in curve] == list(range(1, 121))
+    assert rep.recent_slope(curve) == pytest.approx(0.02)
+    report = rep.build_report([tmp_path])
+    files = rep.write_report(report, tmp_path / "out")
+    assert (tmp_path / "out" / "learning_curves.png").read_bytes()[:8] == PNG_MAGIC
+    md = files.markdown.read_text()
+    assert f"| {running.resolve()} | vampprior | 10 | 0 | 120 | -97.60 (120) | +0.0200 | 1.20 |" in md
