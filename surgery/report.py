@@ -179,10 +179,12 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
         if not p.is_dir():
             raise NotADirectoryError(f"{p} is not a directory (give run dirs or a multirun dir)")
         visit(p)
-    unique: dict[Path, None] = {}
+    # Each run once (by its resolved path), named as it was given: a report made from relative
+    # paths names its runs relatively, and so stays valid in a clone.
+    unique: dict[Path, Path] = {}
     for p in found:
-        unique.setdefault(p.resolve(), None)
-    return list(unique)
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
 
 
 def _natural(path: Path) -> tuple[int, int | str]:

@@ -165,7 +165,7 @@ def test_incomplete_runs_are_listed_with_their_reason(sweep) -> None:
     md = rep.render_markdown(report)
     section = md.split("## Incomplete runs")[1].split("##")[0]
     for name, reason in reasons.items():
-        assert any(line.startswith(f"| {root.resolve() / name} |") and reason in line for line in section.splitlines())
+        assert any(line.startswith(f"| {root / name} |") and reason in line for line in section.splitlines())
     assert "Complete runs: 12; incomplete: 3." in md
 
 
@@ -260,4 +260,4 @@ def test_learning_curves_and_the_slope_of_a_run_still_going(tmp_path: Path) -> N
     files = rep.write_report(report, tmp_path / "out")
     assert (tmp_path / "out" / "learning_curves.png").read_bytes()[:8] == PNG_MAGIC
     md = files.markdown.read_text()
-    assert f"| {running.resolve()} | vampprior | 10 | 0 | 120 | -97.60 (120) | +0.0200 | 1.20 |" in md
+    assert f"| {running} | vampprior | 10 | 0 | 120 | -97.60 (120) | +0.0200 | 1.20 |" in md
