@@ -70,7 +70,7 @@ def test_sweep_runs_every_job_and_the_report_lists_it(sweep) -> None:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
     for r in runs:  # every run is named in the report, complete or not
-        assert f"- {r.path} ({r.prior}, z={r.latent_dim}, seed 0)" in md
+        assert f"| {r.path} | {r.prior} | {r.latent_dim} | 0 | 1 | " in md  # one epoch each
 
 
 def test_report_rows_hold_each_runs_surgery_values(sweep) -> None:
