@@ -24,6 +24,7 @@ from torch import Tensor
 
 from priors.base import Prior
 from priors.densities import DiagonalGaussianMixture, diagonal_normal_log_prob
+from vae.callbacks import encode as encode_in_batches
 
 ESTIMATES = (
     "elbo",
@@ -192,14 +193,8 @@ class SurgeryReport:
 
 @torch.inference_mode()
 def encode(model: Any, x: Tensor, batch_size: int = 1000, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """Posterior parameters of every point: (mu, logvar), each `[N, D]`, on `device`."""
-    device = device or next(model.parameters()).device
-    mus, logvars = [], []
-    for start in range(0, len(x), batch_size):
-        mu, logvar = model.encode(x[start : start + batch_size].to(device))
-        mus.append(mu)
-        logvars.append(logvar)
-    return torch.cat(mus), torch.cat(logvars)
+    """Posterior parameters of every point: (mu, logvar), each `[N, D]`, on `device` (the model's by default)."""
+    return encode_in_batches(model.encoder, x, batch_size, device or next(model.parameters()).device)
 
 
 def _draw(mu: Tensor, logvar: Tensor, generator: torch.Generator) -> Tensor:
