@@ -658,7 +658,7 @@ def plot_learning_curves(runs: Sequence[RunRecord], path: Path) -> Path | None:
     fig = _figure(7.0, 4.5)
     ax = fig.add_subplot()
     for run, curve in curves:
-        label = f"{run.prior}, z={run.latent_dim}, {run.path.name}" + ("" if run.problem is None else " (running)")
+        label = f"{run.prior}, z={run.latent_dim}, {run.path.name}" + ("" if run.problem is None else " (unfinished)")
         ax.plot([e for e, _, _ in curve], [v for _, v, _ in curve], label=label, linewidth=1)
     best = max(v for _, c in curves for _, v, _ in c)
     ax.set_ylim(best - 25, best + 2)  # the first epochs are far below: keep the converging part readable
@@ -674,7 +674,12 @@ def write_report(report: Report, out: str | Path) -> ReportFiles:
     """Write `report.md` and the PNGs to `out` (created); return their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plots = [plot_decomposition(report, out / "decomposition.png"), plot_marginal_kl(report, out / "marginal_kl.png")]
+    plots = []
+    if report.rows:  # no complete run: no bars to draw (the learning curves may still be)
+        plots += [
+            plot_decomposition(report, out / "decomposition.png"),
+            plot_marginal_kl(report, out / "marginal_kl.png"),
+        ]
     for extra in (
         plot_density_grids(report.runs, out / "density_grids.png"),
         plot_samples_side_by_side(report, out / "samples.png"),
