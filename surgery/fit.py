@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 import secrets
 import time
@@ -41,7 +40,15 @@ from tqdm.auto import tqdm
 
 from priors.base import Prior
 from surgery.decomposition import SurgeryReport, decompose
-from surgery.run import FIT_JSON, SurgeryOptions, check_is_points, save_run_pictures, write_json, write_log_px
+from surgery.run import (
+    FIT_JSON,
+    SurgeryOptions,
+    check_is_points,
+    save_run_pictures,
+    write_json,
+    write_json_dict,
+    write_log_px,
+)
 from vae import instantiate, resolve_device
 from vae.callbacks import consumers, encode
 from vae.checkpoint import load_model
@@ -258,9 +265,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         "fit": None if history is None else {k: v for k, v in asdict(history).items() if k != "curve"},
         "curve": None if history is None else history.curve,
     }
-    tmp = out_dir / f".{FIT_JSON}.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out_dir / FIT_JSON)
+    write_json_dict(result, out_dir / FIT_JSON)
     return out_dir, result
 
 

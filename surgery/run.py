@@ -7,7 +7,6 @@ Shared by `python -m surgery` and `train.py`. This is the part with side effects
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -19,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from surgery.decomposition import SurgeryReport, decompose, encode
 from vae.data import SPLITS
+from vae.files import write_atomically
 from vae.validation import ConfigError, check_bool, check_choice, check_int
 
 # q(z) beside p(z) for 2-D latents; surgery.report collects these across runs.
@@ -121,23 +121,17 @@ def log_px_name(split: str) -> str:
 
 def write_log_px(values: torch.Tensor, path: str | Path) -> Path:
     """Write the per-point log-likelihoods atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, values.double().numpy())
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda f: np.save(f, values.double().numpy()))
 
 
 def write_json(report: SurgeryReport, path: str | Path) -> Path:
     """Write the report atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_dict(report.to_dict(), path)
+
+
+def write_json_dict(content: dict[str, Any], path: str | Path) -> Path:
+    """Write a JSON file atomically."""
+    return write_atomically(path, lambda f: f.write((json.dumps(content, indent=2) + "\n").encode()))
 
 
 def run_surgery(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from vae.callbacks import TrainingSetEncodings
 from vae.data import BinarizedData, derive_seed
+from vae.files import write_atomically
 from vae.loggers import NullLogger
 from vae.model import VAE
 from vae.validation import ConfigError, check_bool, check_int, check_number
@@ -87,10 +87,7 @@ def evaluate(model: VAE, x: Tensor, batch_size: int = 1000, seed: int = 0) -> Ev
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically: a temporary file in the same directory, then `os.replace`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -402,11 +399,10 @@ class Trainer:
         }
 
     def _maybe_resume(self, model: VAE, optimizer: torch.optim.Optimizer) -> TrainState:
-        if self.resume is False or self.resume is None:
-            return TrainState()
-        path = self.last_path if self.resume is True else Path(self.resume)
-        if self.resume is True and not path.exists():
-            log.info("resume: %s does not exist yet, starting fresh", path)
+        path = self.resume_path
+        if path is None:
+            if self.resume:
+                log.info("resume: %s does not exist yet, starting fresh", self.last_path)
             return TrainState()
         payload = load_checkpoint(path, map_location=self.device)
         model.load_state_dict(payload["model"])
@@ -436,9 +432,7 @@ class Trainer:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, self.metrics_path)
+        write_atomically(self.metrics_path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
