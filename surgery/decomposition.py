@@ -197,7 +197,8 @@ def encode(model: Any, x: Tensor, batch_size: int = 1000, device: torch.device |
     return encode_in_batches(model.encoder, x, batch_size, device or next(model.parameters()).device)
 
 
-def _draw(mu: Tensor, logvar: Tensor, generator: torch.Generator) -> Tensor:
+def draw(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """z ~ N(mu, diag(exp(logvar))) by reparameterization, one draw per row."""
     eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + torch.exp(0.5 * logvar) * eps
 
@@ -253,7 +254,7 @@ def aggregate_terms(
     started = time.perf_counter()
     if z is None:
         index = _sample_index(n, n_samples, generator, mu.device)
-        z = _draw(mu[index], logvar[index], generator)
+        z = draw(mu[index], logvar[index], generator)
     elif index is None or index.shape != z.shape[:1]:
         raise ValueError("aggregate_terms: pass index [M] with z [M, D]")
     m = z.shape[0]
@@ -432,7 +433,7 @@ def decompose(
             started = time.perf_counter()
             x = data.split(split)
             mu, logvar = encode(model, x, batch_size, device)
-            z = _draw(mu, logvar, generator)  # one sample per point
+            z = draw(mu, logvar, generator)  # one sample per point
             recon = torch.cat(
                 [
                     model.log_likelihood(x[s : s + batch_size].to(device), model.decode(z[s : s + batch_size]))
@@ -455,7 +456,7 @@ def decompose(
                 z_agg, index = z, torch.arange(n, device=device)
             else:
                 index = _sample_index(n, n_samples, generator, device)
-                z_agg = _draw(mu[index], logvar[index], generator)
+                z_agg = draw(mu[index], logvar[index], generator)
             agg = aggregate_terms(
                 mu,
                 logvar,

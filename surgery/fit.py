@@ -25,7 +25,6 @@ samples.png, reconstructions.png, and fit.json with the before/after comparison,
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import secrets
 import time
@@ -39,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from priors.base import Prior
-from surgery.decomposition import SurgeryReport, decompose
+from surgery.decomposition import SurgeryReport, decompose, draw
 from surgery.run import (
     FIT_JSON,
     SurgeryOptions,
@@ -49,7 +48,7 @@ from surgery.run import (
     write_json_dict,
     write_log_px,
 )
-from vae import instantiate, resolve_device
+from vae import build_prior, resolve_device
 from vae.callbacks import consumers, encode
 from vae.checkpoint import load_model
 from vae.cli import one_line_errors
@@ -84,11 +83,6 @@ class FitHistory:
     curve: list[dict[str, float]]
 
 
-def _draw(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
-    return mu + torch.exp(0.5 * logvar) * eps
-
-
 @torch.no_grad()
 def _mean_log_prior(prior: Prior, z: torch.Tensor, batch_size: int) -> float:
     return float(torch.cat([prior.log_prob(b).double() for b in z.split(batch_size)]).mean())
@@ -118,7 +112,7 @@ def fit_prior(
         raise ConfigError(f"{type(prior).__name__} has no parameters to fit")
     torch.manual_seed(seed)
     mu, logvar = train
-    z_val = _draw(*val, torch.Generator(device=val[0].device).manual_seed(seed + 1))
+    z_val = draw(*val, torch.Generator(device=val[0].device).manual_seed(seed + 1))
     optimizer = torch.optim.Adam(params, lr=options.lr)
     best = -math.inf
     best_state = copy.deepcopy(prior.state_dict())
@@ -130,7 +124,7 @@ def fit_prior(
         order = torch.randperm(len(mu), device=mu.device)
         total = 0.0
         for index in order.split(options.batch_size):
-            z = _draw(mu[index], logvar[index])
+            z = draw(mu[index], logvar[index])
             loss = -prior.log_prob(z, context=index).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -210,12 +204,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     for p in list(model.encoder.parameters()) + list(model.decoder.parameters()):
         p.requires_grad_(False)
 
-    prior = instantiate(cfg.prior, latent_dim=model.latent_dim)
-    if isinstance(prior, functools.partial):
-        prior = prior(encoder=model.encoder, train_x=data.split("train"))
-    if not isinstance(prior, Prior):
-        raise ConfigError(f"prior._target_ built a {type(prior).__name__}, which does not subclass priors.base.Prior")
-    prior.to(device)
+    prior = build_prior(cfg.prior, model.latent_dim, model.encoder, data.split("train")).to(device)
 
     before = _surgeries(model, data, surgery, device)
     train_post = encode(model.encoder, data.split("train"), surgery.batch_size, device)

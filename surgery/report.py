@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from surgery.run import DENSITY_PICTURE, FIT_JSON, SAMPLES_PICTURE, log_px_name
+from vae.run_dir import flatten, matches_any
 
 #: The table's columns: (surgery.json field, column title).
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -210,22 +211,12 @@ def epochs_trained(metrics_path: Path) -> int | None:
     return max(epochs)
 
 
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested config as flat `{"a.b": value}` (lists kept whole)."""
-    if not isinstance(node, dict):
-        return {prefix: node}
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
 def result_settings(config: dict[str, Any]) -> frozenset[str]:
     """The `key=value` settings of a run that can change its result."""
     return frozenset(
         f"{k}={v if isinstance(v, str) else json.dumps(v, sort_keys=True)}"
         for k, v in flatten(config).items()
-        if not any(k == ig or (ig.endswith(".") and k.startswith(ig)) for ig in IGNORED_SETTINGS)
+        if not matches_any(k, IGNORED_SETTINGS)
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import hydra
 import torch
@@ -43,6 +44,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def build_prior(node: DictConfig, latent_dim: int, encoder: Any, train_x: torch.Tensor) -> Prior:
+    """Build a prior from its config node with `latent_dim`; complete a `_partial_` node with
+    `encoder=` and `train_x=` (the VampPrior and exemplar priors need the model)."""
+    try:
+        prior = instantiate(node, latent_dim=latent_dim)
+        if isinstance(prior, functools.partial):
+            prior = prior(encoder=encoder, train_x=train_x)
+    except (InstantiationException, AttributeError) as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) else e
+        if "Module.__init__() call" in str(cause):  # torch's words for a missing super().__init__()
+            raise TypeError(
+                f"{node._target_} assigns a parameter or module before calling super().__init__(latent_dim): "
+                "call it first in __init__"
+            ) from e
+        raise
+    if not isinstance(prior, Prior):
+        raise ConfigError(f"prior._target_ built a {type(prior).__name__}, which does not subclass priors.base.Prior")
+    return prior
+
+
 def build_model(cfg: DictConfig, data: BinarizedData) -> VAE:
     """Build the encoder, the decoder, then the prior, then the VAE.
 
@@ -56,18 +77,5 @@ def build_model(cfg: DictConfig, data: BinarizedData) -> VAE:
     latent_dim = cfg.vae.latent_dim
     encoder = instantiate(cfg.vae.encoder, data_dim=data.data_dim, latent_dim=latent_dim)
     decoder = instantiate(cfg.vae.decoder, data_dim=data.data_dim, latent_dim=latent_dim)
-    try:
-        prior = instantiate(cfg.prior, latent_dim=latent_dim)
-        if isinstance(prior, functools.partial):
-            prior = prior(encoder=encoder, train_x=data.split("train"))
-    except (InstantiationException, AttributeError) as e:
-        cause = e.__cause__ if isinstance(e, InstantiationException) else e
-        if "Module.__init__() call" in str(cause):  # torch's words for a missing super().__init__()
-            raise TypeError(
-                f"{cfg.prior._target_} assigns a parameter or module before calling super().__init__(latent_dim): "
-                "call it first in __init__"
-            ) from e
-        raise
-    if not isinstance(prior, Prior):
-        raise TypeError(f"prior._target_ built a {type(prior).__name__}, which does not subclass priors.base.Prior")
+    prior = build_prior(cfg.prior, latent_dim, encoder, data.split("train"))
     return VAE(encoder, decoder, prior, latent_dim)

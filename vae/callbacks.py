@@ -3,8 +3,7 @@
 `TrainingSetEncodings` encodes the training set once per epoch and hands the posteriors to
 every module of the model that consumes them: any module with an `update_encodings(mu,
 logvar)` method and a `needs_encodings` property (the aggregate and exemplar priors). One
-pass serves every consumer, and the surgery after training reuses the last one when the
-checkpoint it decomposes is the model that was encoded.
+pass serves every consumer.
 """
 
 from __future__ import annotations

@@ -88,17 +88,19 @@ def check_fresh(run_dir: str | Path) -> None:
         )
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as flat `{"a.b": value}` (lists kept whole)."""
     if not isinstance(node, dict):
         return {prefix.rstrip("."): node}
     out: dict[str, Any] = {}
     for key, value in node.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
+        out.update(flatten(value, f"{prefix}{key}."))
     return out
 
 
-def _resumable(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
+def matches_any(key: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a flat key is one of `patterns`, or lies under one ending in "."."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
 
 def resume_changes(stored: dict[str, Any], new: dict[str, Any], checkpoint: str | Path) -> dict[str, list[Any]]:
@@ -110,7 +112,7 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any], checkpoint: str 
         new: the resolved config of this run.
         checkpoint: named in the error.
     """
-    a, b = _flatten(stored), _flatten(new)
+    a, b = flatten(stored), flatten(new)
     for flat in (a, b):
         flat.pop("trainer.resume", None)  # how this run started, not what it trains
     missing = object()
@@ -119,7 +121,7 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any], checkpoint: str 
         for k in sorted(a.keys() | b.keys())
         if a.get(k, missing) != b.get(k, missing)
     }
-    refused = {k: v for k, v in changed.items() if not _resumable(k)}
+    refused = {k: v for k, v in changed.items() if not matches_any(k, RESUMABLE_CHANGES)}
     if refused:
         shown = ", ".join(
             f"{k}: {'(absent)' if old is missing else old!r} -> {'(absent)' if new_ is missing else new_!r}"
