@@ -82,19 +82,36 @@ def main() -> None:
     p.add_argument("--is-points", type=int, default=20, help="test points timed (extrapolated to --is-total)")
     p.add_argument("--is-total", type=int, default=10_000)
     p.add_argument("--is-samples", type=int, default=5000)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the posteriors, prior and decoder live")
     args = p.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N = M = {args.n:,}, D = {args.d}")
+    on_gpu = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name(args.device) if on_gpu else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, N = M = {args.n:,}, D = {args.d}")
 
-    mu, logvar, z = synthetic_posteriors(args.n, args.d, args.active)
-    prior = GaussianPrior(args.d)
-    index = torch.arange(args.n)
+    device = torch.device(args.device)
+
+    def sync() -> None:  # CUDA runs asynchronously: wait for it before reading a clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    mu, logvar, z = (t.to(device) for t in synthetic_posteriors(args.n, args.d, args.active))
+    prior = GaussianPrior(args.d).to(device)
+    index = torch.arange(args.n, device=device)
 
     # ---- ours: the whole exact decomposition --------------------------------------------
+    sync()
     started = time.perf_counter()
     terms = aggregate_terms(
-        mu, logvar, prior, z, index, dimwise_samples=args.dimwise_samples, generator=torch.Generator().manual_seed(0)
+        mu,
+        logvar,
+        prior,
+        z,
+        index,
+        dimwise_samples=args.dimwise_samples,
+        generator=torch.Generator(device).manual_seed(0),
     )
+    sync()
     ours_total = time.perf_counter() - started
     log_q_ours = terms.marginal_kl_per_sample + prior.log_prob(z).double()
     per_dim_rows = args.dimwise_samples
@@ -116,9 +133,11 @@ def main() -> None:
     )
 
     # ---- the baseline, on a subsample, extrapolated ---------------------------------------
-    rows = torch.arange(args.baseline_rows)
+    rows = torch.arange(args.baseline_rows, device=device)
+    sync()
     started = time.perf_counter()
     base_joint, base_dims = baseline_log_q(z[rows], mu, logvar)
+    sync()
     base_time = time.perf_counter() - started
     base_full = base_time * args.n / args.baseline_rows
     print(
@@ -128,7 +147,7 @@ def main() -> None:
     )
 
     # ---- accuracy against float64 -------------------------------------------------------------
-    ref_rows = torch.arange(args.ref_rows)
+    ref_rows = torch.arange(args.ref_rows, device=device)
     ref_joint, ref_dims = reference_log_q(z[ref_rows], mu, logvar)
     err_ours = (log_q_ours[ref_rows] - ref_joint).abs().max().item()
     err_base = (base_joint[: args.ref_rows].double() - ref_joint).abs().max().item()
@@ -156,22 +175,26 @@ def main() -> None:
     )
 
     # ---- importance-sampled log-likelihood vs the decoder floor -------------------------------
-    model = VAE.mlp(784, args.d, [300, 300], GaussianPrior(args.d)).eval()
-    x = torch.bernoulli(torch.full((args.is_points, 784), 0.13), generator=torch.Generator().manual_seed(0))
+    model = VAE.mlp(784, args.d, [300, 300], GaussianPrior(args.d)).eval().to(device)
+    x = torch.bernoulli(torch.full((args.is_points, 784), 0.13), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.inference_mode():
         importance_log_likelihood(model, x[:1], 100)  # warm-up
+        sync()
         started = time.perf_counter()
         importance_log_likelihood(model, x, args.is_samples)
+        sync()
         is_time = time.perf_counter() - started
         # the floor: bare decoder passes over the same number of latent samples, same batch shape
         per_call = 2_000_000 // 784
         s = min(args.is_samples, per_call)
         b = max(1, per_call // s)
-        z_batch = torch.randn(b, s, args.d)
+        z_batch = torch.randn(b, s, args.d, device=device)
         calls = math.ceil(args.is_points / b) * math.ceil(args.is_samples / s)
+        sync()
         started = time.perf_counter()
         for _ in range(calls):
             model.decode(z_batch)
+        sync()
         floor_time = time.perf_counter() - started
     scale = args.is_total / args.is_points
     print(

@@ -273,10 +273,12 @@ class Trainer:
 
         while state.epoch < self.max_epochs and not self._out_of_steps(state):
             started = time.perf_counter()
-            x_epoch = data.train_epoch(state.epoch)
+            # The epoch's binarization and order are drawn on the CPU (the same on every device)
+            # and moved once: the batches are then sliced on the device, with no copy per step.
+            x_epoch = data.train_epoch(state.epoch).to(self.device)
             order = torch.randperm(
                 n_train, generator=torch.Generator().manual_seed(derive_seed(self.seed, 200, state.epoch))
-            )
+            ).to(self.device)
 
             model.train()
             # Kept on the device and read at the logging interval: no synchronization per step.
@@ -294,10 +296,10 @@ class Trainer:
                 if self._out_of_steps(state):
                     break
                 index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
-                x = x_epoch[index].to(self.device, non_blocking=True)
+                x = x_epoch[index]
                 kl_weight = self._kl_weight(state.step + 1, warmup_steps)
 
-                terms = model.elbo_terms(x, index.to(self.device))
+                terms = model.elbo_terms(x, index)
                 loss = -(terms.reconstruction - kl_weight * terms.kl).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
