@@ -270,3 +270,17 @@ class WrongShape(Prior):
 
     def _sample(self, n):
         return torch.randn(n, self.latent_dim)
+
+
+def test_an_option_added_since_the_checkpoint_resumes_only_at_its_default() -> None:
+    from vae.run_dir import RunDirError, resume_changes
+
+    stored = {"prior": {"_target_": "priors.exemplar.ExemplarPrior", "k": 10}}
+    at_default = {"prior": {"_target_": "priors.exemplar.ExemplarPrior", "k": 10, "gradient": True}}
+    assert resume_changes(stored, at_default, "last.pt") == {"prior.gradient": [None, True]}
+    changed = {"prior": {"_target_": "priors.exemplar.ExemplarPrior", "k": 10, "gradient": False}}
+    with pytest.raises(RunDirError, match=r"prior.gradient: \(absent\) -> False"):
+        resume_changes(stored, changed, "last.pt")
+    unknown = {"prior": {"_target_": "priors.exemplar.ExemplarPrior", "k": 10, "no_such_option": 1}}
+    with pytest.raises(RunDirError, match="no_such_option"):
+        resume_changes(stored, unknown, "last.pt")

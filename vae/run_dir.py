@@ -9,12 +9,15 @@
   the run resumes.
 * `resume_changes`: a resume must agree with the checkpoint's stored config on every
   setting that changes the model, the data or the optimizer; settings that only say how
-  long or how verbosely to train (`RESUMABLE_CHANGES`) may change, and are recorded.
+  long or how verbosely to train (`RESUMABLE_CHANGES`) may change, and are recorded. So may
+  an option added to a class after the checkpoint was written, when it keeps the value the
+  class gives it by default (the checkpoint trained with that behaviour).
 """
 
 from __future__ import annotations
 
 import fcntl
+import inspect
 import json
 import os
 import time
@@ -88,6 +91,24 @@ def check_fresh(run_dir: str | Path) -> None:
         )
 
 
+def _is_target_default(config: dict[str, Any], key: str, value: Any) -> bool:
+    """Whether flat `key` is an argument of its node's `_target_` and `value` is that argument's default."""
+    *path, name = key.split(".")
+    node: Any = config
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if not isinstance(target, str):
+        return False
+    from hydra.utils import get_object  # the run builds this target anyway
+
+    try:
+        parameter = inspect.signature(get_object(target)).parameters.get(name)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.default is not inspect.Parameter.empty and parameter.default == value
+
+
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config as flat `{"a.b": value}` (lists kept whole)."""
     if not isinstance(node, dict):
@@ -121,12 +142,17 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any], checkpoint: str 
         for k in sorted(a.keys() | b.keys())
         if a.get(k, missing) != b.get(k, missing)
     }
-    refused = {k: v for k, v in changed.items() if not matches_any(k, RESUMABLE_CHANGES)}
+    refused = {
+        k: v
+        for k, v in changed.items()
+        if not matches_any(k, RESUMABLE_CHANGES) and not (v[0] is missing and _is_target_default(new, k, v[1]))
+    }
     if refused:
-        shown = ", ".join(
-            f"{k}: {'(absent)' if old is missing else old!r} -> {'(absent)' if new_ is missing else new_!r}"
-            for k, (old, new_) in refused.items()
-        )
+
+        def show(value: Any) -> str:
+            return "(absent)" if value is missing else repr(value)
+
+        shown = ", ".join(f"{k}: {show(old)} -> {show(new_)}" for k, (old, new_) in refused.items())
         raise RunDirError(
             f"cannot resume from {checkpoint}: the config differs in what it trained with ({shown}); "
             "resume with the same settings, or start a new run in another directory"
