@@ -50,6 +50,9 @@ class ExemplarPrior(Prior):
         variance: `scalar` (the paper) or `per_dim`.
         init_logvar: the initial log sigma^2.
         encode_batch_size: inputs per encoder call when the exemplars are encoded.
+        gradient: False takes the exemplar means from the cache, detached, as the exact
+            aggregate prior does: an ablation that separates the shared variance from the
+            gradient through the exemplars (docs/priors.md).
 
     References:
         Norouzi, Fleet & Norouzi, "Exemplar VAE: Linking Generative Models, Nearest
@@ -67,6 +70,7 @@ class ExemplarPrior(Prior):
         variance: str = "scalar",
         init_logvar: float = 0.0,
         encode_batch_size: int = 1000,
+        gradient: bool = True,
     ) -> None:
         super().__init__(latent_dim)
         if exemplars not in EXEMPLAR_SETS:
@@ -93,6 +97,9 @@ class ExemplarPrior(Prior):
         self.k = int(k)
         self.variance = variance
         self.encode_batch_size = int(encode_batch_size)
+        if not isinstance(gradient, bool):
+            raise ValueError(f"ExemplarPrior: gradient must be true or false, got {gradient!r}")
+        self.gradient = gradient
         self.logvar = nn.Parameter(torch.full((1 if variance == "scalar" else self.latent_dim,), float(init_logvar)))
         # The cache of all N exemplar means (detached): the knn search and evaluation use it.
         self.register_buffer("cache_mu", torch.zeros(0, self.latent_dim))
@@ -128,8 +135,13 @@ class ExemplarPrior(Prior):
     # ---- pieces -----------------------------------------------------------------
 
     def _encode_means(self, index: Tensor) -> Tensor:
-        """The current encoder's means of exemplars `index`, inside the autograd graph."""
+        """The current encoder's means of exemplars `index`, inside the autograd graph.
+
+        With `gradient=False`, the cached means of the last epoch instead, detached.
+        """
         device = self.logvar.device
+        if not self.gradient:
+            return self._cached()[index.to(self.cache_mu.device)].to(device)
         x = self._train_x[index.cpu()]
         return torch.cat([self._encoder(b.to(device))[0] for b in x.split(self.encode_batch_size)])
 
@@ -198,4 +210,5 @@ class ExemplarPrior(Prior):
     def extra_repr(self) -> str:
         size = {"all": "", "random": f", num_exemplars={self.num_exemplars}", "knn": f", k={self.k}"}[self.exemplars]
         sizes = f"latent_dim={self.latent_dim}, N={self.num_points}"
-        return f"{sizes}, exemplars={self.exemplars}{size}, variance={self.variance}"
+        detached = "" if self.gradient else ", gradient=False"
+        return f"{sizes}, exemplars={self.exemplars}{size}, variance={self.variance}{detached}"

@@ -227,6 +227,26 @@ def test_exemplar_knn_uses_each_points_nearest_cached_means_but_never_itself() -
         assert abs(got[i].item() - _loop_exemplar(z[i], means, p.logvar, nearest)) < 1e-10
 
 
+def test_exemplar_without_gradient_uses_the_stale_cache_and_leaves_the_encoder_alone() -> None:
+    p, encoder, train_x = _exemplar("all", gradient=False)
+    stale = encoder(train_x)[0].detach()  # the cache the fixture filled
+    with torch.no_grad():  # the encoder moves on after the cache was filled
+        for q in encoder.parameters():
+            q.add_(0.5)
+    z = torch.randn(5, 2, dtype=F64)
+    index = torch.tensor([0, 7, 3, 3, 1])
+    p.train()
+    loo = p.log_prob(z, context=index)
+    for i in range(5):
+        others = [m for m in range(8) if m != int(index[i])]
+        assert abs(loo[i].item() - _loop_exemplar(z[i], stale, p.logvar, others)) < 1e-10
+    loo.sum().backward()
+    assert all(q.grad is None for q in encoder.parameters())
+    assert p.logvar.grad is not None and p.logvar.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="gradient must be true or false"):
+        ExemplarPrior(2, encoder, train_x, exemplars="all", gradient="no")
+
+
 def test_exemplar_bad_arguments() -> None:
     encoder, x = tiny_encoder(), torch.rand(6, 5, dtype=F64)
     with pytest.raises(ValueError, match="exemplars must be one of"):
