@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from surgery.decomposition import SurgeryReport
 from surgery.run import SurgeryOptions, check_is_points, run_surgery
+from surgery.text import format_table
 from vae import resolve_device
 from vae.checkpoint import load_model
 from vae.cli import one_line_errors
@@ -48,7 +49,7 @@ def surgery_main(cfg: DictConfig) -> tuple[SurgeryReport, dict[str, Path]]:
 def main(cfg: DictConfig) -> None:
     with one_line_errors("surgery", debug=bool(cfg.get("debug"))):
         report, files = surgery_main(cfg)
-    print(report.table())
+    print(format_table(report))
     for path in files.values():
         print(f"wrote {path}")
 

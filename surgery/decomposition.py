@@ -2,21 +2,26 @@
 
     ELBO        = reconstruction - average KL
     average KL  = I[n; z] + KL(q(z) || p(z))                      (Hoffman & Johnson 2016)
-    KL(q || p)  = total correlation + dimension-wise KL           (Chen et al. 2018)
+    KL(q || p)  = total correlation + prior-mismatch remainder    (Chen et al. 2018)
+
+The remainder E_q(z)[log prod_d q(z_d) - log p(z)] is the dimension-wise KL
+sum_d KL(q(z_d) || p(z_d)) when the prior factorizes over dimensions; for other priors it is
+not a sum of per-dimension KLs, and the report has no dimension-wise KL.
 
 The aggregate posterior q(z) = 1/N sum_n q(z|x_n) is evaluated exactly, over all N
 posteriors, by `priors.densities.DiagonalGaussianMixture`; only the outer
 expectations over z are Monte Carlo, and each comes with its standard error.
 
-Everything here is a pure function of a model and data: no prints, no files. The CLI
-(`python -m surgery`) and `train.py` print, save and log the `SurgeryReport`.
+Everything here is a pure function of a model and data: no prints, no files, no text.
+`surgery.text` formats a `SurgeryReport` as a table; the CLI (`python -m surgery`) and
+`train.py` print, save and log it.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -26,20 +31,10 @@ from priors.base import Prior
 from priors.densities import DiagonalGaussianMixture, diagonal_normal_log_prob
 from vae.callbacks import encode as encode_in_batches
 
-ESTIMATES = (
-    "elbo",
-    "reconstruction",
-    "avg_kl",
-    "mutual_info",
-    "marginal_kl",
-    "total_correlation",
-    "dimwise_kl",
-    "optimal_prior_elbo",
-    "log_likelihood",
-)
+# ---- results ---------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Estimate:
     """A mean over samples and its standard error (0 for an exact value)."""
 
@@ -62,10 +57,11 @@ class AggregateTerms:
     marginal_kl: Estimate
     avg_kl_mc: Estimate  # mean of log q(z|x) - log p(z) at the same samples: MI + marginal KL
     total_correlation: Estimate
-    dimwise_kl: Estimate  # factorized prior: sum_d KL(q(z_d) || p(z_d)); else E_q[log prod_d q(z_d) - log p(z)]
+    prior_mismatch_remainder: Estimate  # E_q[log prod_d q(z_d) - log p(z)] = marginal KL - TC, sample by sample
+    dimwise_kl: Estimate | None  # the remainder when the prior factorizes (sum_d KL(q(z_d) || p(z_d))), else None
     dimwise_kl_per_dim: list[float] | None  # factorized priors only
     n_samples: int  # M, the points z at which log q(z) is evaluated
-    dimwise_samples: int  # the subset of them used for TC and the dimension-wise KL
+    dimwise_samples: int  # the subset of them used for TC and the remainder
     log_n: float
     seconds_aggregate: float
     seconds_dimwise: float
@@ -74,42 +70,51 @@ class AggregateTerms:
     marginal_kl_per_sample: Tensor = field(repr=False)  # [M] log q(z) - log p(z)
 
 
+#: The `SurgeryReport` fields that are `Estimate`s (or None); `to_dict` writes each as `x`, `x_stderr`.
+ESTIMATE_FIELDS = (
+    "elbo",
+    "reconstruction",
+    "avg_kl",
+    "mutual_info",
+    "marginal_kl",
+    "identity_gap",
+    "total_correlation",
+    "dimwise_kl",
+    "prior_mismatch_remainder",
+    "optimal_prior_elbo",
+    "log_likelihood",
+)
+
+
 @dataclass
 class SurgeryReport:
     """The ELBO decomposition of one model on one split, in nats per data point.
 
-    `*_stderr` is the standard error of each Monte Carlo estimate (0 for an exact one:
-    the analytic average KL). See docs/surgery.md for what each number means.
+    Each Monte Carlo quantity is an `Estimate` (value and standard error; stderr 0 for an
+    exact one: the analytic average KL). `to_dict` flattens them to `x` / `x_stderr` for
+    surgery.json; `from_dict` reads that back, old files included. See docs/surgery.md for
+    what each number means.
     """
 
     split: str
     n_points: int
     n_samples: int
-    elbo: float
-    elbo_stderr: float
-    reconstruction: float
-    reconstruction_stderr: float
-    avg_kl: float
-    avg_kl_stderr: float
+    elbo: Estimate
+    reconstruction: Estimate
+    avg_kl: Estimate
     avg_kl_analytic: bool
-    mutual_info: float
-    mutual_info_stderr: float
-    marginal_kl: float
-    marginal_kl_stderr: float
+    mutual_info: Estimate
+    marginal_kl: Estimate
     log_n: float
-    identity_gap: float  # avg_kl - (mutual_info + marginal_kl): zero up to Monte Carlo error
-    identity_gap_stderr: float
-    total_correlation: float
-    total_correlation_stderr: float
-    dimwise_kl: float
-    dimwise_kl_stderr: float
+    identity_gap: Estimate  # avg_kl - (mutual_info + marginal_kl): zero up to Monte Carlo error
+    total_correlation: Estimate
+    dimwise_kl: Estimate | None  # factorized priors only: sum_d KL(q(z_d) || p(z_d))
+    prior_mismatch_remainder: Estimate  # E_q[log prod_d q(z_d) - log p(z)]; = dimwise_kl if it exists
     dimwise_samples: int
     prior_factorized: bool
     dimwise_kl_per_dim: list[float] | None
-    optimal_prior_elbo: float
-    optimal_prior_elbo_stderr: float
-    log_likelihood: float | None
-    log_likelihood_stderr: float | None
+    optimal_prior_elbo: Estimate
+    log_likelihood: Estimate | None
     log_likelihood_split: str | None
     is_samples: int | None
     is_points: int | None
@@ -121,9 +126,34 @@ class SurgeryReport:
     log_likelihood_per_point: Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("log_likelihood_per_point")
+        """The content of surgery.json: each `Estimate` as `x`, `x_stderr` (both null for a missing one)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "log_likelihood_per_point":
+                continue
+            value = getattr(self, f.name)
+            if f.name in ESTIMATE_FIELDS:
+                out[f.name] = None if value is None else value.value
+                out[f.name + "_stderr"] = None if value is None else value.stderr
+            elif isinstance(value, (dict, list)):
+                out[f.name] = type(value)(value)
+            else:
+                out[f.name] = value
         return out
+
+    @classmethod
+    def from_dict(cls, content: dict[str, Any]) -> SurgeryReport:
+        """A report from surgery.json's content (`to_dict`'s output, or an older file: see `upgrade_dict`)."""
+        content = upgrade_dict(content)
+        names = {f.name for f in fields(cls)} - {"log_likelihood_per_point"}
+        kwargs = {}
+        for name in names:
+            if name in ESTIMATE_FIELDS:
+                value = content.get(name)
+                kwargs[name] = None if value is None else Estimate(value, content.get(name + "_stderr"))
+            else:
+                kwargs[name] = content.get(name)
+        return cls(**kwargs)
 
     def metrics(self, prefix: str = "surgery/") -> dict[str, float]:
         """The numbers as flat scalar metrics (for a logger's summary)."""
@@ -134,58 +164,27 @@ class SurgeryReport:
             out[prefix + key] = value
         return out
 
-    def rows(self) -> list[list[Any]]:
-        """`[name, value, stderr]` rows of the decomposition (for a table)."""
-        rows = []
-        for name in ESTIMATES:
-            value = getattr(self, name)
-            if value is not None:
-                rows.append([name, value, getattr(self, name + "_stderr")])
-        rows.append(["log_n", self.log_n, 0.0])
-        rows.append(["identity_gap", self.identity_gap, self.identity_gap_stderr])
-        return rows
 
-    def table(self) -> str:
-        """A readable plain-text table."""
-        dimwise_name = "dimension-wise KL" if self.prior_factorized else "remainder E[log prod q(z_d) - log p(z)]"
-        lines = [
-            f"ELBO surgery on the {self.split} split: N = {self.n_points:,} points, M = {self.n_samples:,} samples "
-            f"of z, prior {self.prior}, {self.latent_dim}-D latents (nats per data point, +- one standard error)",
-        ]
+def upgrade_dict(content: dict[str, Any]) -> dict[str, Any]:
+    """surgery.json content in the current format; a copy, the input untouched.
 
-        def row(label: str, value: float | None, stderr: float | None, note: str = "") -> None:
-            if value is None:
-                return
-            se = "" if stderr is None or stderr == 0 else f" +- {stderr:.4f}"
-            lines.append(f"  {label:<38} {value:>12.4f}{se:<12} {note}".rstrip())
-
-        row("ELBO", self.elbo, self.elbo_stderr)
-        row("  reconstruction E_q[log p(x|z)]", self.reconstruction, self.reconstruction_stderr)
-        row("  average KL", self.avg_kl, self.avg_kl_stderr, "(analytic)" if self.avg_kl_analytic else "(Monte Carlo)")
-        row(
-            "    index-code mutual info I[n;z]",
-            self.mutual_info,
-            self.mutual_info_stderr,
-            f"(log N = {self.log_n:.4f})",
-        )
-        row("    marginal KL(q(z)||p(z))", self.marginal_kl, self.marginal_kl_stderr)
-        row(
-            "      total correlation",
-            self.total_correlation,
-            self.total_correlation_stderr,
-            f"(M = {self.dimwise_samples:,})",
-        )
-        row(f"      {dimwise_name}", self.dimwise_kl, self.dimwise_kl_stderr, f"(M = {self.dimwise_samples:,})")
-        row("  check: avg KL - (MI + marginal KL)", self.identity_gap, self.identity_gap_stderr, "(0 up to MC error)")
-        row("optimal-prior ELBO (ELBO + marginal KL)", self.optimal_prior_elbo, self.optimal_prior_elbo_stderr)
-        if self.log_likelihood is not None:
-            row(
-                f"log p(x), {self.log_likelihood_split}, IS K={self.is_samples}",
-                self.log_likelihood,
-                self.log_likelihood_stderr,
-                f"({self.is_points:,} points)",
-            )
-        return "\n".join(lines)
+    Files written before `prior_mismatch_remainder` existed stored the remainder
+    E_q[log prod_d q(z_d) - log p(z)] as `dimwise_kl` for every prior: it becomes
+    `prior_mismatch_remainder`, and `dimwise_kl` is kept only where the prior factorizes
+    (`prior_factorized`; in a file without that flag, the per-dimension KLs, present only
+    for factorized priors, decide). Current files pass through unchanged.
+    """
+    out = dict(content)
+    if "prior_mismatch_remainder" in out or "dimwise_kl" not in out:
+        return out
+    out["prior_mismatch_remainder"] = out["dimwise_kl"]
+    out["prior_mismatch_remainder_stderr"] = out.get("dimwise_kl_stderr")
+    factorized = out.get("prior_factorized")
+    if factorized is None:
+        factorized = out.get("dimwise_kl_per_dim") is not None
+    if not factorized:
+        out["dimwise_kl"] = out["dimwise_kl_stderr"] = None
+    return out
 
 
 # ---- pieces ---------------------------------------------------------------------------
@@ -207,6 +206,65 @@ def _prior_log_prob(prior: Prior, z: Tensor, batch_size: int) -> Tensor:
     return torch.cat([prior.log_prob(z[s : s + batch_size]) for s in range(0, len(z), batch_size)])
 
 
+def _sample_index(n: int, n_samples: int | None, generator: torch.Generator, device: torch.device) -> Tensor:
+    """The posterior of each of M samples: all N once (None or N), a random subset (M < N), or cycling (M > N)."""
+    if n_samples is None or n_samples == n:
+        return torch.arange(n, device=device)
+    if n_samples <= 0:
+        raise ValueError(f"n_samples must be positive or None, got {n_samples}")
+    if n_samples < n:
+        return torch.randperm(n, generator=generator, device=device)[:n_samples].sort().values
+    return torch.arange(n_samples, device=device) % n
+
+
+def _joint_log_densities(
+    mu: Tensor,
+    logvar: Tensor,
+    prior: Prior | None,
+    z: Tensor,
+    index: Tensor,
+    *,
+    chunk_size: int,
+    block_size: int,
+    prior_batch_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """log q(z_m|x_{n_m}), log q(z_m) (exact over all N posteriors) and log p(z_m), each float64 `[M]`.
+
+    log p(z) is NaN without a prior.
+    """
+    log_q_z_given_x = diagonal_normal_log_prob(z.double(), mu[index].double(), logvar[index].double())
+    q_z = DiagonalGaussianMixture(mu, logvar, small_components=0, chunk_size=chunk_size, block_size=block_size)
+    log_q_z = q_z.log_prob(z, out_dtype=torch.float64)
+    if prior is not None:
+        log_p_z = _prior_log_prob(prior, z, prior_batch_size).double()
+    else:
+        log_p_z = torch.full_like(log_q_z, math.nan)
+    return log_q_z_given_x, log_q_z, log_p_z
+
+
+def _marginal_log_densities(mu: Tensor, logvar: Tensor, z: Tensor, *, chunk_size: int, block_size: int) -> Tensor:
+    """log q(z_d) of each dimension's aggregate posterior (exact over all N), float64 `[K, D]` for z `[K, D]`."""
+    return torch.stack(
+        [
+            DiagonalGaussianMixture(
+                mu[:, j : j + 1].contiguous(),
+                logvar[:, j : j + 1].contiguous(),
+                small_components=0,
+                chunk_size=chunk_size,
+                block_size=block_size,
+            ).log_prob(z[:, j : j + 1].contiguous(), out_dtype=torch.float64)
+            for j in range(mu.shape[1])
+        ],
+        dim=-1,
+    )
+
+
+def _dimwise_kl_per_dim(prior: Prior, z: Tensor, log_q_dims: Tensor, batch_size: int) -> list[float]:
+    """KL(q(z_d) || p(z_d)) of each dimension, at the samples `z` `[K, D]` (a factorized prior)."""
+    log_p_dims = torch.cat([prior.log_prob_per_dim(z[s : s + batch_size]) for s in range(0, len(z), batch_size)])
+    return (log_q_dims - log_p_dims.double()).mean(0).tolist()
+
+
 @torch.inference_mode()
 def aggregate_terms(
     mu: Tensor,
@@ -222,7 +280,7 @@ def aggregate_terms(
     block_size: int = 2048,
     prior_batch_size: int = 10_000,
 ) -> AggregateTerms:
-    """Mutual information, marginal KL, total correlation and dimension-wise KL, exactly in q(z).
+    """Mutual information, marginal KL, total correlation and the prior-mismatch remainder, exactly in q(z).
 
     log q(z) = logsumexp_n log q(z|x_n) - log N over all N posteriors, at M sample
     points z_m ~ q(z|x_{n_m}); the expectations over z are averages over the M samples.
@@ -247,10 +305,11 @@ def aggregate_terms(
         Hoffman & Johnson, "ELBO surgery", 2016; Chen et al., "Isolating sources of
         disentanglement in VAEs", 2018.
     """
-    n, d = mu.shape
+    n = mu.shape[0]
     if n == 0:
         raise ValueError("aggregate_terms needs at least one posterior")
     generator = generator or torch.Generator(device=mu.device).manual_seed(0)
+    kernel = {"chunk_size": chunk_size, "block_size": block_size}
     started = time.perf_counter()
     if z is None:
         index = _sample_index(n, n_samples, generator, mu.device)
@@ -258,70 +317,34 @@ def aggregate_terms(
     elif index is None or index.shape != z.shape[:1]:
         raise ValueError("aggregate_terms: pass index [M] with z [M, D]")
     m = z.shape[0]
-    log_n = math.log(n)
-    log_q_z_given_x = diagonal_normal_log_prob(z.double(), mu[index].double(), logvar[index].double())
-    q_z = DiagonalGaussianMixture(mu, logvar, small_components=0, chunk_size=chunk_size, block_size=block_size)
-    log_q_z = q_z.log_prob(z, out_dtype=torch.float64)
-    if prior is not None:
-        log_p_z = _prior_log_prob(prior, z, prior_batch_size).double()
-    else:
-        log_p_z = torch.full_like(log_q_z, math.nan)
-    mutual_info = Estimate.of(log_q_z_given_x - log_q_z)
-    marginal_kl = Estimate.of(log_q_z - log_p_z)
-    avg_kl_mc = Estimate.of(log_q_z_given_x - log_p_z)
+    log_q_z_given_x, log_q_z, log_p_z = _joint_log_densities(
+        mu, logvar, prior, z, index, prior_batch_size=prior_batch_size, **kernel
+    )
     seconds_aggregate = time.perf_counter() - started
 
     started = time.perf_counter()
     k = m if dimwise_samples is None else min(int(dimwise_samples), m)
     sub = torch.randperm(m, generator=generator, device=mu.device)[:k] if k < m else torch.arange(m, device=mu.device)
-    zs = z[sub]
-    log_q_dims = torch.stack(
-        [
-            DiagonalGaussianMixture(
-                mu[:, j : j + 1].contiguous(),
-                logvar[:, j : j + 1].contiguous(),
-                small_components=0,
-                chunk_size=chunk_size,
-                block_size=block_size,
-            ).log_prob(zs[:, j : j + 1].contiguous(), out_dtype=torch.float64)
-            for j in range(d)
-        ],
-        dim=-1,
-    )  # [k, D]
-    total_correlation = Estimate.of(log_q_z[sub] - log_q_dims.sum(-1))
-    dimwise_kl = Estimate.of(log_q_dims.sum(-1) - log_p_z[sub])
-    per_dim = None
-    if prior is not None and prior.is_factorized:
-        log_p_dims = torch.cat(
-            [prior.log_prob_per_dim(zs[s : s + prior_batch_size]) for s in range(0, k, prior_batch_size)]
-        )
-        per_dim = (log_q_dims - log_p_dims.double()).mean(0).tolist()
+    log_q_dims = _marginal_log_densities(mu, logvar, z[sub], **kernel)  # [k, D]
+    remainder = Estimate.of(log_q_dims.sum(-1) - log_p_z[sub])
+    factorized = prior is not None and prior.is_factorized
     return AggregateTerms(
-        mutual_info=mutual_info,
-        marginal_kl=marginal_kl,
-        avg_kl_mc=avg_kl_mc,
-        total_correlation=total_correlation,
-        dimwise_kl=dimwise_kl,
-        dimwise_kl_per_dim=per_dim,
+        mutual_info=Estimate.of(log_q_z_given_x - log_q_z),
+        marginal_kl=Estimate.of(log_q_z - log_p_z),
+        avg_kl_mc=Estimate.of(log_q_z_given_x - log_p_z),
+        total_correlation=Estimate.of(log_q_z[sub] - log_q_dims.sum(-1)),
+        prior_mismatch_remainder=remainder,
+        dimwise_kl=remainder if factorized else None,
+        dimwise_kl_per_dim=_dimwise_kl_per_dim(prior, z[sub], log_q_dims, prior_batch_size) if factorized else None,
         n_samples=m,
         dimwise_samples=k,
-        log_n=log_n,
+        log_n=math.log(n),
         seconds_aggregate=seconds_aggregate,
         seconds_dimwise=time.perf_counter() - started,
         index=index,
         mutual_info_per_sample=log_q_z_given_x - log_q_z,
         marginal_kl_per_sample=log_q_z - log_p_z,
     )
-
-
-def _sample_index(n: int, n_samples: int | None, generator: torch.Generator, device: torch.device) -> Tensor:
-    if n_samples is None or n_samples == n:
-        return torch.arange(n, device=device)
-    if n_samples <= 0:
-        raise ValueError(f"n_samples must be positive or None, got {n_samples}")
-    if n_samples < n:
-        return torch.randperm(n, generator=generator, device=device)[:n_samples].sort().values
-    return torch.arange(n_samples, device=device) % n
 
 
 @torch.inference_mode()
@@ -378,7 +401,146 @@ def importance_log_likelihood(
     return torch.cat(out)
 
 
-# ---- the whole decomposition -------------------------------------------------------------
+# ---- the whole decomposition, step by step ------------------------------------------------
+
+
+@dataclass
+class PointTerms:
+    """The ELBO's terms per point at one sample z_n ~ q(z|x_n) per point, each float64 `[N]`."""
+
+    reconstruction: Tensor  # log p(x_n|z_n)
+    kl: Tensor  # KL(q(z|x_n) || p(z)): analytic, or log q(z_n|x_n) - log p(z_n) at the sample
+    kl_analytic: bool
+
+
+@dataclass
+class BoundTerms:
+    """The ELBO, its two terms, the identity check and the optimal-prior ELBO, as estimates."""
+
+    reconstruction: Estimate
+    avg_kl: Estimate
+    elbo: Estimate
+    identity_gap: Estimate  # avg KL - (MI + marginal KL)
+    optimal_prior_elbo: Estimate  # ELBO + marginal KL
+
+
+def point_terms(model: Any, x: Tensor, mu: Tensor, logvar: Tensor, z: Tensor, batch_size: int) -> PointTerms:
+    """Reconstruction log p(x_n|z_n) and KL of every point at its sample z_n, in batches of `batch_size`."""
+    device = z.device
+    recon = torch.cat(
+        [
+            model.log_likelihood(x[s : s + batch_size].to(device), model.decode(z[s : s + batch_size]))
+            for s in range(0, len(x), batch_size)
+        ]
+    ).double()
+    prior = model.prior
+    if prior.has_analytic_kl:
+        kl = torch.cat(
+            [prior.kl(mu[s : s + batch_size], logvar[s : s + batch_size]) for s in range(0, len(x), batch_size)]
+        ).double()
+    else:
+        log_p_z = _prior_log_prob(prior, z, batch_size).double()
+        kl = diagonal_normal_log_prob(z.double(), mu.double(), logvar.double()) - log_p_z
+    return PointTerms(recon, kl, bool(prior.has_analytic_kl))
+
+
+def aggregate_sample_points(
+    mu: Tensor, logvar: Tensor, z: Tensor, n_samples: int | None, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """The M points at which log q(z) is evaluated, `[M, D]`, and the posterior of each, `[M]`.
+
+    With M = N (n_samples None or N) they are the ELBO's own samples z, so every term pairs
+    point by point; otherwise M fresh draws (`_sample_index` picks the posteriors).
+    """
+    n = len(mu)
+    if n_samples is None or n_samples == n:
+        return z, torch.arange(n, device=mu.device)
+    index = _sample_index(n, n_samples, generator, mu.device)
+    return draw(mu[index], logvar[index], generator), index
+
+
+def bound_terms(points: PointTerms, agg: AggregateTerms, same_samples: bool) -> BoundTerms:
+    """Combine the per-point terms with the aggregate ones.
+
+    The identity average KL = MI + marginal KL holds exactly in expectation; its check
+    compares the average KL with the Monte Carlo MI + marginal KL. `same_samples`: the
+    aggregate terms were evaluated at the ELBO's own samples (M = N), so they pair point
+    by point with the per-point terms.
+    """
+    recon, kl = points.reconstruction, points.kl
+    avg_kl = Estimate(float(kl.mean()), 0.0) if points.kl_analytic else Estimate.of(kl)
+    mc_kl = agg.mutual_info_per_sample + agg.marginal_kl_per_sample  # [M]
+    gap_value = avg_kl.value - float(mc_kl.mean())
+    if points.kl_analytic:
+        gap = Estimate(gap_value, Estimate.of(kl[agg.index] - mc_kl).stderr)
+    elif same_samples:  # the Monte Carlo KL *is* MI + marginal KL sample by sample
+        gap = Estimate(gap_value, 0.0)
+    else:
+        gap = Estimate(gap_value, math.hypot(avg_kl.stderr, Estimate.of(mc_kl).stderr))
+    elbo = Estimate.of(recon - kl)
+    if same_samples:  # pair the terms point by point
+        optimal = Estimate.of(recon - kl + agg.marginal_kl_per_sample)
+    else:
+        optimal = Estimate(elbo.value + agg.marginal_kl.value, math.hypot(elbo.stderr, agg.marginal_kl.stderr))
+    return BoundTerms(Estimate.of(recon), avg_kl, elbo, gap, optimal)
+
+
+def split_log_likelihood(
+    model: Any,
+    data: Any,
+    split: str,
+    n_points: int | None,
+    n_samples: int,
+    batch_elements: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """Importance-sampled log p(x) of the first `n_points` of `split` (None: all), float64 `[points]` on the CPU."""
+    x = data.split(split)
+    if n_points is not None:
+        x = x[: int(n_points)]
+    return importance_log_likelihood(model, x, int(n_samples), batch_elements=batch_elements, generator=generator).cpu()
+
+
+def assemble_report(
+    split: str,
+    n_points: int,
+    latent_dim: int,
+    prior: Prior,
+    bounds: BoundTerms,
+    agg: AggregateTerms,
+    log_likelihood: tuple[str, int, Tensor] | None,
+    seconds: dict[str, float],
+) -> SurgeryReport:
+    """The `SurgeryReport` of the pieces; `log_likelihood` is (its split, K, its per-point values) or None."""
+    ll_split, ll_samples, ll_per_point = log_likelihood if log_likelihood is not None else (None, None, None)
+    return SurgeryReport(
+        split=split,
+        n_points=n_points,
+        n_samples=agg.n_samples,
+        elbo=bounds.elbo,
+        reconstruction=bounds.reconstruction,
+        avg_kl=bounds.avg_kl,
+        avg_kl_analytic=bool(prior.has_analytic_kl),
+        mutual_info=agg.mutual_info,
+        marginal_kl=agg.marginal_kl,
+        log_n=agg.log_n,
+        identity_gap=bounds.identity_gap,
+        total_correlation=agg.total_correlation,
+        dimwise_kl=agg.dimwise_kl,
+        prior_mismatch_remainder=agg.prior_mismatch_remainder,
+        dimwise_samples=agg.dimwise_samples,
+        prior_factorized=bool(prior.is_factorized),
+        dimwise_kl_per_dim=agg.dimwise_kl_per_dim,
+        optimal_prior_elbo=bounds.optimal_prior_elbo,
+        log_likelihood=None if ll_per_point is None else Estimate.of(ll_per_point),
+        log_likelihood_split=ll_split,
+        is_samples=ll_samples,
+        is_points=None if ll_per_point is None else len(ll_per_point),
+        latent_dim=latent_dim,
+        prior=type(prior).__name__,
+        seconds=seconds,
+        log_likelihood_per_point=ll_per_point,
+    )
 
 
 def decompose(
@@ -401,7 +563,7 @@ def decompose(
     """The ELBO decomposition of `model` on `data.split(split)`, exactly in q(z), with standard errors.
 
     Args:
-        model: a `vae.model.VAE` (or anything with `encode`, `decode`, `log_likelihood`,
+        model: a `vae.model.VAE` (or anything with `encoder`, `encode`, `decode`, `log_likelihood`,
             `prior`, `parameters`); it is moved to `device` and put in eval mode.
         data: a `vae.data.BinarizedData` (anything with `split(name)`); the fixed
             binarization of each split is used.
@@ -409,7 +571,7 @@ def decompose(
         n_samples: M, the samples z ~ q(z|x_n) at which log q(z) is evaluated exactly
             (None: one per point). The reconstruction uses one sample per point.
         dimwise_samples: how many of the M samples the total correlation and the
-            dimension-wise KL use (None: all M; they cost D times the MI kernel).
+            prior-mismatch remainder use (None: all M; they cost D times the MI kernel).
         is_samples: K for the importance-sampled log p(x) (None or 0: skip it).
         is_points: how many points of `is_split` (the first ones) to estimate log p(x) on
             (None: all).
@@ -427,6 +589,8 @@ def decompose(
     was_training = model.training
     model.to(device).eval()
     seconds: dict[str, float] = {}
+    # One stream, consumed in this order: the ELBO's samples, the aggregate samples (M != N),
+    # the subset for the per-dimension terms, the importance samples.
     generator = torch.Generator(device=device).manual_seed(seed)
     try:
         with torch.inference_mode():
@@ -434,33 +598,14 @@ def decompose(
             x = data.split(split)
             mu, logvar = encode(model, x, batch_size, device)
             z = draw(mu, logvar, generator)  # one sample per point
-            recon = torch.cat(
-                [
-                    model.log_likelihood(x[s : s + batch_size].to(device), model.decode(z[s : s + batch_size]))
-                    for s in range(0, len(x), batch_size)
-                ]
-            ).double()
-            prior = model.prior
-            log_p_z = _prior_log_prob(prior, z, batch_size).double()
-            log_q_z_given_x = diagonal_normal_log_prob(z.double(), mu.double(), logvar.double())
-            if prior.has_analytic_kl:
-                kl = torch.cat(
-                    [prior.kl(mu[s : s + batch_size], logvar[s : s + batch_size]) for s in range(0, len(x), batch_size)]
-                ).double()
-            else:
-                kl = log_q_z_given_x - log_p_z
+            points = point_terms(model, x, mu, logvar, z, batch_size)
             seconds["elbo"] = time.perf_counter() - started
 
-            n = len(x)
-            if n_samples is None or n_samples == n:
-                z_agg, index = z, torch.arange(n, device=device)
-            else:
-                index = _sample_index(n, n_samples, generator, device)
-                z_agg = draw(mu[index], logvar[index], generator)
+            z_agg, index = aggregate_sample_points(mu, logvar, z, n_samples, generator)
             agg = aggregate_terms(
                 mu,
                 logvar,
-                prior,
+                model.prior,
                 z_agg,
                 index,
                 dimwise_samples=dimwise_samples,
@@ -471,75 +616,16 @@ def decompose(
             )
             seconds["mutual_info_marginal_kl"] = agg.seconds_aggregate
             seconds["tc_dimwise"] = agg.seconds_dimwise
+            bounds = bound_terms(points, agg, same_samples=z_agg is z)
 
-            reconstruction = Estimate.of(recon)
-            avg_kl = Estimate(float(kl.mean()), 0.0) if prior.has_analytic_kl else Estimate.of(kl)
-            elbo = Estimate.of(recon - kl)
-            # The identity average KL = MI + marginal KL holds exactly in expectation; its
-            # check compares the average KL with the Monte Carlo MI + marginal KL.
-            mc_kl = agg.mutual_info_per_sample + agg.marginal_kl_per_sample  # [M]
-            same_samples = z_agg is z
-            if prior.has_analytic_kl:
-                gap = Estimate(avg_kl.value - float(mc_kl.mean()), Estimate.of(kl[index] - mc_kl).stderr)
-            elif same_samples:  # the Monte Carlo KL *is* MI + marginal KL sample by sample
-                gap = Estimate(avg_kl.value - float(mc_kl.mean()), 0.0)
-            else:
-                gap = Estimate(avg_kl.value - float(mc_kl.mean()), math.hypot(avg_kl.stderr, Estimate.of(mc_kl).stderr))
-            if same_samples:  # pair the terms point by point
-                optimal = Estimate.of(recon - kl + agg.marginal_kl_per_sample)
-            else:
-                optimal = Estimate(elbo.value + agg.marginal_kl.value, math.hypot(elbo.stderr, agg.marginal_kl.stderr))
-
-            ll = ll_per_point = None
-            n_is = None
+            log_likelihood = None
             if is_samples:
                 started = time.perf_counter()
-                x_test = data.split(is_split)
-                if is_points is not None:
-                    x_test = x_test[: int(is_points)]
-                n_is = len(x_test)
-                ll_per_point = importance_log_likelihood(
-                    model, x_test, int(is_samples), batch_elements=is_batch_elements, generator=generator
-                ).cpu()
-                ll = Estimate.of(ll_per_point)
+                per_point = split_log_likelihood(
+                    model, data, is_split, is_points, is_samples, is_batch_elements, generator
+                )
+                log_likelihood = (is_split, int(is_samples), per_point)
                 seconds["log_likelihood"] = time.perf_counter() - started
     finally:
         model.train(was_training)
-
-    return SurgeryReport(
-        split=split,
-        n_points=n,
-        n_samples=agg.n_samples,
-        elbo=elbo.value,
-        elbo_stderr=elbo.stderr,
-        reconstruction=reconstruction.value,
-        reconstruction_stderr=reconstruction.stderr,
-        avg_kl=avg_kl.value,
-        avg_kl_stderr=avg_kl.stderr,
-        avg_kl_analytic=bool(prior.has_analytic_kl),
-        mutual_info=agg.mutual_info.value,
-        mutual_info_stderr=agg.mutual_info.stderr,
-        marginal_kl=agg.marginal_kl.value,
-        marginal_kl_stderr=agg.marginal_kl.stderr,
-        log_n=agg.log_n,
-        identity_gap=gap.value,
-        identity_gap_stderr=gap.stderr,
-        total_correlation=agg.total_correlation.value,
-        total_correlation_stderr=agg.total_correlation.stderr,
-        dimwise_kl=agg.dimwise_kl.value,
-        dimwise_kl_stderr=agg.dimwise_kl.stderr,
-        dimwise_samples=agg.dimwise_samples,
-        prior_factorized=bool(prior.is_factorized),
-        dimwise_kl_per_dim=agg.dimwise_kl_per_dim,
-        optimal_prior_elbo=optimal.value,
-        optimal_prior_elbo_stderr=optimal.stderr,
-        log_likelihood=None if ll is None else ll.value,
-        log_likelihood_stderr=None if ll is None else ll.stderr,
-        log_likelihood_split=is_split if ll is not None else None,
-        is_samples=int(is_samples) if ll is not None else None,
-        is_points=n_is,
-        latent_dim=int(mu.shape[1]),
-        prior=type(prior).__name__,
-        seconds=seconds,
-        log_likelihood_per_point=ll_per_point,
-    )
+    return assemble_report(split, len(x), int(mu.shape[1]), model.prior, bounds, agg, log_likelihood, seconds)

@@ -164,30 +164,31 @@ def comparison(before: dict[str, SurgeryReport], after: dict[str, SurgeryReport]
     out: dict[str, Any] = {}
     for split in ("train", "test"):
         b, a = before[split], after[split]
-        reduction = b.marginal_kl - a.marginal_kl
-        gain = a.elbo - b.elbo
+        reduction = b.marginal_kl.value - a.marginal_kl.value
+        gain = a.elbo.value - b.elbo.value
         # Same seed, same frozen networks: both surgeries draw the same z, so the reconstruction
         # and the mutual information are identical and gain - reduction is exactly the change in
         # each surgery's own check, avg KL - (MI + marginal KL), whose Monte Carlo error each
         # surgery measures on its samples.
-        stderr = math.hypot(b.identity_gap_stderr, a.identity_gap_stderr)
+        stderr = math.hypot(b.identity_gap.stderr, a.identity_gap.stderr)
         out[split] = {
-            "marginal_kl_before": b.marginal_kl,
-            "marginal_kl_after": a.marginal_kl,
-            "share_closed": reduction / b.marginal_kl if b.marginal_kl > 0 else math.nan,
-            "elbo_before": b.elbo,
-            "elbo_after": a.elbo,
+            "marginal_kl_before": b.marginal_kl.value,
+            "marginal_kl_after": a.marginal_kl.value,
+            "share_closed": reduction / b.marginal_kl.value if b.marginal_kl.value > 0 else math.nan,
+            "elbo_before": b.elbo.value,
+            "elbo_after": a.elbo.value,
             "elbo_gain": gain,
             "marginal_kl_reduction": reduction,
             "identity_gap": gain - reduction,
             "identity_gap_stderr": stderr,
-            "mutual_info_before": b.mutual_info,
-            "mutual_info_after": a.mutual_info,
+            "mutual_info_before": b.mutual_info.value,
+            "mutual_info_after": a.mutual_info.value,
         }
-    if before["train"].log_likelihood is not None and after["train"].log_likelihood is not None:
-        out["test_log_likelihood_before"] = before["train"].log_likelihood
-        out["test_log_likelihood_after"] = after["train"].log_likelihood
-        out["test_log_likelihood_gain"] = after["train"].log_likelihood - before["train"].log_likelihood
+    ll_before, ll_after = before["train"].log_likelihood, after["train"].log_likelihood
+    if ll_before is not None and ll_after is not None:
+        out["test_log_likelihood_before"] = ll_before.value
+        out["test_log_likelihood_after"] = ll_after.value
+        out["test_log_likelihood_gain"] = ll_after.value - ll_before.value
     return out
 
 

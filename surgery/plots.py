@@ -1,33 +1,42 @@
-"""Pictures of a surgery report: the decomposition as bars, and for 2-D latents q(z) beside p(z)."""
+"""Pictures of one surgery report: the decomposition as bars, for 2-D latents q(z) beside p(z), and
+a model's samples and reconstructions.
+
+Figures are `matplotlib.figure.Figure`s saved with `savefig`: no pyplot state and no backend
+to select, so importing this module changes nothing global and it is safe in worker processes.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from priors.base import Prior  # noqa: E402
-from priors.densities import DiagonalGaussianMixture  # noqa: E402
-from surgery.decomposition import SurgeryReport  # noqa: E402
+from priors.base import Prior
+from priors.densities import DiagonalGaussianMixture
+from surgery.decomposition import SurgeryReport
 
 
 def plot_decomposition(report: SurgeryReport, path: str | Path) -> Path:
     """Bars of the KL terms (left) and of the bounds (right), with one-standard-error whiskers."""
     path = Path(path)
-    fig, (ax_kl, ax_bound) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
-    dimwise = "dim-wise KL" if report.prior_factorized else "remainder"
+    fig = Figure(figsize=(11, 4))
+    ax_kl, ax_bound = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    if report.dimwise_kl is not None:
+        third = ("dim-wise KL", report.dimwise_kl)
+    else:
+        third = ("remainder", report.prior_mismatch_remainder)
     kl_terms = [
-        ("average KL", report.avg_kl, report.avg_kl_stderr),
-        ("mutual info", report.mutual_info, report.mutual_info_stderr),
-        ("marginal KL", report.marginal_kl, report.marginal_kl_stderr),
-        ("total corr.", report.total_correlation, report.total_correlation_stderr),
-        (dimwise, report.dimwise_kl, report.dimwise_kl_stderr),
+        (label, e.value, e.stderr)
+        for label, e in [
+            ("average KL", report.avg_kl),
+            ("mutual info", report.mutual_info),
+            ("marginal KL", report.marginal_kl),
+            ("total corr.", report.total_correlation),
+            third,
+        ]
     ]
     colors = ["#4c72b0", "#55a868", "#c44e52", "#dd8452", "#8172b3"]
     ax_kl.bar(
@@ -41,15 +50,15 @@ def plot_decomposition(report: SurgeryReport, path: str | Path) -> Path:
     ax_kl.legend(loc="upper right", fontsize=8)
 
     bounds = [
-        ("ELBO", report.elbo, report.elbo_stderr),
-        ("optimal-prior\nELBO", report.optimal_prior_elbo, report.optimal_prior_elbo_stderr),
+        ("ELBO", report.elbo.value, report.elbo.stderr),
+        ("optimal-prior\nELBO", report.optimal_prior_elbo.value, report.optimal_prior_elbo.stderr),
     ]
     if report.log_likelihood is not None:
         bounds.append(
             (
                 f"log p(x)\n{report.log_likelihood_split}, K={report.is_samples}",
-                report.log_likelihood,
-                report.log_likelihood_stderr,
+                report.log_likelihood.value,
+                report.log_likelihood.stderr,
             )
         )
     ax_bound.bar(
@@ -64,7 +73,6 @@ def plot_decomposition(report: SurgeryReport, path: str | Path) -> Path:
     ax_bound.set_title(f"bounds ({report.prior}, {report.latent_dim}-D)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -108,7 +116,8 @@ def plot_aggregate_posterior_2d(
     # on a linear scale a broad prior is invisible beside q(z)'s sharp peaks.
     vmax = float(max(log_q.max(), log_p.max()))
     vmin = vmax - LOG_DENSITY_RANGE
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True)
+    fig = Figure(figsize=(10, 4.6))
+    axes = fig.subplots(1, 2, sharex=True, sharey=True)
     for ax, dens, title in [
         (axes[0], log_q, "aggregate posterior q(z)"),
         (axes[1], log_p, f"prior p(z) ({type(prior).__name__})"),
@@ -133,7 +142,6 @@ def plot_aggregate_posterior_2d(
     axes[0].set_ylim(float(lo[1]), float(hi[1]))
     fig.colorbar(mesh, ax=axes, shrink=0.85, label="log density (nats; contours 2, 4, 8 below the peak)")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -148,12 +156,12 @@ def _image_grid(images: Tensor, rows: int, cols: int, shape: tuple[int, int]) ->
 
 
 def _save_picture(canvas: Tensor, path: Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(max(3.0, canvas.shape[1] / 28), max(3.0, canvas.shape[0] / 28) + 0.4))
+    fig = Figure(figsize=(max(3.0, canvas.shape[1] / 28), max(3.0, canvas.shape[0] / 28) + 0.4))
+    ax = fig.subplots()
     ax.imshow(canvas.numpy(), cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from surgery.decomposition import upgrade_dict
 from surgery.run import DENSITY_PICTURE, FIT_JSON, SAMPLES_PICTURE, log_px_name
 from vae.run_dir import flatten, matches_any
 
@@ -257,10 +258,8 @@ def read_run(path: str | Path) -> RunRecord:
     surgery_path = path / "surgery.json"
     if surgery_path.is_file():
         try:
-            surgery = json.loads(surgery_path.read_text())
-            if surgery.get("prior_factorized") is False:
-                # its `dimwise_kl` is the remainder E[log prod q(z_d) - log p(z)], not a KL: no dim-wise KL column
-                surgery["dimwise_kl"] = None
+            # An older file's `dimwise_kl` of a non-factorized prior is read as its `prior_mismatch_remainder`.
+            surgery = upgrade_dict(json.loads(surgery_path.read_text()))
         except json.JSONDecodeError as e:
             problems.append(f"surgery.json unreadable ({e.msg} at line {e.lineno})")
     else:
@@ -514,7 +513,7 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def plot_decomposition(report: Report, path: Path) -> Path:
+def plot_average_kl_split(report: Report, path: Path) -> Path:
     """Average KL split into mutual information (bottom) and marginal KL (top), one bar per
     prior and latent size, error bars over seeds; reconstruction is off scale, so left out."""
     fig = _figure(max(6.0, 0.6 * len(report.rows) + 2), 4.5)
@@ -668,7 +667,7 @@ def write_report(report: Report, out: str | Path) -> ReportFiles:
     plots = []
     if report.rows:  # no complete run: no bars to draw (the learning curves may still be)
         plots += [
-            plot_decomposition(report, out / "decomposition.png"),
+            plot_average_kl_split(report, out / "decomposition.png"),
             plot_marginal_kl(report, out / "marginal_kl.png"),
         ]
     for extra in (

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from surgery.decomposition import SurgeryReport, decompose, encode
+from surgery.text import table_rows
 from vae.data import SPLITS
 from vae.files import write_atomically
 from vae.validation import ConfigError, check_bool, check_choice, check_int
@@ -171,7 +172,7 @@ def run_surgery(
             )
     if logger is not None:
         logger.summary(report.metrics())
-        logger.table("surgery/decomposition", ["term", "nats", "stderr"], report.rows())
+        logger.table("surgery/decomposition", ["term", "nats", "stderr"], table_rows(report))
         for name, path in files.items():
             if path.suffix == ".png":
                 logger.image(f"surgery/{name}", path)

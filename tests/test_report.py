@@ -19,6 +19,7 @@ ESTIMATES = (
     "marginal_kl",
     "total_correlation",
     "dimwise_kl",
+    "prior_mismatch_remainder",
     "optimal_prior_elbo",
     "log_likelihood",
 )
@@ -26,7 +27,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_surgery(seed: int, latent_dim: int, prior: str) -> dict:
-    """Distinct, exactly checkable numbers per run; a non-factorized prior's dimwise_kl is the remainder."""
+    """Distinct, exactly checkable numbers per run; a non-factorized prior has a remainder and no dimwise_kl."""
     base = {"gaussian": 0.0, "vampprior": 3.0}[prior] + latent_dim
     mi, mkl = 5.0 + 0.1 * seed + base / 10, 2.0 + 0.3 * seed + base / 5
     out = {
@@ -39,7 +40,7 @@ def fake_surgery(seed: int, latent_dim: int, prior: str) -> dict:
         "mutual_info": mi,
         "marginal_kl": mkl,
         "total_correlation": 0.5 + 0.05 * seed,
-        "dimwise_kl": -1.0 - 0.05 * seed if prior == "vampprior" else mkl - 0.5 - 0.05 * seed,
+        "prior_mismatch_remainder": -1.0 - 0.05 * seed if prior == "vampprior" else mkl - 0.5 - 0.05 * seed,
         "prior_factorized": prior != "vampprior",
         "log_likelihood": -85.0 + 0.2 * seed - base / 100,
         "is_samples": 10,
@@ -47,12 +48,18 @@ def fake_surgery(seed: int, latent_dim: int, prior: str) -> dict:
     out["elbo"] = out["reconstruction"] - out["avg_kl"]
     out["optimal_prior_elbo"] = out["elbo"] + mkl
     out.update({f"{k}_stderr": 0.01 for k in ESTIMATES})
+    factorized = out["prior_factorized"]
+    out["dimwise_kl"] = out["prior_mismatch_remainder"] if factorized else None
+    out["dimwise_kl_stderr"] = out["prior_mismatch_remainder_stderr"] if factorized else None
     return out
 
 
-def shown(v: dict, key: str) -> float | None:
-    """What the table should show: a non-factorized prior has no dimension-wise KL."""
-    return None if key == "dimwise_kl" and not v["prior_factorized"] else v[key]
+def old_format(values: dict) -> dict:
+    """surgery.json as written before the remainder had its own key: `dimwise_kl` held it for every prior."""
+    out = {k: v for k, v in values.items() if not k.startswith("prior_mismatch_remainder")}
+    out["dimwise_kl"] = values["prior_mismatch_remainder"]
+    out["dimwise_kl_stderr"] = values["prior_mismatch_remainder_stderr"]
+    return out
 
 
 def make_run(
@@ -66,6 +73,7 @@ def make_run(
     epochs: int = 7,
     density: bool = False,
     samples: bool = False,
+    old: bool = False,
 ) -> dict | None:
     (path / ".hydra").mkdir(parents=True)
     target = {"gaussian": "priors.gaussian.GaussianPrior", "vampprior": "priors.vampprior.VampPrior"}[prior]
@@ -88,7 +96,7 @@ def make_run(
             fig.savefig(path / name)
     if surgery:
         values = fake_surgery(seed, latent_dim, prior)
-        (path / "surgery.json").write_text(json.dumps(values))
+        (path / "surgery.json").write_text(json.dumps(old_format(values) if old else values))
         return values
     return None
 
@@ -128,7 +136,7 @@ def test_rows_hold_mean_and_std_over_seeds(sweep) -> None:
         runs = values[(row.prior, row.latent_dim)]
         assert row.n_runs == 3 and row.seeds == (0, 1, 2) and row.epochs == (5, 6, 7)
         for key, _ in rep.COLUMNS:
-            xs = [shown(v, key) for v in runs if shown(v, key) is not None]
+            xs = [v[key] for v in runs if v[key] is not None]  # None: not reported (a non-factorized dimwise_kl)
             if not xs:
                 assert row.stats[key].mean is None and rep.format_stat(row.stats[key]) == "—"
                 continue
@@ -148,10 +156,27 @@ def test_markdown_table_cells_are_the_formatted_values(sweep) -> None:
         runs = values[(prior, latent_dim)]
         assert cells[2] == "—"  # no variant: the runs differ only in prior, size and seed
         for (key, _), cell in zip(rep.COLUMNS, cells[3:], strict=False):
-            xs = [shown(v, key) for v in runs if shown(v, key) is not None]
+            xs = [v[key] for v in runs if v[key] is not None]  # None: not reported (a non-factorized dimwise_kl)
             expected = f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if xs else "—"
             assert cell == expected, (prior, latent_dim, key)
         assert cells[-3:] == ["3", "5–7", "train"]
+
+
+def test_old_surgery_json_is_read_in_the_current_format(tmp_path: Path) -> None:
+    """A file from before `prior_mismatch_remainder` existed: a non-factorized prior's `dimwise_kl` is read
+    as its remainder (no dimension-wise KL); a factorized prior's is both."""
+    values = {}
+    for prior in ("gaussian", "vampprior"):
+        values[prior] = make_run(tmp_path / "old" / prior, prior, 10, 0, old=True)
+        make_run(tmp_path / "new" / prior, prior, 10, 0)
+    for prior, v in values.items():
+        read = rep.read_run(tmp_path / "old" / prior).surgery
+        assert read == v, prior  # exactly what the current format holds
+        assert read == rep.read_run(tmp_path / "new" / prior).surgery
+    assert values["vampprior"]["dimwise_kl"] is None and values["vampprior"]["prior_mismatch_remainder"] == -1.0
+    assert rep.render_markdown(rep.build_report([tmp_path / "old"])).split("## Runs")[0] == rep.render_markdown(
+        rep.build_report([tmp_path / "new"])
+    ).split("## Runs")[0].replace(str(tmp_path / "new"), str(tmp_path / "old"))
 
 
 def test_incomplete_runs_are_listed_with_their_reason(sweep) -> None:

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from priors.gaussian import GaussianPrior
-from surgery import aggregate_terms, decompose, importance_log_likelihood
+from surgery import SurgeryReport, aggregate_terms, decompose, importance_log_likelihood
+from surgery.decomposition import upgrade_dict
+from surgery.text import format_table, table_rows
 from vae.model import VAE
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class FixedData:
@@ -43,10 +53,14 @@ def mean_and_stderr(values):
     return mean, math.sqrt(var / n)
 
 
-def brute_force(mu, logvar, z, recon=None, kl=None):
-    """Every aggregate term by double loops over samples and posteriors, in float64 Python floats."""
-    mu, logvar, z = mu.tolist(), logvar.tolist(), z.tolist()
+def brute_force(mu, logvar, z, recon=None, kl=None, index=None):
+    """Every aggregate term by double loops over samples and posteriors, in float64 Python floats.
+
+    `index[m]` is the posterior sample m was drawn from (default: sample m from posterior m);
+    the prior is N(0, I)."""
+    mu, logvar, z = mu.tolist(), logvar.tolist(), torch.as_tensor(z).tolist()
     n, d = len(mu), len(mu[0])
+    index = list(range(len(z))) if index is None else list(index)
     mi, mkl, tc, dw, per_dim = [], [], [], [], [[] for _ in range(d)]
     for m, zm in enumerate(z):
         comps = [sum(log_normal_1d(zm[j], mu[i][j], logvar[i][j]) for j in range(d)) for i in range(n)]
@@ -59,7 +73,7 @@ def brute_force(mu, logvar, z, recon=None, kl=None):
             log_q_dims.append(t + math.log(sum(math.exp(c - t) for c in cs)) - math.log(n))
         log_p_dims = [log_normal_1d(zm[j], 0.0, 0.0) for j in range(d)]
         log_p = sum(log_p_dims)
-        mi.append(comps[m] - log_q)
+        mi.append(comps[index[m]] - log_q)
         mkl.append(log_q - log_p)
         tc.append(log_q - sum(log_q_dims))
         dw.append(sum(log_q_dims) - log_p)
@@ -69,7 +83,8 @@ def brute_force(mu, logvar, z, recon=None, kl=None):
         "mutual_info": mean_and_stderr(mi),
         "marginal_kl": mean_and_stderr(mkl),
         "total_correlation": mean_and_stderr(tc),
-        "dimwise_kl": mean_and_stderr(dw),
+        "prior_mismatch_remainder": mean_and_stderr(dw),
+        "dimwise_kl": mean_and_stderr(dw),  # N(0, I) factorizes: the remainder is the dimension-wise KL
         "per_dim": [sum(v) / len(v) for v in per_dim],
     }
     if recon is not None:
@@ -122,17 +137,33 @@ def test_decompose_matches_brute_force_to_1e6():
         "marginal_kl",
         "total_correlation",
         "dimwise_kl",
+        "prior_mismatch_remainder",
         "optimal_prior_elbo",
     ):
         value, stderr = ref[name]
-        assert getattr(report, name) == pytest.approx(value, abs=1e-6), name
-        assert getattr(report, name + "_stderr") == pytest.approx(stderr, abs=1e-6), name
+        assert getattr(report, name).value == pytest.approx(value, abs=1e-6), name
+        assert getattr(report, name).stderr == pytest.approx(stderr, abs=1e-6), name
     assert report.dimwise_kl_per_dim == pytest.approx(ref["per_dim"], abs=1e-6)
     assert report.log_n == pytest.approx(math.log(15), abs=1e-12)
-    assert 0.5 < report.mutual_info < math.log(15)  # a case where MI is informative
+    assert 0.5 < report.mutual_info.value < math.log(15)  # a case where MI is informative
     # avg KL = MI + marginal KL, up to Monte Carlo error of the right size
-    assert abs(report.identity_gap) < 4 * report.identity_gap_stderr + 1e-9
+    assert abs(report.identity_gap.value) < 4 * report.identity_gap.stderr + 1e-9
     assert report.n_points == report.n_samples == 15
+
+
+AGGREGATE = ("mutual_info", "marginal_kl", "total_correlation", "prior_mismatch_remainder", "dimwise_kl")
+
+
+def reference_expectations(mu, logvar, draws_per_posterior, seed):
+    """The aggregate terms' expectations: `brute_force` at `draws_per_posterior` independent draws from
+    every posterior (Python's own random stream, so nothing is shared with the code under test)."""
+    rng = random.Random(seed)
+    z, index = [], []
+    for i, (m, lv) in enumerate(zip(mu.tolist(), logvar.tolist(), strict=True)):
+        for _ in range(draws_per_posterior):
+            z.append([a + math.exp(0.5 * b) * rng.gauss(0.0, 1.0) for a, b in zip(m, lv, strict=True)])
+            index.append(i)
+    return brute_force(mu, logvar, torch.tensor(z, dtype=torch.float64), index=index)
 
 
 def test_aggregate_terms_match_brute_force_with_subsamples():
@@ -141,35 +172,33 @@ def test_aggregate_terms_match_brute_force_with_subsamples():
         torch.randn(20, 3, generator=g, dtype=torch.float64),
         torch.randn(20, 3, generator=g, dtype=torch.float64) - 1,
     )
-    terms = aggregate_terms(
-        mu,
-        logvar,
-        GaussianPrior(3).double(),
-        n_samples=9,
-        dimwise_samples=None,
-        generator=torch.Generator().manual_seed(1),
-        chunk_size=3,
-        block_size=4,
-    )
-    assert terms.n_samples == 9
-    # reconstruct the sample points from the same stream
-    g2 = torch.Generator().manual_seed(1)
-    index = torch.randperm(20, generator=g2)[:9].sort().values
-    z = mu[index] + torch.exp(0.5 * logvar[index]) * torch.randn((9, 3), generator=g2, dtype=torch.float64)
-    ref_all = brute_force(mu, logvar, z)  # MI uses comps[m]: fix it for the index below
-    mi = [
-        float(-0.5 * (math.log(2 * math.pi) * 3 + logvar[i].sum() + ((z[k] - mu[i]) ** 2 / logvar[i].exp()).sum()))
-        for k, i in enumerate(index.tolist())
-    ]
-    log_q = [mi_k - v for mi_k, v in zip(mi, [0.0] * 9, strict=False)]  # placeholder, replaced below
-    # log q(z_k) from the brute force's marginal KL: mkl_k = log q - log p
-    assert terms.marginal_kl.value == pytest.approx(ref_all["marginal_kl"][0], abs=1e-9)
-    assert terms.total_correlation.value == pytest.approx(ref_all["total_correlation"][0], abs=1e-9)
-    assert terms.dimwise_kl.value == pytest.approx(ref_all["dimwise_kl"][0], abs=1e-9)
-    log_p = [sum(log_normal_1d(float(z[k, j]), 0, 0) for j in range(3)) for k in range(9)]
-    log_q = [v + lp for v, lp in zip(terms.marginal_kl_per_sample.tolist(), log_p, strict=False)]
-    expected_mi = mean_and_stderr([a - b for a, b in zip(mi, log_q, strict=False)])
-    assert (terms.mutual_info.value, terms.mutual_info.stderr) == pytest.approx(expected_mi, abs=1e-9)
+    prior = GaussianPrior(3).double()
+    kernel = {"chunk_size": 3, "block_size": 4}
+
+    # Given points from some of the posteriors (one twice, most never): every value and stderr
+    # equals the double loop at the same points, MI taking log q(z|x_n) from the right posterior.
+    index = torch.tensor([3, 3, 7, 0, 19, 11, 12, 5, 16])
+    z = mu[index] + torch.exp(0.5 * logvar[index]) * torch.randn((9, 3), generator=g, dtype=torch.float64)
+    terms = aggregate_terms(mu, logvar, prior, z, index, dimwise_samples=None, **kernel)
+    ref = brute_force(mu, logvar, z, index=index.tolist())
+    assert terms.n_samples == terms.dimwise_samples == 9 and terms.index.tolist() == index.tolist()
+    for name in AGGREGATE:
+        estimate = getattr(terms, name)
+        assert (estimate.value, estimate.stderr) == pytest.approx(ref[name], abs=1e-9), name
+    assert terms.dimwise_kl_per_dim == pytest.approx(ref["per_dim"], abs=1e-9)
+
+    # Drawn by aggregate_terms itself: M = 12 of the N = 20 posteriors (a random subset), or M = 60
+    # (each posterior 3 times). Unbiased for the expectations, so within Monte Carlo error of the
+    # reference's own 2,000 independent draws.
+    expected = reference_expectations(mu, logvar, draws_per_posterior=100, seed=1)
+    for m in (12, 60):
+        terms = aggregate_terms(
+            mu, logvar, prior, n_samples=m, dimwise_samples=None, generator=torch.Generator().manual_seed(2), **kernel
+        )
+        assert terms.n_samples == m and len(set(terms.index.tolist())) == min(m, 20)
+        for name in AGGREGATE:
+            estimate, (value, stderr) = getattr(terms, name), expected[name]
+            assert abs(estimate.value - value) <= 5 * math.hypot(estimate.stderr, stderr), (m, name)
 
 
 def test_encoder_equal_to_the_prior_gives_zero_mi_and_marginal_kl():
@@ -179,6 +208,7 @@ def test_encoder_equal_to_the_prior_gives_zero_mi_and_marginal_kl():
     assert terms.marginal_kl.value == pytest.approx(0.0, abs=1e-6)
     assert terms.total_correlation.value == pytest.approx(0.0, abs=1e-6)
     assert terms.dimwise_kl.value == pytest.approx(0.0, abs=1e-6)
+    assert terms.prior_mismatch_remainder == terms.dimwise_kl  # the prior factorizes: one and the same
 
 
 def test_two_far_apart_points_give_mi_log_2():
@@ -225,7 +255,7 @@ def test_chunk_size_does_not_change_results():
     # (the importance samples' stream depends on is_batch_elements, so that stays)
     b = decompose(model, data, is_samples=50, chunk_size=7, block_size=33, batch_size=64)
     for name in ("elbo", "mutual_info", "marginal_kl", "total_correlation", "dimwise_kl", "log_likelihood"):
-        assert getattr(a, name) == pytest.approx(getattr(b, name), abs=1e-6), name
+        assert getattr(a, name).value == pytest.approx(getattr(b, name).value, abs=1e-6), name
 
 
 class LinearGaussian(nn.Module):
@@ -324,12 +354,124 @@ def test_prior_without_analytic_kl_uses_monte_carlo_and_reports_the_remainder():
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g, dtype=mu.dtype)
     ref = brute_force(mu, logvar, z)
     assert not report.avg_kl_analytic and not report.prior_factorized and report.dimwise_kl_per_dim is None
-    assert report.mutual_info == pytest.approx(ref["mutual_info"][0], abs=1e-6)
-    assert report.marginal_kl == pytest.approx(ref["marginal_kl"][0], abs=1e-6)
+    assert report.mutual_info.value == pytest.approx(ref["mutual_info"][0], abs=1e-6)
+    assert report.marginal_kl.value == pytest.approx(ref["marginal_kl"][0], abs=1e-6)
     # the Monte Carlo average KL is MI + marginal KL sample by sample: the identity is exact
-    assert report.avg_kl == pytest.approx(report.mutual_info + report.marginal_kl, abs=1e-9)
-    assert report.identity_gap == pytest.approx(0.0, abs=1e-9)
-    assert report.avg_kl_stderr > 0
-    # the remainder E[log prod q(z_d) - log p(z)] (here p happens to factorize, so it equals the dim-wise KL)
-    assert report.dimwise_kl == pytest.approx(ref["dimwise_kl"][0], abs=1e-6)
-    assert report.total_correlation == pytest.approx(ref["total_correlation"][0], abs=1e-6)
+    assert report.avg_kl.value == pytest.approx(report.mutual_info.value + report.marginal_kl.value, abs=1e-9)
+    assert report.identity_gap.value == pytest.approx(0.0, abs=1e-9)
+    assert report.avg_kl.stderr > 0
+    # the remainder E[log prod q(z_d) - log p(z)], under its own name; no dimension-wise KL for a prior
+    # that does not declare itself factorized (this one happens to factorize, so the values agree)
+    assert report.dimwise_kl is None
+    remainder = report.prior_mismatch_remainder
+    assert (remainder.value, remainder.stderr) == pytest.approx(ref["prior_mismatch_remainder"], abs=1e-6)
+    assert report.total_correlation.value == pytest.approx(ref["total_correlation"][0], abs=1e-6)
+    saved = report.to_dict()
+    assert saved["dimwise_kl"] is None and saved["dimwise_kl_stderr"] is None
+    assert saved["prior_mismatch_remainder"] == report.prior_mismatch_remainder.value
+    table = format_table(report)
+    assert "remainder E[log prod q(z_d) - log p(z)]" in table and "dimension-wise KL" not in table
+    assert [r[0] for r in table_rows(report)][6] == "prior_mismatch_remainder"
+
+
+#: surgery.json's keys, in order: the file format that results/**/surgery.json and surgery.report rely on.
+SURGERY_JSON_KEYS = [
+    "split",
+    "n_points",
+    "n_samples",
+    "elbo",
+    "elbo_stderr",
+    "reconstruction",
+    "reconstruction_stderr",
+    "avg_kl",
+    "avg_kl_stderr",
+    "avg_kl_analytic",
+    "mutual_info",
+    "mutual_info_stderr",
+    "marginal_kl",
+    "marginal_kl_stderr",
+    "log_n",
+    "identity_gap",
+    "identity_gap_stderr",
+    "total_correlation",
+    "total_correlation_stderr",
+    "dimwise_kl",
+    "dimwise_kl_stderr",
+    "prior_mismatch_remainder",
+    "prior_mismatch_remainder_stderr",
+    "dimwise_samples",
+    "prior_factorized",
+    "dimwise_kl_per_dim",
+    "optimal_prior_elbo",
+    "optimal_prior_elbo_stderr",
+    "log_likelihood",
+    "log_likelihood_stderr",
+    "log_likelihood_split",
+    "is_samples",
+    "is_points",
+    "latent_dim",
+    "prior",
+    "seconds",
+]
+
+
+@pytest.mark.parametrize("prior", [GaussianPrior, MonteCarloGaussian])
+def test_surgery_json_round_trip_and_old_files(prior):
+    torch.manual_seed(0)
+    model = VAE.mlp(6, 2, [5], prior(2)).double()
+    x = torch.bernoulli(torch.full((12, 6), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(3))
+    report = decompose(model, FixedData(train=x, test=x[:4]), is_samples=3, seed=1)
+    saved = json.loads(json.dumps(report.to_dict()))
+    assert list(saved) == SURGERY_JSON_KEYS
+    assert saved["elbo"] == report.elbo.value and saved["elbo_stderr"] == report.elbo.stderr
+    assert saved["log_likelihood"] == report.log_likelihood.value and saved["is_points"] == 4
+    assert SurgeryReport.from_dict(saved) == report
+
+    # A file written before the remainder had its own key stored it as `dimwise_kl` for every prior.
+    old = {k: v for k, v in saved.items() if not k.startswith("prior_mismatch_remainder")}
+    old["dimwise_kl"] = saved["prior_mismatch_remainder"]
+    old["dimwise_kl_stderr"] = saved["prior_mismatch_remainder_stderr"]
+    assert upgrade_dict(old) == saved and "prior_mismatch_remainder" not in old  # the input is left alone
+    assert SurgeryReport.from_dict(old) == report
+    without_flag = {k: v for k, v in old.items() if k != "prior_factorized"}  # the per-dimension KLs decide
+    assert upgrade_dict(without_flag)["dimwise_kl"] == saved["dimwise_kl"]
+
+
+def test_surgery_modules_select_no_matplotlib_backend(tmp_path):
+    """Importing the surgery modules leaves matplotlib's backend alone (no matplotlib.use, no pyplot),
+    and the pictures still come out as PNGs."""
+    script = f"""
+import sys, matplotlib, json
+import surgery, surgery.plots, surgery.report, surgery.run, surgery.fit, surgery.text, surgery.__main__
+assert matplotlib.get_backend().lower() == "svg", matplotlib.get_backend()
+from surgery import SurgeryReport
+from surgery.plots import plot_decomposition
+report = SurgeryReport.from_dict(json.loads({json.dumps(json.dumps(_FAKE_JSON))}))
+path = plot_decomposition(report, {str(tmp_path / "d.png")!r})
+assert "matplotlib.pyplot" not in sys.modules
+print(open(path, "rb").read(8).hex())
+"""
+    env = {**os.environ, "MPLBACKEND": "svg", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert bytes.fromhex(done.stdout.strip()) == b"\x89PNG\r\n\x1a\n"
+
+
+_FAKE_JSON = {
+    **{k: 1.0 for k in SURGERY_JSON_KEYS},
+    "split": "train",
+    "n_points": 10,
+    "n_samples": 10,
+    "avg_kl_analytic": False,
+    "dimwise_samples": 10,
+    "prior_factorized": False,
+    "dimwise_kl": None,
+    "dimwise_kl_stderr": None,
+    "dimwise_kl_per_dim": None,
+    "log_likelihood_split": "test",
+    "is_samples": 5,
+    "is_points": 3,
+    "latent_dim": 2,
+    "prior": "MixturePrior",
+    "seconds": {},
+}
