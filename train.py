@@ -14,6 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from surgery.run import SurgeryOptions, check_is_points, run_surgery, save_run_pictures
+from surgery.text import format_table
 from vae import build_model, instantiate, resolve_device
 from vae.cli import one_line_errors
 from vae.run_dir import RunDirLock, check_fresh, record_resume, resume_changes
@@ -103,7 +104,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         elif not trainer.resume:
             check_fresh(run_dir)
         torch.manual_seed(cfg.seed)
-        data = instantiate(cfg.data)
+        # data.seed alone fixes the validation, test and surgery binarizations (shared by every run
+        # seed); the per-epoch training draws follow the run's seed as well.
+        data = instantiate(cfg.data).with_stream_seed(cfg.seed)
         if surgery is not None and surgery.enabled:
             check_is_points(surgery, data)
         model = build_model(cfg, data)
@@ -138,7 +141,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 # ELBO surgery of the best checkpoint: surgery.json and pictures in the run dir, numbers to the logger.
                 report, _ = run_surgery(model, data, surgery, run_dir, logger=logger, device=device)
                 metrics["surgery"] = report.to_dict()
-                metrics["surgery_table"] = report.table()
+                metrics["surgery_table"] = format_table(report)
             failed = False
         finally:
             # A joblib worker outlives a failed job, so wandb's exit hook never marks the run failed.

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from priors.gaussian import GaussianPrior  # noqa: E402
-from vae.data import derive_seed, mnist  # noqa: E402
+from vae.data import TRAIN_ORDER_SALT, derive_seed, mnist  # noqa: E402
 from vae.model import VAE  # noqa: E402
 from vae.trainer import Trainer  # noqa: E402
 
@@ -39,7 +39,7 @@ def bare_epoch(data, seed: int) -> float:
     start = time.perf_counter()
     x_epoch = data.train_epoch(0)
     n = len(x_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, 200, 0)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, TRAIN_ORDER_SALT, 0)))
     for b in range(0, n, 100):
         x = x_epoch[order[b : b + 100]]
         terms = model.elbo_terms(x)

@@ -7,7 +7,6 @@ import itertools
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -24,12 +23,17 @@ def compose_with_hydra(*overrides: str) -> DictConfig:
 
 
 def sweep_jobs(cfg: DictConfig, *command_line: str) -> list[dict[str, str]]:
-    """The jobs Hydra's basic sweeper launches: `hydra.sweeper.params` then the command line
-    (which wins on a shared key), as BasicSweeper.sweep combines them."""
+    """The jobs Hydra's basic sweeper launches: `hydra.sweeper.params` then the command line,
+    one list of values per key (a later override of a key replaces the earlier one in place:
+    the command line wins), and their cartesian product in that order. Parsed with the
+    public override parser that Hydra's example sweeper plugin uses."""
     params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
-    parsed = OverridesParser.create().parse_overrides([*params, *command_line])
-    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
-    return [dict(o.split("=", 1) for o in job) for job in itertools.chain.from_iterable(batches)]
+    values: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides([*params, *command_line]):
+        values[o.get_key_element()] = (
+            list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        )
+    return [dict(zip(values, job, strict=True)) for job in itertools.product(*values.values())]
 
 
 def test_literature_is_the_published_recipe() -> None:

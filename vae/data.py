@@ -13,10 +13,17 @@ Binarization:
 * static (`binarized_mnist_static`): every split binarized once with a fixed seed. This
   is a stand-in for, and not the same data as, the Larochelle static binarized MNIST
   files used in part of the literature.
+
+Seeds: the fixed binarizations (validation, test, and the fixed training copy that the
+ELBO surgery decomposes) depend on the data seed (`data.seed`) alone, so runs with
+different run seeds are evaluated on the same binary points. The per-epoch training draws
+depend on the data seed and the run's seed (`stream_seed`; train.py passes `seed`), so
+the runs of a seed sweep see different training streams.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import io
@@ -57,6 +64,15 @@ def derive_seed(seed: int, *salt: int) -> int:
     return int(np.random.SeedSequence([seed, *salt]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+# The salts of derive_seed, one per use. Their values are fixed: changing one changes every
+# result that depends on it (and breaks the bit-for-bit resume of existing checkpoints).
+# The fixed binarization of split i of SPLITS (train, val, test) is salted with i itself.
+SPLIT_PERMUTATION_SALT = 7  # the permutation that splits digits, or a lone npz `train` array, into train/val/test
+TRAIN_BINARIZATION_SALT = 100  # the per-epoch (dynamic) binarization of the training set, with the epoch
+TRAIN_ORDER_SALT = 200  # the per-epoch batch order of the training set (vae.trainer), with the epoch
+EVAL_NOISE_SALT = 300  # the latent noise of evaluate() (vae.trainer), a stream apart from the model's init
+
+
 @dataclass
 class BinarizedData:
     """Grey-level images in [0, 1] binarized on demand, as flat float32 tensors.
@@ -64,10 +80,15 @@ class BinarizedData:
     Args:
         grey: the three splits' grey levels, each `[n, data_dim]` float32 in [0, 1].
         dynamic: redraw the training set's binarization every epoch.
-        seed: seeds the fixed binarizations (and the per-epoch draws, with the epoch).
+        seed: the data seed: seeds the fixed binarizations of every split (validation, test
+            and the fixed training copy), shared by all runs whatever their run seed, and,
+            with `stream_seed` and the epoch, the per-epoch training draws.
         name: a label for logs and reports.
         image_shape: (height, width) of an image, whose flat pixels are one row; None when
             the rows are not images (no pictures are drawn).
+        stream_seed: the run's seed, which keys the per-epoch training draws along with
+            `seed` (train.py passes `seed`; see `with_stream_seed`). 0 keys them by `seed`
+            and the epoch alone, exactly as before the run seed was tied in.
     """
 
     grey: dict[str, Tensor]
@@ -75,6 +96,7 @@ class BinarizedData:
     seed: int = 0
     name: str = "binarized"
     image_shape: tuple[int, int] | None = None  # (height, width) of one image, for pictures; None: not images
+    stream_seed: int = 0
 
     def __post_init__(self) -> None:
         missing = [s for s in SPLITS if s not in self.grey]
@@ -101,11 +123,26 @@ class BinarizedData:
             raise ValueError(f"unknown split {name!r}; choose one of {SPLITS}")
         return self._fixed[name]
 
+    def with_stream_seed(self, stream_seed: int) -> BinarizedData:
+        """This data set with the per-epoch training draws of run seed `stream_seed`.
+
+        A shallow copy: the grey levels and the fixed binarizations are shared, not redrawn.
+        """
+        other = copy.copy(self)
+        other.stream_seed = check_int("seed", stream_seed, 0)
+        return other
+
     def train_epoch(self, epoch: int) -> Tensor:
-        """The training inputs of one epoch: a fresh draw if dynamic, else the fixed one."""
+        """The training inputs of one epoch: a fresh draw if dynamic, else the fixed one.
+
+        The draw is keyed by (`seed`, epoch, `stream_seed`). Run seed 0 adds nothing to the
+        key, so its stream is the one drawn before the run seed was tied in (checkpoints
+        written then resume bit for bit); any other run seed is one more word of the key.
+        """
         if not self.dynamic:
             return self._fixed["train"]
-        return self._binarize(self.grey["train"], derive_seed(self.seed, 100, epoch))
+        run = (self.stream_seed,) if self.stream_seed else ()
+        return self._binarize(self.grey["train"], derive_seed(self.seed, TRAIN_BINARIZATION_SALT, epoch, *run))
 
 
 def mnist(
@@ -121,7 +158,8 @@ def mnist(
         path: a local copy of `mnist.pkl.gz`; if None the file is fetched into `cache_dir`.
         cache_dir: where the fetched file is kept; default `$XDG_CACHE_HOME/priorlab`
             (`~/.cache/priorlab`).
-        seed: seed of the fixed binarizations.
+        seed: the data seed: seeds the fixed binarizations (and, with the run seed, the
+            per-epoch training draws; see `BinarizedData`).
     """
     file = Path(path).expanduser() if path else fetch_mnist(cache_dir)
     arrays = load_mnist_pickle(file)
@@ -145,7 +183,7 @@ def digits(dynamic: bool = True, seed: int = 0, n_val: int = 200, n_test: int = 
         raise ConfigError(
             f"data.n_val + data.n_test = {n_val + n_test} leaves fewer than 2 of the {len(x)} digits for training"
         )
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(derive_seed(seed, 7)))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(derive_seed(seed, SPLIT_PERMUTATION_SALT)))
     x = x[perm]
     grey = {"val": x[:n_val], "test": x[n_val : n_val + n_test], "train": x[n_val + n_test :]}
     return BinarizedData(grey, dynamic=dynamic, seed=seed, name="digits", image_shape=(8, 8))
@@ -177,7 +215,8 @@ def npz(
             or `none` (the data are already binary; every value must be 0 or 1).
         val_fraction, test_fraction: the split of a lone `train` array.
         image_shape: `[H, W]` of flat rows, for the pictures; null for no pictures.
-        seed: seed of the split and of the fixed binarizations.
+        seed: seed of the split and of the fixed binarizations (and, with the run seed, of
+            the per-epoch training draws; see `BinarizedData`).
     """
     file = Path(path).expanduser()
     if file.is_dir() or not file.is_file():
@@ -260,7 +299,7 @@ def _split(x: Tensor, val_fraction: float, test_fraction: float, seed: int, file
             f"{file}: {len(x)} points cannot be split into train / {val_fraction} val / {test_fraction} test "
             "with at least 2 in each"
         )
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(derive_seed(seed, 7)))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(derive_seed(seed, SPLIT_PERMUTATION_SALT)))
     x = x[perm]
     return {"val": x[:n_val], "test": x[n_val : n_val + n_test], "train": x[n_val + n_test :]}
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vae.callbacks import TrainingSetEncodings
-from vae.data import BinarizedData, derive_seed
+from vae.data import EVAL_NOISE_SALT, TRAIN_ORDER_SALT, BinarizedData, derive_seed
 from vae.files import write_atomically
 from vae.loggers import NullLogger
 from vae.model import VAE
@@ -76,7 +76,7 @@ def evaluate(model: VAE, x: Tensor, batch_size: int = 1000, seed: int = 0) -> Ev
         # A stream of its own: seeding with `seed` itself would replay the draws that
         # initialized the model after `torch.manual_seed(seed)` (a mixture prior's means,
         # say) as evaluation noise.
-        torch.manual_seed(derive_seed(seed, 300))
+        torch.manual_seed(derive_seed(seed, EVAL_NOISE_SALT))
         for start in range(0, len(x), batch_size):
             terms = model.elbo_terms(x[start : start + batch_size].to(device))
             totals += torch.stack([terms.reconstruction.sum(), terms.kl.sum()]).double().cpu()
@@ -277,7 +277,7 @@ class Trainer:
             # and moved once: the batches are then sliced on the device, with no copy per step.
             x_epoch = data.train_epoch(state.epoch).to(self.device)
             order = torch.randperm(
-                n_train, generator=torch.Generator().manual_seed(derive_seed(self.seed, 200, state.epoch))
+                n_train, generator=torch.Generator().manual_seed(derive_seed(self.seed, TRAIN_ORDER_SALT, state.epoch))
             ).to(self.device)
 
             model.train()
