@@ -44,6 +44,25 @@ def diagonal_normal_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor, prior_logva
     return 0.5 * (var_ratio + mean_term - 1.0 - (logvar - prior_logvar)).sum(-1)
 
 
+def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One reparameterized draw z = mu + exp(logvar / 2) * eps, eps ~ N(0, I): z ~ N(mu, diag(exp(logvar))).
+
+    Differentiable in `mu` and `logvar`. eps is `torch.randn(mu.shape, ...)` on mu's device and
+    dtype, from `generator` (None: torch's global generator); for a contiguous `mu` that is
+    the same stream as `torch.randn_like(mu)`.
+
+    Args:
+        mu: means, `[..., D]`.
+        logvar: log variances, broadcastable to `mu`.
+        generator: the random generator, or None for the global one.
+
+    Returns:
+        A draw of mu's shape.
+    """
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
 def small_gaussian_mixture_log_prob(
     z: Tensor,
     mu: Tensor,
@@ -595,5 +614,4 @@ class DiagonalGaussianMixture:
             k = torch.randint(self.num_components, (n,), device=device, generator=generator)
         else:
             k = torch.multinomial(self.log_weights.detach().exp(), n, replacement=True, generator=generator)
-        eps = torch.randn(n, self.mu.shape[1], device=device, dtype=self.mu.dtype, generator=generator)
-        return self.mu[k] + torch.exp(0.5 * self.logvar[k]) * eps
+        return reparameterize(self.mu[k], self.logvar[k], generator)

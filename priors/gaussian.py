@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from priors.base import Prior
-from priors.densities import LOG_2PI, diagonal_normal_kl, diagonal_normal_log_prob
+from priors.densities import LOG_2PI, diagonal_normal_kl, diagonal_normal_log_prob, reparameterize
 
 
 class GaussianPrior(Prior):
@@ -37,7 +37,7 @@ class GaussianPrior(Prior):
         return -0.5 * (LOG_2PI + self.logvar + (z - self.mean).square() * torch.exp(-self.logvar))
 
     def _sample(self, n: int) -> Tensor:
-        return self.mean + torch.randn(n, self.latent_dim, device=self.mean.device, dtype=self.mean.dtype)
+        return reparameterize(self.mean.expand(n, -1), self.logvar)
 
     def _kl(self, mu: Tensor, logvar: Tensor) -> Tensor:
         return diagonal_normal_kl(mu, logvar, self.mean, self.logvar)

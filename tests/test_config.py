@@ -4,20 +4,58 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import hydra
 import pytest
 import torch
 from hydra.errors import MissingConfigException
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from priors.base import Prior
 from tests.conftest import CONF, ROOT, compose_config
 from vae import DeviceError, build_model, resolve_device
 from vae.data import digits
+from vae.validation import ConfigError
 
 
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _class_path(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _leaves(node: DictConfig, prefix: str = "") -> dict[str, Any]:
+    """The values a config file sets itself, by dotted key: not its defaults list, hydra settings or interpolations."""
+    out: dict[str, Any] = {}
+    for key in node:
+        if key in ("defaults", "hydra") or OmegaConf.is_interpolation(node, key):
+            continue
+        value = node[key]
+        if isinstance(value, DictConfig):
+            out |= _leaves(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+    return out
+
+
+def _experiment_settings(name: str) -> dict[str, Any]:
+    """What conf/experiment/<name>.yaml sets, read from the files: the options and experiments its
+    defaults list picks, then its own values over them (its `_self_` comes last)."""
+    node = OmegaConf.load(CONF / "experiment" / f"{name}.yaml")
+    settings: dict[str, Any] = {}
+    for item in node.get("defaults", []):
+        if isinstance(item, str):
+            if item != "_self_":
+                settings |= _experiment_settings(item)
+            continue
+        for key, option in item.items():  # override /group: option
+            group = key.removeprefix("override").strip().strip("/")
+            picked = _leaves(OmegaConf.load(CONF / group / f"{option}.yaml"))
+            settings |= {f"{group.replace('/', '.')}.{k}": v for k, v in picked.items()}
+    return settings | _leaves(node)
 
 
 def test_train_yaml_defaults() -> None:
@@ -33,7 +71,8 @@ def test_train_yaml_defaults() -> None:
 def test_every_prior_option_builds_a_model(option: str) -> None:
     cfg = compose_config(f"prior={option}", "data=digits", "vae.latent_dim=3", "vae.hidden_dims=[16]")
     model = build_model(cfg, digits())
-    assert isinstance(model.prior, Prior) and model.prior.latent_dim == 3
+    assert isinstance(model.prior, Prior) and _class_path(model.prior) == cfg.prior._target_
+    assert model.prior.latent_dim == 3
 
 
 @pytest.mark.parametrize("option", _options("data"))
@@ -59,13 +98,22 @@ def test_every_trainer_option_instantiates(option: str, tmp_path) -> None:
 def test_every_logger_option_instantiates(option: str, tmp_path) -> None:
     cfg = compose_config(f"logger={option}")
     logger = hydra.utils.instantiate(cfg.logger, run_dir=tmp_path, run_config={"a": 1}, _recursive_=False)
+    assert _class_path(logger) == cfg.logger._target_
     logger.log({"x": 1.0}, step=1)
+    if option == "wandb":
+        assert logger.run.offline and logger.run.config["a"] == 1
     logger.finish()
+    runs = list(tmp_path.glob("wandb/offline-run-*"))
+    assert len(runs) == (1 if option == "wandb" else 0), runs
 
 
 @pytest.mark.parametrize("option", _options("experiment"))
-def test_every_experiment_composes(option: str) -> None:
-    assert compose_config(f"experiment={option}")
+def test_every_experiment_composes_with_the_values_it_sets(option: str) -> None:
+    cfg = compose_config(f"experiment={option}")
+    expected = _experiment_settings(option)
+    got = {key: OmegaConf.select(cfg, key, default="<missing>") for key in expected}
+    got = {k: OmegaConf.to_container(v) if isinstance(v, ListConfig) else v for k, v in got.items()}
+    assert got == expected
 
 
 @pytest.mark.parametrize("option", _options("vae"))
@@ -86,7 +134,8 @@ def test_unknown_option_lists_the_choices() -> None:
 
 def test_unknown_option_on_the_command_line_lists_the_choices() -> None:
     proc = subprocess.run([sys.executable, "train.py", "prior=nope"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode != 0
+    assert proc.returncode == 1
+    assert "Could not find 'prior/nope'" in proc.stderr
     assert "Available options in 'prior'" in proc.stderr and "gaussian" in proc.stderr
 
 
@@ -101,5 +150,6 @@ def test_cuda_without_gpu_is_a_clear_error(monkeypatch) -> None:
 
 def test_a_target_that_is_not_a_prior_is_refused() -> None:
     cfg = compose_config("data=digits", "prior._target_=torch.nn.Identity")
-    with pytest.raises(Exception, match="does not subclass priors.base.Prior"):
+    refusal = r"^prior\._target_ built a Identity, which does not subclass priors\.base\.Prior$"
+    with pytest.raises(ConfigError, match=refusal):
         build_model(cfg, digits())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from functools import partial
@@ -369,8 +370,8 @@ def test_a_prior_without_context_ignores_it_and_a_wrong_context_shape_is_named()
 # ---- end to end ----------------------------------------------------------------------------
 
 
-def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def _run(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
 
 
 @pytest.mark.slow
@@ -399,25 +400,34 @@ def test_trains_one_epoch_through_train_py(override: str, tmp_path: Path) -> Non
     assert "test ELBO" in r.stdout and (tmp_path / "checkpoints" / "best.pt").exists()
 
 
+def _contract_suite(prior: str, tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`pytest tests/test_prior_contract.py --prior PRIOR`, on that prior's cases only."""
+    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_prior_contract.py", "--prior", prior]
+    return _run([*args, "-k", prior.rpartition(".")[2]], tmp_path, env)
+
+
 @pytest.mark.slow
 def test_contract_suite_runs_on_a_user_prior(tmp_path: Path) -> None:
-    r = _run(
-        [
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "tests/test_prior_contract.py",
-            "--prior",
-            "examples.student_t_prior.StudentTPrior",
-            "-k",
-            "StudentTPrior",
-        ],
-        tmp_path,
-    )
+    r = _contract_suite("examples.student_t_prior.StudentTPrior", tmp_path)
+    # pytest exits 0 only when tests ran and none failed (5: none collected, 1: a failure).
     assert r.returncode == 0, r.stdout[-3000:]
-    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-500:]
+
+
+@pytest.mark.slow
+def test_contract_suite_fails_a_user_prior_whose_log_prob_is_off_by_a_constant(tmp_path: Path) -> None:
+    (tmp_path / "off_by_a_constant.py").write_text(
+        "from priors.gaussian import GaussianPrior\n\n\n"
+        "class OffByAConstant(GaussianPrior):\n"
+        "    is_factorized = False  # no per-dimension densities to disagree with\n\n"
+        "    def _log_prob(self, z):\n"
+        "        return super()._log_prob(z) + 1e-4\n"
+    )
+    path = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    r = _contract_suite("off_by_a_constant.OffByAConstant", tmp_path, env)
+    assert r.returncode == 1, r.stdout[-3000:]  # 1: tests ran and some failed
+    failed = [line for line in r.stdout.splitlines() if line.startswith("FAILED ")]
+    assert failed and all("::test_normalized[" in line for line in failed), r.stdout[-3000:]
 
 
 def test_small_mixture_float32_agrees_with_float64_for_sharp_components() -> None:

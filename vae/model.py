@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from priors.base import Prior
-from priors.densities import diagonal_normal_log_prob
+from priors.densities import diagonal_normal_log_prob, reparameterize
 from vae.networks import MLPDecoder, MLPEncoder
 
 
@@ -79,7 +79,7 @@ class VAE(nn.Module):
         as its context, which lets the aggregate and exemplar priors leave each point out.
         """
         mu, logvar = self.encode(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        z = reparameterize(mu, logvar)
         reconstruction = self.log_likelihood(x, self.decode(z))
         if self.prior.has_analytic_kl:
             kl = self.prior.kl(mu, logvar)
