@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from priors.base import Prior
-from priors.densities import DiagonalGaussianMixture, diagonal_normal_log_prob
+from priors.densities import DiagonalGaussianMixture, diagonal_normal_log_prob, reparameterize
 from vae.callbacks import encode as encode_in_batches
 
 # ---- results ---------------------------------------------------------------------------
@@ -196,12 +196,6 @@ def encode(model: Any, x: Tensor, batch_size: int = 1000, device: torch.device |
     return encode_in_batches(model.encoder, x, batch_size, device or next(model.parameters()).device)
 
 
-def draw(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """z ~ N(mu, diag(exp(logvar))) by reparameterization, one draw per row."""
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    return mu + torch.exp(0.5 * logvar) * eps
-
-
 def _prior_log_prob(prior: Prior, z: Tensor, batch_size: int) -> Tensor:
     return torch.cat([prior.log_prob(z[s : s + batch_size]) for s in range(0, len(z), batch_size)])
 
@@ -313,7 +307,7 @@ def aggregate_terms(
     started = time.perf_counter()
     if z is None:
         index = _sample_index(n, n_samples, generator, mu.device)
-        z = draw(mu[index], logvar[index], generator)
+        z = reparameterize(mu[index], logvar[index], generator)
     elif index is None or index.shape != z.shape[:1]:
         raise ValueError("aggregate_terms: pass index [M] with z [M, D]")
     m = z.shape[0]
@@ -456,7 +450,7 @@ def aggregate_sample_points(
     if n_samples is None or n_samples == n:
         return z, torch.arange(n, device=mu.device)
     index = _sample_index(n, n_samples, generator, mu.device)
-    return draw(mu[index], logvar[index], generator), index
+    return reparameterize(mu[index], logvar[index], generator), index
 
 
 def bound_terms(points: PointTerms, agg: AggregateTerms, same_samples: bool) -> BoundTerms:
@@ -597,7 +591,7 @@ def decompose(
             started = time.perf_counter()
             x = data.split(split)
             mu, logvar = encode(model, x, batch_size, device)
-            z = draw(mu, logvar, generator)  # one sample per point
+            z = reparameterize(mu, logvar, generator)  # one sample per point
             points = point_terms(model, x, mu, logvar, z, batch_size)
             seconds["elbo"] = time.perf_counter() - started
 

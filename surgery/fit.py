@@ -38,7 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from priors.base import Prior
-from surgery.decomposition import SurgeryReport, decompose, draw
+from priors.densities import reparameterize
+from surgery.decomposition import SurgeryReport, decompose
 from surgery.run import (
     FIT_JSON,
     SurgeryOptions,
@@ -112,7 +113,7 @@ def fit_prior(
         raise ConfigError(f"{type(prior).__name__} has no parameters to fit")
     torch.manual_seed(seed)
     mu, logvar = train
-    z_val = draw(*val, torch.Generator(device=val[0].device).manual_seed(seed + 1))
+    z_val = reparameterize(*val, torch.Generator(device=val[0].device).manual_seed(seed + 1))
     optimizer = torch.optim.Adam(params, lr=options.lr)
     best = -math.inf
     best_state = copy.deepcopy(prior.state_dict())
@@ -124,7 +125,7 @@ def fit_prior(
         order = torch.randperm(len(mu), device=mu.device)
         total = 0.0
         for index in order.split(options.batch_size):
-            z = draw(mu[index], logvar[index])
+            z = reparameterize(mu[index], logvar[index])
             loss = -prior.log_prob(z, context=index).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from priors.base import Prior
-from priors.densities import DiagonalGaussianMixture
+from priors.densities import DiagonalGaussianMixture, reparameterize
 from surgery.decomposition import SurgeryReport
 
 
@@ -96,9 +96,7 @@ def plot_aggregate_posterior_2d(
     path = Path(path)
     g = torch.Generator(device=mu.device).manual_seed(seed)
     pick = torch.randperm(mu.shape[0], generator=g, device=mu.device)[:n_scatter]
-    q_samples = mu[pick] + torch.exp(0.5 * logvar[pick]) * torch.randn(
-        mu[pick].shape, generator=g, device=mu.device, dtype=mu.dtype
-    )
+    q_samples = reparameterize(mu[pick], logvar[pick], g)
     p_samples = prior.sample(n_scatter).to(mu.dtype)
     both = torch.cat([q_samples, p_samples]).double().cpu()
     lo = torch.quantile(both, 0.005, dim=0)
