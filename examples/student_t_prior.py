@@ -8,7 +8,7 @@ priorlab, from the repository root:
 
 and run the prior conformance suite on it:
 
-    python -m pytest tests/test_prior_contract.py --prior examples.student_t_prior.StudentTPrior
+    python -m pytest tests/priors/test_prior_contract.py --prior examples.student_t_prior.StudentTPrior
 
 Both import `examples.student_t_prior` from the current directory, so run them from the
 repository root (`python train.py` and `python -m pytest` put it on sys.path).

@@ -1,14 +1,18 @@
-"""Shared pytest setup: the repository root on sys.path, `--prior`, CUDA skipping, and the real
-Hydra config composed and shrunk for fast CPU tests."""
+"""Shared pytest setup, applied to every folder under tests/: the repository root on sys.path,
+`--prior`, CUDA skipping, and the real Hydra config composed (the `compose` fixture, the one way
+tests compose it) and shrunk for fast CPU tests (`tiny_cfg`). Tests take these as fixtures and
+never import this module."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +28,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="append",
         default=[],
         metavar="MODULE.CLASS",
-        help="also run tests/test_prior_contract.py on this Prior class (built as cls(latent_dim=D)); repeatable",
+        help="also run tests/priors/test_prior_contract.py on this Prior class (built as cls(latent_dim=D)); "
+        "repeatable",
     )
 
 
@@ -37,16 +42,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def compose_config(*overrides: str) -> DictConfig:
-    """Compose conf/train.yaml with `overrides`, as `python train.py` would."""
+def compose(*overrides: str, config: str = "train", hydra: bool = False) -> DictConfig:
+    """conf/<config>.yaml composed with `overrides`, as `python train.py` (config="train"),
+    `python -m surgery` ("surgery_cli") or `python -m priors.fit` ("fit") would compose it.
+    hydra=True keeps the `hydra` node (return_hydra_config=True): launcher, sweeper, run dir."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+        return hydra_compose(config_name=config, overrides=list(overrides), return_hydra_config=hydra)
+
+
+@pytest.fixture(name="compose", scope="session")
+def compose_fixture() -> Callable[..., DictConfig]:
+    """The `compose` function above; session-scoped so module-scoped fixtures can use it too."""
+    return compose
 
 
 @pytest.fixture
 def tiny_cfg() -> DictConfig:
     """A few quick epochs on the 8x8 digits, CPU, no logger, no progress bar."""
-    return compose_config(
+    return compose(
         "data=digits",
         "logger=none",
         "device=cpu",

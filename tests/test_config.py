@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -13,10 +14,12 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from priors.base import Prior
-from tests.conftest import CONF, ROOT, compose_config
 from vae import DeviceError, build_model, resolve_device
 from vae.data import digits
 from vae.validation import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 
 
 def _options(group: str) -> list[str]:
@@ -58,8 +61,8 @@ def _experiment_settings(name: str) -> dict[str, Any]:
     return settings | _leaves(node)
 
 
-def test_train_yaml_defaults() -> None:
-    cfg = compose_config()
+def test_train_yaml_defaults(compose) -> None:
+    cfg = compose()
     assert cfg.seed == 0 and cfg.device == "auto"
     assert cfg.data._target_ == "vae.data.mnist" and cfg.data.dynamic is True
     assert cfg.prior._target_ == "priors.gaussian.GaussianPrior"
@@ -68,35 +71,35 @@ def test_train_yaml_defaults() -> None:
 
 
 @pytest.mark.parametrize("option", _options("prior"))
-def test_every_prior_option_builds_a_model(option: str) -> None:
-    cfg = compose_config(f"prior={option}", "data=digits", "vae.latent_dim=3", "vae.hidden_dims=[16]")
+def test_every_prior_option_builds_a_model(compose, option: str) -> None:
+    cfg = compose(f"prior={option}", "data=digits", "vae.latent_dim=3", "vae.hidden_dims=[16]")
     model = build_model(cfg, digits())
     assert isinstance(model.prior, Prior) and _class_path(model.prior) == cfg.prior._target_
     assert model.prior.latent_dim == 3
 
 
 @pytest.mark.parametrize("option", _options("data"))
-def test_every_data_option_composes(option: str) -> None:
-    cfg = compose_config(f"data={option}")
+def test_every_data_option_composes(compose, option: str) -> None:
+    cfg = compose(f"data={option}")
     assert cfg.data._target_ in {"vae.data.mnist", "vae.data.digits", "vae.data.npz"}
     if option == "digits":
         assert hydra.utils.instantiate(cfg.data).data_dim == 64
     elif option == "npz":
-        assert cfg.data.binarize == "dynamic"  # built in tests/test_npz_data.py, from a generated file
+        assert cfg.data.binarize == "dynamic"  # built in tests/vae/test_npz_data.py, from a generated file
     else:
         assert cfg.data.dynamic is (option == "binarized_mnist")
 
 
 @pytest.mark.parametrize("option", _options("trainer"))
-def test_every_trainer_option_instantiates(option: str, tmp_path) -> None:
-    cfg = compose_config(f"trainer={option}")
+def test_every_trainer_option_instantiates(compose, option: str, tmp_path) -> None:
+    cfg = compose(f"trainer={option}")
     trainer = hydra.utils.instantiate(cfg.trainer, run_dir=tmp_path, device="cpu")
     assert trainer.optimizer.func.__name__ == "Adam"
 
 
 @pytest.mark.parametrize("option", _options("logger"))
-def test_every_logger_option_instantiates(option: str, tmp_path) -> None:
-    cfg = compose_config(f"logger={option}")
+def test_every_logger_option_instantiates(compose, option: str, tmp_path) -> None:
+    cfg = compose(f"logger={option}")
     logger = hydra.utils.instantiate(cfg.logger, run_dir=tmp_path, run_config={"a": 1}, _recursive_=False)
     assert _class_path(logger) == cfg.logger._target_
     logger.log({"x": 1.0}, step=1)
@@ -108,8 +111,8 @@ def test_every_logger_option_instantiates(option: str, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("option", _options("experiment"))
-def test_every_experiment_composes_with_the_values_it_sets(option: str) -> None:
-    cfg = compose_config(f"experiment={option}")
+def test_every_experiment_composes_with_the_values_it_sets(compose, option: str) -> None:
+    cfg = compose(f"experiment={option}")
     expected = _experiment_settings(option)
     got = {key: OmegaConf.select(cfg, key, default="<missing>") for key in expected}
     got = {k: OmegaConf.to_container(v) if isinstance(v, ListConfig) else v for k, v in got.items()}
@@ -117,19 +120,19 @@ def test_every_experiment_composes_with_the_values_it_sets(option: str) -> None:
 
 
 @pytest.mark.parametrize("option", _options("vae"))
-def test_every_vae_option_builds(option: str) -> None:
-    cfg = compose_config(f"vae={option}", "data=digits", "vae.latent_dim=3")
+def test_every_vae_option_builds(compose, option: str) -> None:
+    cfg = compose(f"vae={option}", "data=digits", "vae.latent_dim=3")
     model = build_model(cfg, digits())
     mu, logvar = model.encode(torch.rand(5, 64))
     assert mu.shape == logvar.shape == (5, 3)
     assert model.decode(torch.randn(2, 5, 3)).shape == (2, 5, 64)
 
 
-def test_unknown_option_lists_the_choices() -> None:
+def test_unknown_option_lists_the_choices(compose) -> None:
     with pytest.raises(
         MissingConfigException, match=r"(?s)Could not find 'prior/nope'.*Available options in 'prior'.*gaussian"
     ):
-        compose_config("prior=nope")
+        compose("prior=nope")
 
 
 def test_unknown_option_on_the_command_line_lists_the_choices() -> None:
@@ -148,8 +151,8 @@ def test_cuda_without_gpu_is_a_clear_error(monkeypatch) -> None:
     assert resolve_device("auto").type == "cpu"
 
 
-def test_a_target_that_is_not_a_prior_is_refused() -> None:
-    cfg = compose_config("data=digits", "prior._target_=torch.nn.Identity")
+def test_a_target_that_is_not_a_prior_is_refused(compose) -> None:
+    cfg = compose("data=digits", "prior._target_=torch.nn.Identity")
     refusal = r"^prior\._target_ built a Identity, which does not subclass priors\.base\.Prior$"
     with pytest.raises(ConfigError, match=refusal):
         build_model(cfg, digits())

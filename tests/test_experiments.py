@@ -4,22 +4,17 @@ wandb comparison keys: fast checks by composition, nothing trains here."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from tests.conftest import CONF, compose_config
 from train import run_labels
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
 ZOO_PRIORS = ["gaussian", "mixture", "vampprior", "flow", "exemplar", "aggregate"]
-
-
-def compose_with_hydra(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
 
 
 def sweep_jobs(cfg: DictConfig, *command_line: str) -> list[dict[str, str]]:
@@ -36,8 +31,8 @@ def sweep_jobs(cfg: DictConfig, *command_line: str) -> list[dict[str, str]]:
     return [dict(zip(values, job, strict=True)) for job in itertools.product(*values.values())]
 
 
-def test_literature_is_the_published_recipe() -> None:
-    cfg = compose_with_hydra("experiment=literature")
+def test_literature_is_the_published_recipe(compose) -> None:
+    cfg = compose("experiment=literature", hydra=True)
     assert cfg.vae.encoder._target_ == "vae.networks.GatedMLPEncoder" and list(cfg.vae.hidden_dims) == [300, 300]
     assert cfg.trainer.optimizer._target_ == "vae.optim.AdamNormGrad" and cfg.trainer.optimizer.lr == 5e-4
     t = cfg.trainer
@@ -47,9 +42,9 @@ def test_literature_is_the_published_recipe() -> None:
     assert {(j["prior"], j["vae.latent_dim"]) for j in sweep_jobs(cfg)} == {("gaussian", "40"), ("vampprior", "40")}
 
 
-def test_elbo_surgery_is_hoffman_johnson_setting_with_the_recipe() -> None:
-    cfg = compose_with_hydra("experiment=elbo_surgery")
-    recipe = compose_with_hydra("experiment=literature")
+def test_elbo_surgery_is_hoffman_johnson_setting_with_the_recipe(compose) -> None:
+    cfg = compose("experiment=elbo_surgery", hydra=True)
+    recipe = compose("experiment=literature", hydra=True)
     assert cfg.data._target_ == "vae.data.mnist" and cfg.data.dynamic is True  # dynamically binarized MNIST
     assert cfg.prior._target_ == "priors.gaussian.GaussianPrior"
     assert cfg.surgery.enabled is True and cfg.surgery.split == "train"  # N = 50,000
@@ -64,8 +59,8 @@ def test_elbo_surgery_is_hoffman_johnson_setting_with_the_recipe() -> None:
     assert [j["vae.latent_dim"] for j in sweep_jobs(cfg, "vae.latent_dim=10")] == ["10"]
 
 
-def test_prior_zoo_is_a_sweep_over_priors_sizes_and_seeds() -> None:
-    cfg = compose_with_hydra("experiment=prior_zoo")
+def test_prior_zoo_is_a_sweep_over_priors_sizes_and_seeds(compose) -> None:
+    cfg = compose("experiment=prior_zoo", hydra=True)
     assert cfg.hydra.mode == RunMode.MULTIRUN  # `python train.py experiment=prior_zoo` sweeps, no -m needed
     jobs = sweep_jobs(cfg)
     grid = {(j["prior"], int(j["vae.latent_dim"]), int(j["seed"])) for j in jobs}
@@ -86,13 +81,13 @@ def test_every_prior_config_is_in_the_zoo() -> None:
 
 
 @pytest.mark.parametrize("prior", ZOO_PRIORS)
-def test_every_zoo_prior_has_a_config(prior: str) -> None:
-    cfg = compose_config(f"prior={prior}")
+def test_every_zoo_prior_has_a_config(compose, prior: str) -> None:
+    cfg = compose(f"prior={prior}")
     assert cfg.prior._target_
 
 
-def test_slurm_launcher_config() -> None:
-    cfg = compose_with_hydra("experiment=prior_zoo", "hydra/launcher=slurm", "hydra.launcher.partition=gpu")
+def test_slurm_launcher_config(compose) -> None:
+    cfg = compose("experiment=prior_zoo", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min > 0
@@ -102,13 +97,13 @@ def test_slurm_launcher_config() -> None:
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local", "slurm"])
-def test_launchers_compose(launcher: str) -> None:
-    cfg = compose_with_hydra("experiment=elbo_surgery", f"hydra/launcher={launcher}")
+def test_launchers_compose(compose, launcher: str) -> None:
+    cfg = compose("experiment=elbo_surgery", f"hydra/launcher={launcher}", hydra=True)
     assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
 
 
-def test_run_labels_are_flat_comparison_keys() -> None:
-    cfg = compose_config("vae.latent_dim=7", "seed=3")
+def test_run_labels_are_flat_comparison_keys(compose) -> None:
+    cfg = compose("vae.latent_dim=7", "seed=3")
     assert run_labels(cfg, choices={"prior": "gaussian"}) == {"prior_name": "gaussian", "latent_dim": 7, "seed": 3}
     # outside Hydra (no choices), the class name stands in for the option name
     assert run_labels(cfg, choices={})["prior_name"] == "GaussianPrior"

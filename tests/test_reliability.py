@@ -8,15 +8,14 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from priors.base import Prior
-from tests.conftest import compose_config
 from train import train
 from vae.data import DataError, mnist
 from vae.model import VAE
@@ -36,8 +35,10 @@ TINY = (
 )
 
 
-def tiny(*overrides: str) -> DictConfig:
-    return compose_config(*TINY, *overrides)
+@pytest.fixture(scope="session")
+def tiny(compose) -> Callable[..., DictConfig]:
+    """`compose(*TINY, *overrides)`: a small, quick run on the 8x8 digits."""
+    return lambda *overrides: compose(*TINY, *overrides)
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
@@ -48,20 +49,20 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
+def finished_run(tiny, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     train(tiny("trainer.max_epochs=2"), run_dir=run_dir)
     return run_dir
 
 
-def test_a_fresh_run_into_a_used_directory_is_refused_and_changes_nothing(finished_run):
+def test_a_fresh_run_into_a_used_directory_is_refused_and_changes_nothing(tiny, finished_run):
     before = snapshot(finished_run)
     with pytest.raises(RunDirError, match=r"already holds a run.*trainer.resume=true.*another directory"):
         train(tiny("trainer.max_epochs=2"), run_dir=finished_run)
     assert snapshot(finished_run) == before
 
 
-def test_a_resume_that_changes_the_optimizer_is_refused_and_changes_nothing(finished_run):
+def test_a_resume_that_changes_the_optimizer_is_refused_and_changes_nothing(tiny, finished_run):
     before = snapshot(finished_run)
     with pytest.raises(RunDirError, match=r"trainer.optimizer.lr: 0.001 -> 0.01"):
         train(tiny("trainer.max_epochs=3", "trainer.resume=true", "trainer.optimizer.lr=0.01"), run_dir=finished_run)
@@ -70,7 +71,7 @@ def test_a_resume_that_changes_the_optimizer_is_refused_and_changes_nothing(fini
     assert snapshot(finished_run) == before
 
 
-def test_a_resume_may_train_longer_and_records_it(tmp_path):
+def test_a_resume_may_train_longer_and_records_it(tiny, tmp_path):
     train(tiny("trainer.max_epochs=1"), run_dir=tmp_path)
     metrics = train(tiny("trainer.max_epochs=2", "trainer.resume=true"), run_dir=tmp_path)
     assert metrics["epochs"] == 2
@@ -80,7 +81,7 @@ def test_a_resume_may_train_longer_and_records_it(tmp_path):
     assert stored["trainer"]["max_epochs"] == 2
 
 
-def test_a_locked_directory_is_refused(tmp_path):
+def test_a_locked_directory_is_refused(tiny, tmp_path):
     with RunDirLock(tmp_path):
         with pytest.raises(RunDirError, match=rf"in use by another run \(PID {os.getpid()}\)"):
             train(tiny("trainer.max_epochs=1"), run_dir=tmp_path)
@@ -103,9 +104,8 @@ def test_two_runs_started_together_in_one_directory(tmp_path):
     assert epochs == [1, 2, 3]  # one run's metrics, not two interleaved
 
 
-def test_default_run_directories_are_unique():
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        a, b = (compose("train", return_hydra_config=True) for _ in range(2))
+def test_default_run_directories_are_unique(compose):
+    a, b = (compose(hydra=True) for _ in range(2))
     da, db = str(a.hydra.run.dir), str(b.hydra.run.dir)
     assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-[0-9a-f]{6}", da), da
     assert da != db
@@ -136,7 +136,7 @@ def test_default_run_directories_are_unique():
         (["+foo=1"], "unknown config key(s) foo"),
     ],
 )
-def test_bad_options_fail_before_any_work(tmp_path, overrides, message):
+def test_bad_options_fail_before_any_work(tiny, tmp_path, overrides, message):
     run_dir = tmp_path / "run"
     cfg = tiny("surgery.enabled=true", "trainer.max_epochs=1", *overrides)
     with pytest.raises((ConfigError, ValueError)) as info:
@@ -151,7 +151,7 @@ def test_a_directory_as_data_path_names_it(tmp_path):
         mnist(path=str(tmp_path))
 
 
-def test_a_truncated_last_checkpoint_suggests_the_best_one(tmp_path):
+def test_a_truncated_last_checkpoint_suggests_the_best_one(tiny, tmp_path):
     train(tiny("trainer.max_epochs=1"), run_dir=tmp_path)
     last = tmp_path / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
@@ -169,7 +169,7 @@ class ForgotSuperInit(Prior):
         self.scale = torch.nn.Parameter(torch.ones(latent_dim))  # before super().__init__
 
 
-def test_a_prior_that_forgot_super_init_is_told_so(tmp_path):
+def test_a_prior_that_forgot_super_init_is_told_so(tiny, tmp_path):
     cfg = tiny(f"prior._target_={__name__}.ForgotSuperInit")
     with pytest.raises(TypeError, match=rf"{__name__}.ForgotSuperInit assigns .* before calling super\(\).__init__"):
         train(cfg, run_dir=tmp_path)
@@ -178,7 +178,7 @@ def test_a_prior_that_forgot_super_init_is_told_so(tmp_path):
 # ---- training that goes wrong stops early and says where ----------------------------------
 
 
-def test_divergence_stops_within_one_logging_interval(tmp_path, monkeypatch):
+def test_divergence_stops_within_one_logging_interval(tiny, tmp_path, monkeypatch):
     original = VAE.elbo_terms
 
     def diverging(self, x, index=None):
@@ -207,7 +207,7 @@ class Unnormalized(Prior):
         return torch.randn(n, self.latent_dim)
 
 
-def test_a_positive_elbo_on_binary_data_warns_about_the_prior(tmp_path, caplog):
+def test_a_positive_elbo_on_binary_data_warns_about_the_prior(tiny, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="vae.trainer"):
         train(tiny("trainer.max_epochs=1", f"prior._target_={__name__}.Unnormalized"), run_dir=tmp_path)
     assert any("no normalized prior can give" in r.message and "Unnormalized" in r.message for r in caplog.records)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from surgery import report as rep
-from tests.conftest import ROOT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 

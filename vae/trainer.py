@@ -349,7 +349,8 @@ class Trainer:
             if val.elbo > 0:
                 log.warning(
                     "validation ELBO %.3f > 0 on binary data, which no normalized prior can give: does %s keep "
-                    "every normalizing constant? Check it with `pytest tests/test_prior_contract.py --prior %s.%s`",
+                    "every normalizing constant? Check it with "
+                    "`pytest tests/priors/test_prior_contract.py --prior %s.%s`",
                     val.elbo,
                     type(model.prior).__name__,
                     type(model.prior).__module__,

@@ -9,22 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from priors.mixture import MixturePrior
 from surgery import report as rep
 from surgery.fit import FitOptions, fit_main, fit_prior
-from tests.conftest import compose_config
 from train import train
 from vae.checkpoint import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(compose, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_config(
+    cfg = compose(
         "data=digits",
         "logger=none",
         "device=cpu",
@@ -38,26 +36,23 @@ def trained(tmp_path_factory) -> Path:
     return run_dir / "checkpoints" / "best.pt"
 
 
-def fit_cfg(checkpoint: Path, out_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            "fit",
-            overrides=[
-                f"checkpoint={checkpoint}",
-                f"out_dir={out_dir}",
-                "device=cpu",
-                "fit.progress=false",
-                "fit.max_epochs=40",
-                "surgery.is_samples=20",
-                *overrides,
-            ],
-        )
+def fit_cfg(compose, checkpoint: Path, out_dir: Path, *overrides: str):
+    return compose(
+        f"checkpoint={checkpoint}",
+        f"out_dir={out_dir}",
+        "device=cpu",
+        "fit.progress=false",
+        "fit.max_epochs=40",
+        "surgery.is_samples=20",
+        *overrides,
+        config="fit",
+    )
 
 
 @pytest.mark.parametrize("prior", ["mixture", "flow"])
-def test_the_elbo_gain_is_the_marginal_kl_reduction(trained, tmp_path, prior):
+def test_the_elbo_gain_is_the_marginal_kl_reduction(compose, trained, tmp_path, prior):
     extra = ["prior.num_components=10"] if prior == "mixture" else ["prior.num_layers=2", "prior.hidden_features=16"]
-    out_dir, result = fit_main(fit_cfg(trained, tmp_path / "fit", f"prior={prior}", *extra))
+    out_dir, result = fit_main(fit_cfg(compose, trained, tmp_path / "fit", f"prior={prior}", *extra))
     for split in ("train", "test"):
         r = result[split]
         assert r["mutual_info_after"] == r["mutual_info_before"]  # the encoder did not move
@@ -83,8 +78,8 @@ def test_the_elbo_gain_is_the_marginal_kl_reduction(trained, tmp_path, prior):
         assert (out_dir / name).is_file(), name
 
 
-def test_the_exact_aggregate_posterior_closes_everything_without_fitting(trained, tmp_path):
-    _, result = fit_main(fit_cfg(trained, tmp_path / "fit", "prior=aggregate"))
+def test_the_exact_aggregate_posterior_closes_everything_without_fitting(compose, trained, tmp_path):
+    _, result = fit_main(fit_cfg(compose, trained, tmp_path / "fit", "prior=aggregate"))
     assert result["fit"] is None
     r = result["train"]
     assert abs(r["marginal_kl_after"]) < 1e-6 and r["share_closed"] == pytest.approx(1.0, abs=1e-5)
@@ -109,9 +104,10 @@ def test_fit_prior_recovers_an_analytic_aggregate_posterior():
     assert history.best_val_log_prior == pytest.approx(-entropy, abs=0.05)  # E_q log p = -H(q) at p = q
 
 
-def test_a_users_prior_fits_and_the_report_shows_it(trained, tmp_path):
+def test_a_users_prior_fits_and_the_report_shows_it(compose, trained, tmp_path):
     # The new prior comes from the command line (trusted); prior=gaussian is a node without extra keys.
     cfg = fit_cfg(
+        compose,
         trained,
         tmp_path / "fit",
         "prior=gaussian",

@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 from vae.data import DataError, npz
 from vae.validation import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def digits_uint8() -> np.ndarray:

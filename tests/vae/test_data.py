@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import compose_config
 from train import train
 from vae import data as data_mod
 from vae.data import SPLITS, ArrayOnlyUnpickler, BinarizedData, DataError, derive_seed, digits
@@ -90,7 +89,7 @@ def test_run_seed_0_keeps_the_training_stream_of_existing_checkpoints(data_seed:
     assert derive_seed(0, 100, 0) == 6929975111325745075  # numpy's SeedSequence must not drift either
 
 
-def test_train_ties_the_training_stream_to_the_run_seed(tmp_path: Path, monkeypatch) -> None:
+def test_train_ties_the_training_stream_to_the_run_seed(compose, tmp_path: Path, monkeypatch) -> None:
     seen = []
     draw = BinarizedData.train_epoch
 
@@ -99,7 +98,7 @@ def test_train_ties_the_training_stream_to_the_run_seed(tmp_path: Path, monkeypa
         return draw(self, epoch)
 
     monkeypatch.setattr(BinarizedData, "train_epoch", recording)
-    cfg = compose_config(
+    cfg = compose(
         "data=digits",
         "logger=none",
         "device=cpu",

@@ -25,7 +25,7 @@ from priors.vampprior import VampPrior
 from vae.model import VAE
 from vae.networks import MLPEncoder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 F64 = torch.float64
 
 
@@ -401,8 +401,8 @@ def test_trains_one_epoch_through_train_py(override: str, tmp_path: Path) -> Non
 
 
 def _contract_suite(prior: str, tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`pytest tests/test_prior_contract.py --prior PRIOR`, on that prior's cases only."""
-    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_prior_contract.py", "--prior", prior]
+    """`pytest tests/priors/test_prior_contract.py --prior PRIOR`, on that prior's cases only."""
+    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/priors/test_prior_contract.py", "--prior", prior]
     return _run([*args, "-k", prior.rpartition(".")[2]], tmp_path, env)
 
 

@@ -9,7 +9,6 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import compose_config
 from train import train
 from vae import build_model
 from vae.data import digits
@@ -107,8 +106,8 @@ def outside_package(tmp_path, monkeypatch):
     sys.modules.pop("mynets", None)
 
 
-def test_an_encoder_from_outside_the_packages_plugs_in(outside_package, tmp_path) -> None:
-    cfg = compose_config(
+def test_an_encoder_from_outside_the_packages_plugs_in(compose, outside_package, tmp_path) -> None:
+    cfg = compose(
         "data=digits",
         "logger=none",
         "device=cpu",

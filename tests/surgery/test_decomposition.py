@@ -20,7 +20,7 @@ from surgery.decomposition import upgrade_dict
 from surgery.text import format_table, table_rows
 from vae.model import VAE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FixedData:

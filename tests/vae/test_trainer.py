@@ -8,7 +8,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from tests.conftest import compose_config
 from train import train
 from vae import build_model
 from vae.data import digits
@@ -154,12 +153,12 @@ def test_evaluation_noise_is_not_the_initialization_stream(tiny_cfg: DictConfig)
     assert result.kl > 0, result
 
 
-def test_aggregate_prior_is_the_surgerys_q_after_training(tmp_path: Path) -> None:
+def test_aggregate_prior_is_the_surgerys_q_after_training(compose, tmp_path: Path) -> None:
     # After each epoch the aggregate prior re-encodes the training set the surgery decomposes,
     # with the final encoder: the checkpoint's prior is then exactly q(z), and the marginal
     # KL vanishes (2e-7 nats here). Without on_train_epoch_end it holds the epoch start's
     # encodings of that epoch's own binarization, and the marginal KL here is 0.035 nats.
-    cfg = compose_config(
+    cfg = compose(
         "data=digits",
         "logger=none",
         "device=cpu",

@@ -8,7 +8,7 @@ the training set gets its encodings as the trainer's callback would give them. E
 runs in float64.
 
 Run the suite on your own prior with
-`python -m pytest tests/test_prior_contract.py --prior mypkg.module.MyPrior`.
+`python -m pytest tests/priors/test_prior_contract.py --prior mypkg.module.MyPrior`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import hydra
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from priors.base import Prior
@@ -35,7 +34,7 @@ from vae.callbacks import consumers, encode
 from vae.model import VAE
 from vae.networks import MLPDecoder, MLPEncoder
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 # Shrinks applied to any config that has the key: small, well-conditioned priors.
 SMALL = {"num_components": 3, "num_layers": 2, "hidden_features": 16, "num_exemplars": 5, "k": 3}
 DATA_DIM, N_TRAIN = 6, 12
@@ -57,9 +56,8 @@ class PriorCase:
     make: Callable[[int], Any]  # latent_dim -> a prior, or a partial one to complete with encoder and train_x
 
 
-def _config_case(name: str) -> PriorCase:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"prior={name}", "logger=none"]).prior
+def _config_case(compose: Callable[..., Any], name: str) -> PriorCase:
+    cfg = compose(f"prior={name}", "logger=none").prior
     for key, value in SMALL.items():
         if key in cfg:
             cfg[key] = value
@@ -75,10 +73,19 @@ def _class_case(path: str) -> PriorCase:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One case per conf/prior option (its name; the `case` fixture composes it) and per `--prior`
+    (imported here, so a wrong MODULE.CLASS fails the collection)."""
     if "case" in metafunc.fixturenames:
-        cases = [_config_case(p.stem) for p in sorted(CONF.glob("prior/*.yaml"))]
+        cases: list[str | PriorCase] = [p.stem for p in sorted(CONF.glob("prior/*.yaml"))]
         cases += [_class_case(p) for p in metafunc.config.getoption("--prior")]
-        metafunc.parametrize("case", cases, ids=[c.name for c in cases])
+        ids = [c if isinstance(c, str) else c.name for c in cases]
+        metafunc.parametrize("case", cases, ids=ids, indirect=True)
+
+
+@pytest.fixture
+def case(request: pytest.FixtureRequest, compose: Callable[..., Any]) -> PriorCase:
+    param = request.param
+    return _config_case(compose, param) if isinstance(param, str) else param
 
 
 def build(case: PriorCase, latent_dim: int, seed: int = 0) -> tuple[Prior, VAE, torch.Tensor]:

@@ -11,12 +11,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import compose_config
 from train import train
 from vae.checkpoint import load_model
 from vae.trust import UntrustedTargetError, check_trusted, is_trusted
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def writes_file(marker: Path) -> dict:
@@ -34,8 +33,8 @@ def test_the_crafted_node_really_writes_a_file_when_instantiated(tmp_path):
     assert marker.read_text() == "pwned"
 
 
-def train_tiny(run_dir: Path, *overrides: str) -> Path:
-    cfg = compose_config(
+def train_tiny(compose, run_dir: Path, *overrides: str) -> Path:
+    cfg = compose(
         "data=digits",
         "logger=none",
         "device=cpu",
@@ -51,8 +50,8 @@ def train_tiny(run_dir: Path, *overrides: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return train_tiny(tmp_path_factory.mktemp("run"))
+def checkpoint(compose, tmp_path_factory) -> Path:
+    return train_tiny(compose, tmp_path_factory.mktemp("run"))
 
 
 def tampered(checkpoint: Path, out: Path, edit) -> Path:
@@ -103,8 +102,8 @@ def test_an_honest_checkpoint_loads(checkpoint):
     assert cfg.prior._target_ == "priors.gaussian.GaussianPrior" and data.data_dim == 64
 
 
-def test_a_users_class_needs_allow(tmp_path):
-    user = train_tiny(tmp_path, "prior._target_=examples.student_t_prior.StudentTPrior")
+def test_a_users_class_needs_allow(compose, tmp_path):
+    user = train_tiny(compose, tmp_path, "prior._target_=examples.student_t_prior.StudentTPrior")
     with pytest.raises(UntrustedTargetError, match=r"allow=\[examples\.\*\]"):
         load_model(user)
     model, _, _ = load_model(user, allow=["examples.*"])

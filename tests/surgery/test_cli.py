@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 
 from surgery.__main__ import surgery_main
 from train import train
@@ -22,8 +21,7 @@ from vae import DeviceError
 from vae.checkpoint import CheckpointError, load_model
 from vae.trainer import evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
+ROOT = Path(__file__).resolve().parents[2]
 FIELDS = [
     "split",
     "n_points",
@@ -43,30 +41,22 @@ FIELDS = [
 ]
 
 
-def compose_cfg(name, overrides):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(name, overrides=overrides)
-
-
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(compose, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_cfg(
-        "train",
-        [
-            "data=digits",
-            "logger=none",
-            "vae.latent_dim=2",
-            "vae.hidden_dims=[32]",
-            # 20 epochs (a few seconds) leave informative posteriors: MI and marginal KL near 0.9 nats,
-            # so the checks of the numbers below have something to check (one epoch: both ~0.02).
-            "trainer.max_epochs=20",
-            "trainer.progress=false",
-            "device=cpu",
-            "surgery.is_samples=20",
-            "surgery.is_points=50",
-            "surgery.plot_grid=30",
-        ],
+    cfg = compose(
+        "data=digits",
+        "logger=none",
+        "vae.latent_dim=2",
+        "vae.hidden_dims=[32]",
+        # 20 epochs (a few seconds) leave informative posteriors: MI and marginal KL near 0.9 nats,
+        # so the checks of the numbers below have something to check (one epoch: both ~0.02).
+        "trainer.max_epochs=20",
+        "trainer.progress=false",
+        "device=cpu",
+        "surgery.is_samples=20",
+        "surgery.is_points=50",
+        "surgery.plot_grid=30",
     )
     metrics = train(cfg, run_dir=run_dir)
     return run_dir, metrics
@@ -91,18 +81,16 @@ def test_train_writes_surgery_json_and_pictures(trained_run):
     assert per_point.mean() == pytest.approx(report["log_likelihood"], abs=1e-9)
 
 
-def test_cli_rebuilds_the_model_and_reproduces_the_numbers(trained_run, tmp_path):
+def test_cli_rebuilds_the_model_and_reproduces_the_numbers(compose, trained_run, tmp_path):
     run_dir, _ = trained_run
-    cfg = compose_cfg(
-        "surgery_cli",
-        [
-            f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
-            "device=cpu",
-            "is_samples=20",
-            "is_points=50",
-            f"output_dir={tmp_path}",
-            "plots=false",
-        ],
+    cfg = compose(
+        f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
+        "device=cpu",
+        "is_samples=20",
+        "is_points=50",
+        f"output_dir={tmp_path}",
+        "plots=false",
+        config="surgery_cli",
     )
     report, files = surgery_main(cfg)
     saved = json.loads((run_dir / "surgery.json").read_text())
@@ -222,25 +210,22 @@ def test_missing_truncated_and_foreign_checkpoints_give_clear_errors(trained_run
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-def test_cuda_without_a_gpu_says_so(trained_run):
+def test_cuda_without_a_gpu_says_so(compose, trained_run):
     run_dir, _ = trained_run
-    cfg = compose_cfg("surgery_cli", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "device=cuda"])
+    cfg = compose(f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "device=cuda", config="surgery_cli")
     with pytest.raises(DeviceError, match="no CUDA GPU"):
         surgery_main(cfg)
 
 
-def test_surgery_can_be_disabled_in_training(tmp_path):
-    cfg = compose_cfg(
-        "train",
-        [
-            "data=digits",
-            "logger=none",
-            "trainer.max_steps=2",
-            "trainer.max_epochs=1",
-            "trainer.progress=false",
-            "device=cpu",
-            "surgery.enabled=false",
-        ],
+def test_surgery_can_be_disabled_in_training(compose, tmp_path):
+    cfg = compose(
+        "data=digits",
+        "logger=none",
+        "trainer.max_steps=2",
+        "trainer.max_epochs=1",
+        "trainer.progress=false",
+        "device=cpu",
+        "surgery.enabled=false",
     )
     metrics = train(cfg, run_dir=tmp_path)
     assert "surgery" not in metrics and not (tmp_path / "surgery.json").exists()
