@@ -28,7 +28,7 @@ def surgery_main(cfg: DictConfig) -> tuple[SurgeryReport, dict[str, Path]]:
     options = SurgeryOptions.from_config(cfg, ignore=CLI_KEYS)
     device = resolve_device(cfg.device)
     checkpoint = Path(cfg.checkpoint).expanduser()
-    model, data, run_cfg = load_model(checkpoint, device, allow=cfg.get("allow") or ())
+    model, data, run_cfg = load_model(checkpoint, device, allow=cfg.get("allow") or (), data_path=cfg.get("data_path"))
     check_is_points(options, data)
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else checkpoint.resolve().parent.parent
     logger = hydra.utils.instantiate(

@@ -200,7 +200,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     check_int("seed", cfg.seed, 0)
     device = resolve_device(cfg.device)
     checkpoint = Path(cfg.checkpoint).expanduser()
-    model, data, run_cfg = load_model(checkpoint, device, allow=cfg.get("allow") or ())
+    model, data, run_cfg = load_model(checkpoint, device, allow=cfg.get("allow") or (), data_path=cfg.get("data_path"))
     check_is_points(surgery, data)
     torch.manual_seed(int(cfg.seed))  # the new prior's initialization, then the fit
     for p in list(model.encoder.parameters()) + list(model.decoder.parameters()):

@@ -11,18 +11,18 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from priors.base import Prior
-from vae.data import BinarizedData
+from vae.data import BinarizedData, DataError
 from vae.model import VAE
 from vae.validation import ConfigError
 
 
 def instantiate(node: DictConfig, **kwargs):
-    """`hydra.utils.instantiate`, except that a `ConfigError` from the target comes out as itself
-    (it already names the option; Hydra's wrapper would bury it under its own context)."""
+    """`hydra.utils.instantiate`, except that a `ConfigError` or `DataError` from the target comes
+    out as itself (it already names the option; Hydra's wrapper would bury it under its own context)."""
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except InstantiationException as e:
-        if isinstance(e.__cause__, ConfigError):
+        if isinstance(e.__cause__, (ConfigError, DataError)):
             raise e.__cause__ from None
         raise
 

@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vae import build_model, instantiate
+from vae.data import DataError
 from vae.trainer import load_checkpoint
 from vae.trust import check_trusted
 
@@ -20,8 +21,13 @@ class CheckpointError(ValueError):
     """The checkpoint cannot rebuild a model."""
 
 
-def load_model(checkpoint: str | Path, device: Any = "cpu", allow: Iterable[str] = ()) -> tuple[Any, Any, DictConfig]:
+def load_model(
+    checkpoint: str | Path, device: Any = "cpu", allow: Iterable[str] = (), data_path: str | Path | None = None
+) -> tuple[Any, Any, DictConfig]:
     """Rebuild (model, data, run config) from a priorlab checkpoint.
+
+    `data_path` replaces the stored `data.path` (the data file where the checkpoint was
+    made may not exist here); the data are otherwise rebuilt exactly as stored.
 
     The file is read with `torch.load(weights_only=True)` (via `vae.trainer.load_checkpoint`),
     so it is never unpickled, and its stored config is checked by `vae.trust.check_trusted`
@@ -38,7 +44,17 @@ def load_model(checkpoint: str | Path, device: Any = "cpu", allow: Iterable[str]
         )
     check_trusted({key: config[key] for key in MODEL_NODES}, allow, source=str(path))
     run_cfg = OmegaConf.create(config)
-    data = instantiate(run_cfg.data)
+    if data_path is not None:
+        if "path" not in run_cfg.data:
+            target = run_cfg.data.get("_target_")
+            raise CheckpointError(f"{path}: its data ({target}) take no path, so data_path cannot apply")
+        run_cfg.data.path = str(data_path)
+    try:
+        data = instantiate(run_cfg.data)
+    except DataError as e:
+        if data_path is not None:
+            raise
+        raise DataError(f"{e} (the data {path} was trained on); pass data_path=<your copy of that file>") from e
     model = build_model(run_cfg, data)
     try:
         model.load_state_dict(payload["model"])

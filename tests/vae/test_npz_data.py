@@ -108,3 +108,16 @@ def test_trains_on_a_generated_file_through_train_py(tmp_path):
     assert "test ELBO" in done.stdout
     for name in ("samples.png", "reconstructions.png", "surgery.json"):
         assert (tmp_path / "run" / name).is_file(), name
+
+    # The data file moved (another machine, say): the checkpoint loads with data_path.
+    from vae.checkpoint import load_model
+
+    moved = tmp_path / "elsewhere.npz"
+    (tmp_path / "digits.npz").rename(moved)
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    with pytest.raises(DataError, match="digits.npz.*pass data_path="):
+        load_model(best)
+    model, data, run_cfg = load_model(best, data_path=moved)
+    assert run_cfg.data.path == str(moved) and data.split("test").shape[1] == 64
+    stored = torch.load(best, weights_only=True)["model"]
+    assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
