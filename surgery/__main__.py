@@ -20,7 +20,7 @@ from vae.checkpoint import load_model
 from vae.cli import one_line_errors
 
 #: Keys of conf/surgery_cli.yaml that are the CLI's own, not surgery options.
-CLI_KEYS = ("checkpoint", "device", "output_dir", "allow", "logger", "debug")
+CLI_KEYS = ("checkpoint", "device", "output_dir", "data_path", "allow", "logger", "debug")
 
 
 def surgery_main(cfg: DictConfig) -> tuple[SurgeryReport, dict[str, Path]]:

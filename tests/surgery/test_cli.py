@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from surgery.__main__ import surgery_main
+from surgery.__main__ import CLI_KEYS, surgery_main
+from surgery.run import SurgeryOptions
 from train import train
 from vae import DeviceError
 from vae.checkpoint import CheckpointError, load_model
@@ -266,3 +267,9 @@ def test_cli_end_to_end_in_a_subprocess(trained_run):
         timeout=120,
     )
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_every_cli_option_is_either_a_surgery_option_or_the_clis_own(compose):
+    cfg = compose("checkpoint=run/checkpoints/best.pt", "data_path=mnist.pkl.gz", config="surgery_cli")
+    options = SurgeryOptions.from_config(cfg, ignore=CLI_KEYS)  # an unknown key raises
+    assert options.is_samples == cfg.is_samples
