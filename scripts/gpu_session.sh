@@ -17,6 +17,7 @@
 #               to continue runs that started on another machine.
 # MNIST         mnist.pkl.gz to read (default: the data config's own download).
 # ONLY          run names to start (default: all below).
+# RETURN_CKPTS  run names whose last.pt goes to OUT (mind the 64 MiB a device call returns).
 # TESTS         0 skips the CUDA tests and the benchmark.
 # PYTHON        the interpreter (default python3).
 set -u
