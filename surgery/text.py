@@ -8,20 +8,6 @@ from typing import Any
 
 from surgery.decomposition import Estimate, SurgeryReport
 
-#: The logger table's estimates, in order; `dimwise_kl` or `prior_mismatch_remainder` is
-#: chosen per report by `_third_term`.
-_ROW_ESTIMATES = (
-    "elbo",
-    "reconstruction",
-    "avg_kl",
-    "mutual_info",
-    "marginal_kl",
-    "total_correlation",
-    None,  # the third term of the marginal KL
-    "optimal_prior_elbo",
-    "log_likelihood",
-)
-
 
 def _third_term(report: SurgeryReport) -> tuple[str, str, Estimate]:
     """(field, label, estimate) of the term beside TC: the dimension-wise KL for a factorized prior,
@@ -32,13 +18,23 @@ def _third_term(report: SurgeryReport) -> tuple[str, str, Estimate]:
 
 
 def table_rows(report: SurgeryReport) -> list[list[Any]]:
-    """`[name, value, stderr]` rows of the decomposition (for a logger's table)."""
+    """`[name, value, stderr]` rows of the decomposition (for a logger's table), in the order of
+    `format_table`; the term beside TC is the one `_third_term` picks."""
+    third, _, _ = _third_term(report)
+    names = (
+        "elbo",
+        "reconstruction",
+        "avg_kl",
+        "mutual_info",
+        "marginal_kl",
+        "total_correlation",
+        third,
+        "optimal_prior_elbo",
+        "log_likelihood",
+    )
     rows = []
-    for name in _ROW_ESTIMATES:
-        if name is None:
-            name, _, estimate = _third_term(report)
-        else:
-            estimate = getattr(report, name)
+    for name in names:
+        estimate = getattr(report, name)
         if estimate is not None:
             rows.append([name, estimate.value, estimate.stderr])
     rows.append(["log_n", report.log_n, 0.0])

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_object
+
 #: Config keys (or key prefixes ending in ".") a resumed run may change.
 RESUMABLE_CHANGES: tuple[str, ...] = (
     "trainer.max_epochs",
@@ -100,8 +102,6 @@ def _is_target_default(config: dict[str, Any], key: str, value: Any) -> bool:
     target = node.get("_target_") if isinstance(node, dict) else None
     if not isinstance(target, str):
         return False
-    from hydra.utils import get_object  # the run builds this target anyway
-
     try:
         parameter = inspect.signature(get_object(target)).parameters.get(name)
     except (ImportError, AttributeError, TypeError, ValueError):
