@@ -66,6 +66,7 @@ class FitOptions:
     max_epochs: int
     patience: int
     progress: bool
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         check_number("fit.lr", self.lr, 0, strict=True)
@@ -73,6 +74,8 @@ class FitOptions:
         check_int("fit.max_epochs", self.max_epochs, 1)
         check_int("fit.patience", self.patience, 1)
         check_bool("fit.progress", self.progress)
+        if self.max_seconds is not None:
+            check_number("fit.max_seconds", self.max_seconds, 0, strict=True)
 
 
 @dataclass
@@ -146,6 +149,8 @@ def fit_prior(
             bad += 1
             if bad >= options.patience:
                 break
+        if options.max_seconds is not None and time.perf_counter() - started > options.max_seconds:
+            break
     bar.close()
     prior.load_state_dict(best_state)
     prior.eval()

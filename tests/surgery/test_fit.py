@@ -15,6 +15,7 @@ from surgery import report as rep
 from surgery.fit import FitOptions, fit_main, fit_prior
 from train import train
 from vae.checkpoint import load_model
+from vae.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,6 +103,17 @@ def test_fit_prior_recovers_an_analytic_aggregate_posterior():
     torch.testing.assert_close(prior.logvars[0].detach(), log_s2, atol=0.1, rtol=0)
     entropy = 0.5 * (2 * math.log(2 * math.pi * math.e) + float(log_s2.sum()))
     assert history.best_val_log_prior == pytest.approx(-entropy, abs=0.05)  # E_q log p = -H(q) at p = q
+
+
+def test_fit_prior_stops_at_its_time_budget_with_the_best_state():
+    torch.manual_seed(0)
+    posteriors = (torch.randn(2000, 2), torch.zeros(2000, 2))
+    prior = MixturePrior(2, num_components=4)
+    options = FitOptions(lr=0.01, batch_size=500, max_epochs=10_000, patience=10_000, progress=False, max_seconds=1e-9)
+    history = fit_prior(prior, posteriors, posteriors, options)
+    assert history.epochs == 1 and history.best_epoch == 1  # one epoch, then the budget is spent
+    with pytest.raises(ConfigError, match="fit.max_seconds"):
+        FitOptions(lr=0.01, batch_size=1, max_epochs=1, patience=1, progress=False, max_seconds=0)
 
 
 def test_a_users_prior_fits_and_the_report_shows_it(compose, trained, tmp_path):
