@@ -123,7 +123,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         failed = True
         try:
             state = trainer.fit(model, data, run_config=config, logger=logger)
-            model.load_state_dict(load_checkpoint(trainer.best_path, map_location=device)["model"])
+            trainer.load_best(model, state)
             test = evaluate(model, data.split("test"), trainer.eval_batch_size, seed=cfg.seed)
             metrics = {
                 "val_elbo": state.best_val_elbo,

@@ -81,6 +81,18 @@ def test_a_resume_may_train_longer_and_records_it(tiny, tmp_path):
     assert stored["trainer"]["max_epochs"] == 2
 
 
+def test_a_stale_best_checkpoint_is_never_evaluated_as_the_best(tiny, tmp_path):
+    # A run continued from a copy of last.pt alone keeps an older best.pt beside it.
+    best = tmp_path / "checkpoints" / "best.pt"
+    train(tiny("trainer.max_epochs=1"), run_dir=tmp_path)
+    stale = best.read_bytes()
+    metrics = train(tiny("trainer.max_epochs=3", "trainer.resume=true"), run_dir=tmp_path)
+    assert metrics["best_epoch"] > 1  # the tiny model still improves, so best.pt moved on
+    best.write_bytes(stale)
+    with pytest.raises(ValueError, match=rf"holds epoch 1, but the best validation ELBO was at epoch {metrics['best_epoch']}"):
+        train(tiny("trainer.max_epochs=3", "trainer.resume=true"), run_dir=tmp_path)
+
+
 def test_a_locked_directory_is_refused(tiny, tmp_path):
     with RunDirLock(tmp_path):
         with pytest.raises(RunDirError, match=rf"in use by another run \(PID {os.getpid()}\)"):

@@ -235,6 +235,22 @@ class Trainer:
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
+    def load_best(self, model: VAE, state: TrainState) -> None:
+        """Load best.pt into `model`, after checking that it holds the best validation epoch.
+
+        A run continued elsewhere (another machine, a copy of last.pt alone) can leave an
+        older best.pt behind; evaluating it silently would report the wrong model.
+        """
+        stored = load_checkpoint(self.best_path, map_location=self.device)
+        epoch = (stored.get("state") or {}).get("epoch")
+        if epoch != state.best_epoch:
+            raise ValueError(
+                f"{self.best_path} holds epoch {epoch}, but the best validation ELBO was at epoch "
+                f"{state.best_epoch} (was the run continued from a copy of last.pt without its best.pt?); "
+                "evaluate the checkpoint you want with `python -m surgery checkpoint=PATH`"
+            )
+        model.load_state_dict(stored["model"])
+
     @property
     def resume_path(self) -> Path | None:
         """The checkpoint `fit` will continue from, or None for a fresh start."""
