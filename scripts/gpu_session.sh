@@ -18,6 +18,9 @@
 # MNIST         mnist.pkl.gz to read (default: the data config's own download).
 # ONLY          run names to start (default: all below).
 # RETURN_CKPTS  run names whose last.pt goes to OUT (mind the 64 MiB a device call returns).
+# JOBS_FILE     one shell command a line (evaluations, post-hoc fits), each run in the background
+#               beside the runs, under the same deadline; its output in RUNS_DIR/jobs/N.log.
+#               Write what should come back under RUNS_DIR (checkpoints stay behind).
 # TESTS         0 skips the CUDA tests and the benchmark.
 # PYTHON        the interpreter (default python3).
 set -u
@@ -55,7 +58,9 @@ if [ -n "${CONTINUE_DIR:-}" ]; then
 fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$runs_dir/gpu.txt"
-threads=$(($(nproc) / $(echo "$only" | wc -w)))
+jobs=()
+[ -n "${JOBS_FILE:-}" ] && mapfile -t jobs < <(grep -v '^[[:space:]]*\(#\|$\)' "$JOBS_FILE")
+threads=$(($(nproc) / ($(echo "$only" | wc -w) + ${#jobs[@]})))
 threads=$((threads > 0 ? threads : 1))
 pids=()
 for name in $only; do
@@ -66,6 +71,14 @@ for name in $only; do
     hydra.mode=RUN "hydra.run.dir=$runs_dir/$name" >>"$runs_dir/$name.log" 2>&1 &
   pids+=($!)
   echo "started $name (pid $!, ${left}s left, $threads threads): ${RUNS[$name]}"
+done
+
+mkdir -p "$runs_dir/jobs"
+for i in "${!jobs[@]}"; do
+  left=$((deadline - $(date +%s)))
+  OMP_NUM_THREADS=$threads timeout --signal=TERM --kill-after=15 "$left" bash -c "${jobs[$i]}" >"$runs_dir/jobs/$i.log" 2>&1 &
+  pids+=($!)
+  echo "started job $i (pid $!): ${jobs[$i]}"
 done
 
 if [ "${TESTS:-1}" != 0 ]; then
@@ -84,6 +97,10 @@ while [ "$(date +%s)" -lt "$deadline" ] && kill -0 "${pids[@]}" 2>/dev/null; do
   if [ $(($(date +%s) % 120)) -lt 10 ]; then nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; fi
 done
 wait
+for i in "${!jobs[@]}"; do
+  echo "== job $i: ${jobs[$i]}"
+  tail -n 4 "$runs_dir/jobs/$i.log"
+done
 for name in $only; do
   echo "== $name: $(grep -c . "$runs_dir/$name/metrics.jsonl" 2>/dev/null) epochs"
   tail -n 3 "$runs_dir/$name.log"
