@@ -89,7 +89,8 @@ def test_a_stale_best_checkpoint_is_never_evaluated_as_the_best(tiny, tmp_path):
     metrics = train(tiny("trainer.max_epochs=3", "trainer.resume=true"), run_dir=tmp_path)
     assert metrics["best_epoch"] > 1  # the tiny model still improves, so best.pt moved on
     best.write_bytes(stale)
-    with pytest.raises(ValueError, match=rf"holds epoch 1, but the best validation ELBO was at epoch {metrics['best_epoch']}"):
+    expected = rf"holds epoch 1, but the best validation ELBO was at epoch {metrics['best_epoch']}"
+    with pytest.raises(ValueError, match=expected):
         train(tiny("trainer.max_epochs=3", "trainer.resume=true"), run_dir=tmp_path)
 
 
