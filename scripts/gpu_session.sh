@@ -14,8 +14,11 @@
 # Environment:
 # RUNS_DIR      where the run dirs live (default ../runs).
 # CONTINUE_DIR  run dirs found here are copied into RUNS_DIR first (unless already there),
-#               to continue runs that started on another machine.
-# MNIST         mnist.pkl.gz to read (default: the data config's own download).
+#               to continue runs that started on another machine. Send them every call: an
+#               ignored RUNS_DIR inside the work tree did not survive between two calls on
+#               the same warm device machine (2026-11-26: the second call started fresh).
+# MNIST         a copy of mnist.pkl.gz, put where the data config looks by default (a priorlab
+#               directory under XDG_CACHE_HOME), so that no machine's path enters a run's config.
 # ONLY          run names to start (default: all below).
 # RETURN_CKPTS  run names whose last.pt goes to OUT (mind the 64 MiB a device call returns).
 # JOBS_FILE     one shell command a line (evaluations, post-hoc fits), each run in the background
@@ -57,6 +60,12 @@ if [ -n "${CONTINUE_DIR:-}" ]; then
   done
 fi
 
+if [ -n "${MNIST:-}" ]; then
+  XDG_CACHE_HOME=$(cd "$runs_dir" && pwd)/.cache
+  export XDG_CACHE_HOME
+  mkdir -p "$XDG_CACHE_HOME/priorlab" && cp -n "$MNIST" "$XDG_CACHE_HOME/priorlab/mnist.pkl.gz"
+fi
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$runs_dir/gpu.txt"
 jobs=()
 [ -n "${JOBS_FILE:-}" ] && mapfile -t jobs < <(grep -v '^[[:space:]]*\(#\|$\)' "$JOBS_FILE")
@@ -67,7 +76,7 @@ for name in $only; do
   left=$((deadline - $(date +%s)))
   # shellcheck disable=SC2086  # the overrides are words
   OMP_NUM_THREADS=$threads timeout --signal=TERM --kill-after=15 "$left" \
-    "$py" train.py ${RUNS[$name]} ${MNIST:+data.path=$MNIST} logger=none trainer.progress=false \
+    "$py" train.py ${RUNS[$name]} logger=none trainer.progress=false \
     hydra.mode=RUN "hydra.run.dir=$runs_dir/$name" >>"$runs_dir/$name.log" 2>&1 &
   pids+=($!)
   echo "started $name (pid $!, ${left}s left, $threads threads): ${RUNS[$name]}"
@@ -106,7 +115,7 @@ for name in $only; do
   tail -n 3 "$runs_dir/$name.log"
 done
 
-tar czf "$out/runs.tgz" --exclude='*.pt' --exclude='.lock' -C "$runs_dir" .
+tar czf "$out/runs.tgz" --exclude='*.pt' --exclude='.lock' --exclude='.cache' -C "$runs_dir" .
 for name in ${RETURN_CKPTS:-}; do
   ckpt=$runs_dir/$name/checkpoints/last.pt
   [ -f "$ckpt" ] && split -b 15000000 -d "$ckpt" "$out/$name-last.pt.part"
