@@ -172,7 +172,10 @@ def test_cached_constants_follow_in_place_updates():
     assert (again - first).abs().max() > 1e-3
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("saved_bytes", [densities.SAVED_ENTRIES_BYTES, 0], ids=["kept", "recomputed"])
+def test_gradcheck_float64(monkeypatch, saved_bytes):
+    # The backward pass from the entries the forward pass kept, and (over budget) recomputed.
+    monkeypatch.setattr(densities, "SAVED_ENTRIES_BYTES", saved_bytes)
     mu, logvar = posteriors(12, 3, -1.0)
     z, idx = samples(mu, logvar, 5)
     z = z.double().requires_grad_()
@@ -186,7 +189,9 @@ def test_gradcheck_float64():
         )
 
 
-def test_gradient_float32_matches_autograd_reference():
+@pytest.mark.parametrize("saved_bytes", [densities.SAVED_ENTRIES_BYTES, 0], ids=["kept", "recomputed"])
+def test_gradient_float32_matches_autograd_reference(monkeypatch, saved_bytes):
+    monkeypatch.setattr(densities, "SAVED_ENTRIES_BYTES", saved_bytes)
     mu, logvar = posteriors(2000, 40, -6.0)
     z, idx = samples(mu, logvar, 100)
     z32 = z.clone().requires_grad_()
