@@ -422,7 +422,7 @@ def gaussian_mixture_logsumexp(
     D = 40: ~16 ms forward on 2 CPU cores; the backward pass reuses the exact entries the
     forward pass kept, ~2 ms).
 
-    Differentiable w.r.t. `z` (the backward pass recomputes block by block, exactly). If
+    Differentiable w.r.t. `z`, exactly (from the kept entries, or recomputed block by block). If
     `mu` or `logvar` require gradients a plain chunked direct formula is used instead
     (slow, differentiable in everything).
 
