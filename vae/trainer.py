@@ -242,8 +242,9 @@ class Trainer:
         older best.pt behind; evaluating it silently would report the wrong model.
         """
         stored = load_checkpoint(self.best_path, map_location=self.device)
-        epoch = (stored.get("state") or {}).get("epoch")
-        if epoch != state.best_epoch:
+        saved = stored.get("state") or {}
+        epoch = saved.get("best_epoch")  # at its save, the checkpoint was the best so far
+        if (epoch, saved.get("best_val_elbo")) != (state.best_epoch, state.best_val_elbo):
             raise ValueError(
                 f"{self.best_path} holds epoch {epoch}, but the best validation ELBO was at epoch "
                 f"{state.best_epoch} (was the run continued from a copy of last.pt without its best.pt?); "
