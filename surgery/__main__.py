@@ -31,6 +31,11 @@ def surgery_main(cfg: DictConfig) -> tuple[SurgeryReport, dict[str, Path]]:
     model, data, run_cfg = load_model(checkpoint, device, allow=cfg.get("allow") or (), data_path=cfg.get("data_path"))
     check_is_points(options, data)
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else checkpoint.resolve().parent.parent
+    if not (out_dir / ".hydra" / "config.yaml").exists():
+        # An output directory of its own: the checkpoint's config makes it a run dir that
+        # `python -m surgery.report` reads (a checkpoint evaluated apart from its run).
+        (out_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(run_cfg, out_dir / ".hydra" / "config.yaml", resolve=True)
     logger = hydra.utils.instantiate(
         cfg.logger,
         run_dir=out_dir,

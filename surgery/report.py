@@ -7,8 +7,9 @@ A *run dir* is a folder holding `.hydra/config.yaml` and/or `checkpoints/` (what
 Any folder given is searched for run dirs. Per run this reads the prior's option name,
 latent size and seed (`.hydra/config.yaml`, `.hydra/hydra.yaml`'s runtime choices), the
 decomposition in `surgery.json` and the epochs trained (`metrics.jsonl`). Runs without a
-`surgery.json` or without checkpoints are listed as incomplete, with the reason, never
-dropped.
+`surgery.json` are listed as incomplete, with the reason, never dropped; a run with one is
+complete without its checkpoints (results committed without them, a checkpoint evaluated
+by `python -m surgery output_dir=...`).
 
 Written to the output dir: `report.md` (one row per prior x latent size, each number the
 mean ± sample standard deviation over seeds), `decomposition.png` (average KL split into
@@ -245,9 +246,6 @@ def read_run(path: str | Path) -> RunRecord:
     else:
         problems.append("no .hydra/config.yaml")
 
-    if not (path / "checkpoints").is_dir() or not any((path / "checkpoints").glob("*.pt")):
-        problems.append("no checkpoints (the job failed or never started)")
-
     epochs = None
     try:
         epochs = epochs_trained(path / "metrics.jsonl")
@@ -264,6 +262,10 @@ def read_run(path: str | Path) -> RunRecord:
             problems.append(f"surgery.json unreadable ({e.msg} at line {e.lineno})")
     else:
         problems.append("no surgery.json (surgery not run, or it failed)")
+        # Without its surgery.json, a run without checkpoints failed or never started. With it, the
+        # run is complete (results committed without their checkpoints, a checkpoint evaluated apart).
+        if not (path / "checkpoints").is_dir() or not any((path / "checkpoints").glob("*.pt")):
+            problems.append("no checkpoints (the job failed or never started)")
 
     densities = tuple(sorted(path.glob(f"{DENSITY_PICTURE}*.png")))
     log_px = path / log_px_name("test")

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from surgery import report as rep
 from surgery.__main__ import CLI_KEYS, surgery_main
 from surgery.run import SurgeryOptions
 from train import train
@@ -98,6 +99,9 @@ def test_cli_rebuilds_the_model_and_reproduces_the_numbers(compose, trained_run,
     for field in ("elbo", "mutual_info", "marginal_kl", "total_correlation", "log_likelihood"):
         assert getattr(report, field).value == pytest.approx(saved[field], abs=1e-9), field
     assert files["json"] == tmp_path / "surgery.json"
+    # The output directory of its own is a run dir the report reads, with the checkpoint's config.
+    (row,) = rep.build_report([tmp_path]).rows
+    assert row.latent_dim == saved["latent_dim"] and row.log_px is not None
 
 
 def independent_terms(model, x, seed):

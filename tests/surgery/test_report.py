@@ -118,7 +118,7 @@ def sweep(tmp_path: Path) -> tuple[Path, dict]:
                 values.setdefault((prior, latent_dim), []).append(v)
                 job += 1
     make_run(root / str(job), "gaussian", 40, 0, surgery=False)  # trained, surgery missing
-    make_run(root / str(job + 1), "gaussian", 40, 1, checkpoints=False, epochs=0)  # failed before a checkpoint
+    make_run(root / str(job + 1), "gaussian", 40, 1, surgery=False, checkpoints=False, epochs=0)  # failed early
     (root / str(job + 2)).mkdir()  # never started
     return root, values
 
