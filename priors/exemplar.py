@@ -137,10 +137,13 @@ class ExemplarPrior(Prior):
     def _encode_means(self, index: Tensor) -> Tensor:
         """The current encoder's means of exemplars `index`, inside the autograd graph.
 
-        With `gradient=False`, the cached means of the last epoch instead, detached.
+        With `gradient=False`, the cached means of the last epoch instead, detached. So too
+        with a frozen encoder (a prior fitted after training, `python -m priors.fit`): there
+        the cache holds what re-encoding would give, and no gradient could reach the encoder.
         """
         device = self.logvar.device
-        if not self.gradient:
+        frozen = not any(q.requires_grad for q in self._encoder.parameters())
+        if not self.gradient or frozen:
             return self._cached()[index.to(self.cache_mu.device)].to(device)
         x = self._train_x[index.cpu()]
         return torch.cat([self._encoder(b.to(device))[0] for b in x.split(self.encode_batch_size)])

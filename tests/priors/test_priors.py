@@ -248,6 +248,26 @@ def test_exemplar_without_gradient_uses_the_stale_cache_and_leaves_the_encoder_a
         ExemplarPrior(2, encoder, train_x, exemplars="all", gradient="no")
 
 
+def test_exemplar_with_a_frozen_encoder_takes_its_cache_and_never_calls_the_encoder() -> None:
+    # A prior fitted to a trained VAE: re-encoding the exemplars would give the cache again.
+    p, encoder, train_x = _exemplar("knn", n=9, k=3)
+    means = encoder(train_x)[0].detach()
+    encoder.requires_grad_(False)
+    calls = []
+    encoder.register_forward_hook(lambda *args: calls.append(1))
+    z = torch.randn(4, 2, dtype=F64)
+    index = torch.tensor([0, 4, 8, 4])
+    p.train()
+    got = p.log_prob(z, context=index)
+    assert not calls
+    for i in range(4):
+        n = int(index[i])
+        nearest = sorted(range(9), key=lambda m: float((means[m] - means[n]).square().sum()) if m != n else math.inf)
+        assert abs(got[i].item() - _loop_exemplar(z[i], means, p.logvar, nearest[:3])) < 1e-10
+    got.sum().backward()
+    assert p.logvar.grad is not None and p.logvar.grad.abs().sum() > 0
+
+
 def test_exemplar_bad_arguments() -> None:
     encoder, x = tiny_encoder(), torch.rand(6, 5, dtype=F64)
     with pytest.raises(ValueError, match="exemplars must be one of"):
