@@ -17,7 +17,7 @@ from surgery.run import SurgeryOptions, check_is_points, run_surgery, save_run_p
 from surgery.text import format_table
 from vae import build_model, instantiate, resolve_device
 from vae.cli import one_line_errors
-from vae.run_dir import RunDirLock, check_fresh, record_resume, resume_changes
+from vae.run_dir import RunDirLock, check_fresh, record_resume, resume_changes, write_config
 from vae.trainer import evaluate, load_checkpoint
 from vae.validation import ConfigError, check_int
 
@@ -70,9 +70,8 @@ def save_run_config(run_dir: Path, cfg: DictConfig) -> None:
     Hydra's own writing is off (`hydra.output_subdir: null`): it would rewrite these files
     before a refused resume could stop it, and the report would then mislabel the run.
     """
+    write_config(run_dir, cfg)  # resolved: the report compares values
     out = run_dir / ".hydra"
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)  # resolved: the report compares values
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hc)}), out / "hydra.yaml")

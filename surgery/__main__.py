@@ -18,6 +18,7 @@ from surgery.text import format_table
 from vae import resolve_device
 from vae.checkpoint import load_model
 from vae.cli import one_line_errors
+from vae.run_dir import CONFIG_FILE, write_config
 
 #: Keys of conf/surgery_cli.yaml that are the CLI's own, not surgery options.
 CLI_KEYS = ("checkpoint", "device", "output_dir", "data_path", "allow", "logger", "debug")
@@ -31,11 +32,10 @@ def surgery_main(cfg: DictConfig) -> tuple[SurgeryReport, dict[str, Path]]:
     model, data, run_cfg = load_model(checkpoint, device, allow=cfg.get("allow") or (), data_path=cfg.get("data_path"))
     check_is_points(options, data)
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else checkpoint.resolve().parent.parent
-    if not (out_dir / ".hydra" / "config.yaml").exists():
+    if not (out_dir / CONFIG_FILE).exists():
         # An output directory of its own: the checkpoint's config makes it a run dir that
         # `python -m surgery.report` reads (a checkpoint evaluated apart from its run).
-        (out_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(run_cfg, out_dir / ".hydra" / "config.yaml", resolve=True)
+        write_config(out_dir, run_cfg)
     logger = hydra.utils.instantiate(
         cfg.logger,
         run_dir=out_dir,

@@ -53,6 +53,7 @@ from vae import build_prior, resolve_device
 from vae.callbacks import consumers, encode
 from vae.checkpoint import load_model
 from vae.cli import one_line_errors
+from vae.run_dir import write_config
 from vae.trainer import CHECKPOINT_FORMAT, save_checkpoint
 from vae.validation import ConfigError, check_bool, check_int, check_number
 
@@ -246,8 +247,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
             "config": config,
         },
     )
-    (out_dir / ".hydra").mkdir(exist_ok=True)
-    OmegaConf.save(OmegaConf.create(config), out_dir / ".hydra" / "config.yaml")
+    write_config(out_dir, config)
     write_json(after["train"], out_dir / "surgery.json")
     write_json(after["test"], out_dir / "surgery_test.json")
     if after["train"].log_likelihood_per_point is not None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
 
 #: Config keys (or key prefixes ending in ".") a resumed run may change.
 RESUMABLE_CHANGES: tuple[str, ...] = (
@@ -77,6 +78,18 @@ class RunDirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+#: Where a run directory keeps its resolved config: `python -m surgery.report` reads a run's
+#: prior, latent size, seed and settings from it.
+CONFIG_FILE = Path(".hydra") / "config.yaml"
+
+
+def write_config(run_dir: str | Path, config: DictConfig | dict[str, Any]) -> None:
+    """Write `config`, resolved, to `<run_dir>/.hydra/config.yaml` (train.py, the fit and the surgery CLIs)."""
+    path = Path(run_dir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config if isinstance(config, DictConfig) else OmegaConf.create(config), path, resolve=True)
 
 
 def holds_a_run(run_dir: Path) -> bool:
