@@ -8,9 +8,9 @@ them wrong.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -128,7 +128,12 @@ def small_gaussian_mixture_log_prob(
 # at most N exp(-margin) of a row's mass (margin = log N + 28: < 1e-12 relative) and are
 # dropped. A block where more than `dense_fraction` of the entries qualify (broad
 # posteriors, where nothing is negligible) is recomputed whole by a float64 matrix
-# product instead, whose cancellation error is ~1e-16 relative.
+# product instead, whose cancellation error is ~1e-16 relative; the rest of that row
+# chunk is then computed the same way without locating, in cache-sized blocks, and the
+# gradient of those blocks is summed while they are in cache (`_DenseSums`).
+#
+# Components that share their variances (the exemplar prior's sigma^2) take the product
+# z . prec mu + c_n with D columns instead of 2D, the z^2 term being the same for every n.
 #
 # The locating product's own error only has to be small next to the margin for the
 # selection to be right. Per chunk of points a worst-case bound on it, (2D + 1) eps
@@ -165,52 +170,120 @@ def exact_float32_matmul(device: torch.device | str):
         torch.backends.cudnn.allow_tf32 = old_cudnn
 
 
+def _shared_row(logvar: Tensor) -> Tensor | None:
+    """The `[D]` log variances every component shares, or None (an expanded tensor is read without a scan)."""
+    if logvar.shape[0] == 1 or logvar.stride(0) == 0 or bool((logvar == logvar[:1]).all()):
+        return logvar[0]
+    return None
+
+
 class _Components:
     """The mixture's per-component constants, padded to a multiple of `group` columns.
 
     Padding columns have log density -inf. The float64 pieces feed the exact
     recomputation; `y` and `c` (in the points' dtype) feed the locating matrix product.
+
+    The matrix-product form is log N(z; n) = features(z) . y_n + c_n + row_term(z). In
+    general the features are [z^2, z] (2D columns) and the row term is 0. When every
+    component has the same variances (the exemplar prior's shared sigma^2), the z^2 term
+    is the same for all n and leaves the product: the features are z (D columns) and the
+    row term is -1/2 sum_d prec_d z_d^2, which halves the products.
     """
 
     def __init__(self, mu: Tensor, logvar: Tensor, group: int, dtype: torch.dtype) -> None:
         n, d = mu.shape
         pad = (-n) % group
-        mu64, logvar64 = mu.detach().double(), logvar.detach().double()
-        prec64 = torch.exp(-logvar64)
-        h64 = -0.5 * (d * LOG_2PI + logvar64.sum(-1))  # log normalizer of each component
-        if pad:
-            mu64 = torch.cat([mu64, mu64.new_zeros(pad, d)])
-            prec64 = torch.cat([prec64, prec64.new_zeros(pad, d)])
-            h64 = torch.cat([h64, h64.new_full((pad,), -math.inf)])
+        mu64 = torch.cat([mu.detach().double(), mu.new_zeros(pad, d, dtype=torch.float64)])
+        shared = _shared_row(logvar.detach())
+        if shared is not None:  # the [D] constants once, not N times
+            prec_row = torch.exp(-shared.double())
+            self.shared_prec = prec_row
+            prec64 = prec_row.expand(n + pad, d)
+            h64 = (-0.5 * (d * LOG_2PI + shared.double().sum())).expand(n).clone()
+            quad = mu64.square() @ prec_row  # sum_d prec mu^2
+            self.bound_b = (mu64.abs() @ prec_row)[:n]
+        else:
+            logvar64 = logvar.detach().double()
+            self.shared_prec = None
+            prec64 = torch.cat([torch.exp(-logvar64), logvar64.new_zeros(pad, d)])
+            h64 = -0.5 * (d * LOG_2PI + logvar64.sum(-1))
+            quad = (prec64 * mu64.square()).sum(-1)
+            self.bound_b = (prec64 * mu64.abs()).sum(-1)[:n]
+        h64 = torch.cat([h64, h64.new_full((pad,), -math.inf)])  # log normalizer of each component
         self.n, self.d, self.group, self.n_padded = n, d, group, n + pad
         self.mu64, self.prec64, self.h64 = mu64, prec64, h64
-        self.prec_mu64 = prec64 * mu64
-        c64 = h64 - 0.5 * (prec64 * mu64.square()).sum(-1)
-        self.y64 = torch.cat([-0.5 * prec64, self.prec_mu64], dim=-1)  # [Np, 2D]
-        self.c64 = torch.where(torch.isfinite(h64), c64, h64)
+        c64 = h64 - 0.5 * quad
+        prec_mu64 = prec64 * mu64
+        # y = the components' side of the product, with c_n as its last column (padding: -inf).
+        side = prec_mu64 if self.shared_prec is not None else torch.cat([-0.5 * prec64, prec_mu64], dim=-1)
+        self.y64 = torch.cat([side, c64[:, None]], dim=-1)  # [Np, 2D + 1] or [Np, D + 1]
         self.y = self.y64.to(dtype)
-        self.c = self.c64.to(dtype)
         # For the locating error bound: sum_d prec (t + |mu|)^2 + |c| = t^2 A + 2 t B + C.
-        finite = torch.isfinite(h64)
-        self.bound_a = prec64.sum(-1)[finite]
-        self.bound_b = (prec64 * mu64.abs()).sum(-1)[finite]
-        self.bound_c = ((prec64 * mu64.square()).sum(-1) + c64.abs())[finite]
+        self.bound_a = prec64[:n].sum(-1)
+        self.bound_c = quad[:n] + c64[:n].abs()
+
+    def features(self, z: Tensor) -> Tensor:
+        """The points' side of the product, `[M, 2D + 1]` (`[M, D + 1]` with shared variances): y's
+        columns, the last one (c) taken by a column of ones."""
+        ones = z.new_ones(z.shape[0], 1)
+        return torch.cat([z, ones] if self.shared_prec is not None else [z.square(), z, ones], dim=-1)
+
+    def row_term(self, z64: Tensor) -> Tensor:
+        """`[M]` float64: what the product leaves out of each row (0 unless the variances are shared)."""
+        if self.shared_prec is None:
+            return z64.new_zeros(z64.shape[0])
+        return -0.5 * (z64.square() @ self.shared_prec)
+
+    def weighted_sums(self, e: Tensor, span: tuple[int, int]) -> Tensor:
+        """`[M, K + 1]`: e @ y over the components `span`, and e's row sums, in `dtype`.
+
+        With e = the exponentiated entries of a dense block, these are all the backward pass
+        needs of it (`gradient_from_sums`): sum_n e_mn prec_n and sum_n e_mn prec_n mu_n.
+        In z's dtype: a dense block's components are broad, none sharp enough for float32
+        rounding of the weights to matter to a gradient.
+        """
+        y = (self.y if e.dtype == self.y.dtype else self.y64)[span[0] : span[1], :-1]
+        return torch.cat([e @ y, e.sum(-1, keepdim=True)], dim=-1)
+
+    def gradient_from_sums(self, z: Tensor, sums: Tensor) -> Tensor:
+        """sum_n w_mn prec_n (z_m - mu_n) from `weighted_sums` of the weights w, `[M, D]`."""
+        wy, total = sums[:, :-1], sums[:, -1:]
+        if self.shared_prec is None:  # y = [-prec/2, prec mu]
+            return -2.0 * z * wy[:, : self.d] - wy[:, self.d :]
+        return z * self.shared_prec.to(sums.dtype) * total - wy  # y = prec mu
 
 
-@dataclass
+@dataclasses.dataclass
 class _Entries:
     """Exactly computed log densities of one block.
 
-    `values[k, j]` = log N(z[row_start + rows[k]]; component cols[k, j]).
+    Sparse (`dense=False`): `values[k, j]` = log N(z[row_start + rows[k]]; component cols[k, j]).
 
-    A dense block has `rows` = all its rows, `cols` = `[1, Nb]` (the same columns for every row).
+    Dense (`dense=True`): every row of the chunk (`rows`) against the block's components
+    `span` = (n0, n1), stored exponentiated: log N(z[row_start + rows[k]]; n0 + j) =
+    log(values[k, j]) + shift[k], with `values` in [0, 1] (the logsumexp's own scratch, kept
+    for the backward pass instead of recomputing the exponentials).
     """
 
     row_start: int
     rows: Tensor  # [K] int64, local to the row chunk
-    cols: Tensor  # [K, G] or [1, Nb] int64
-    values: Tensor  # [K, G] or [K, Nb] float64
-    dense: bool
+    values: Tensor  # [K, G] float64, or [K, Nb] exponentiated
+    cols: Tensor | None = None  # [K, G] int64, sparse only
+    span: tuple[int, int] | None = None  # dense only
+    shift: Tensor | None = None  # [K] float64, dense only
+
+    @property
+    def dense(self) -> bool:
+        return self.span is not None
+
+
+#: Columns of a row chunk's first block, in groups: narrow, so that a chunk where every entry
+#: counts (broad posteriors) finds out cheaply and computes the rest densely without locating.
+FIRST_BLOCK_GROUPS = 128
+
+#: Entries of a dense block (float64): small enough (8 MiB) to stay in cache while the block
+#: is exponentiated and summed.
+DENSE_BLOCK_ELEMENTS = 2**20
 
 
 def _mixture_pass(
@@ -224,10 +297,17 @@ def _mixture_pass(
 ) -> Tensor:
     """Walk the M x N matrix in blocks of `block_size x chunk_size`; return the float64 logsumexp `[M]`.
 
-    `visit`, if given, sees every block's exact entries (the backward pass uses it).
-    Memory: one `block_size x chunk_size` block in z's dtype (and its float64 copy when
-    the block is dense) plus the exactly recomputed entries, at most
-    `dense_fraction x block_size x chunk_size` of them, each with a `[D]` float64 row.
+    `visit`, if given, sees every block's exact entries (the backward pass uses them); a
+    dense block's exponentiated values live in a buffer the next block reuses.
+    Memory: one `block_size x chunk_size` block in z's dtype plus the exactly recomputed
+    entries, at most `dense_fraction x block_size x chunk_size` of them, each with a `[D]`
+    float64 row, or one dense float64 block of `DENSE_BLOCK_ELEMENTS`.
+
+    A row chunk's first block is `FIRST_BLOCK_GROUPS` groups wide. Once a block of the chunk
+    is dense, the chunk's remaining blocks are computed densely without locating, in blocks
+    small enough to stay in cache while they are summed. Whether a block is computed densely
+    or sparsely changes the cost, never the result; the walk is deterministic, so the
+    backward pass can repeat it.
     """
     m, d = z.shape
     group = comps.group
@@ -235,17 +315,18 @@ def _mixture_pass(
     # The memory bound is the block's element count: a short row chunk (a training batch
     # against all N posteriors) takes correspondingly wider blocks, since every block pays
     # fixed per-block costs that dominate thin blocks.
-    block_size = max(block_size, -(-(chunk_size * block_size) // max(min(m, chunk_size), 1) // group) * group)
+    rows_per_chunk = max(min(m, chunk_size), 1)
+    block_size = max(block_size, -(-(chunk_size * block_size) // rows_per_chunk // group) * group)
+    dense_width = max(group, DENSE_BLOCK_ELEMENTS // rows_per_chunk // group * group)
     out = torch.empty(m, dtype=torch.float64, device=z.device)
     for r0 in range(0, m, chunk_size):
         zc = z[r0 : r0 + chunk_size].detach()
         mc = zc.shape[0]
         z64 = zc.double()
-        if _locating_error_bound(zc, comps) > margin / 2:
-            y, c, zl = comps.y64, comps.c64, z64
-        else:
-            y, c, zl = comps.y, comps.c, zc
-        xt = torch.cat([zl.square(), zl], dim=-1).T  # [2D, mc]
+        row64 = comps.row_term(z64)  # [mc]: the products below leave it out
+        y = comps.y64 if _locating_error_bound(zc, comps) > margin / 2 else comps.y
+        xt = comps.features(z64 if y is comps.y64 else zc)[:, :-1].T  # [2D or D, mc]
+        row = row64.to(y.dtype)
         ex = None
         if exclude is not None:
             ex = exclude[r0 : r0 + chunk_size]
@@ -253,58 +334,65 @@ def _mixture_pass(
         running = torch.full((mc,), -math.inf, dtype=torch.float64, device=z.device)
         # Blocks are written into buffers reused across the row's blocks: allocating a
         # fresh multi-MiB tensor per block costs more (page faults) than the arithmetic.
-        approx_buf = torch.empty(block_size * mc, dtype=y.dtype, device=z.device)
+        approx_buf: Tensor | None = None
         dense_buf: Tensor | None = None
         x64 = None
-        for n0 in range(0, comps.n_padded, block_size):
-            n1 = min(n0 + block_size, comps.n_padded)
-            # Components along the first axis, so the group maximum reduces over a
-            # non-innermost axis (vectorized along the points).
-            approx = torch.addmm(c[n0:n1, None], y[n0:n1], xt, out=approx_buf[: (n1 - n0) * mc].view(n1 - n0, mc))
-            if ex is not None:
-                hit = ((ex >= n0) & (ex < n1)).nonzero().squeeze(-1)
-                approx[ex[hit] - n0, hit] = -math.inf
-            grouped = approx.view(-1, group, mc)
-            group_max = grouped.amax(1)  # [ng, mc]
-            threshold = torch.maximum(running.to(approx.dtype), group_max.amax(0)) - margin  # [mc]
-            cand_groups, cand_rows = (group_max >= threshold).nonzero().unbind(-1)
-            dense = cand_groups.shape[0] * group > dense_fraction * approx.numel()
+        dense = False
+        n0 = 0
+        while n0 < comps.n_padded and not (dense and n0 >= comps.n):  # dense blocks skip the padding
+            width = dense_width if dense else (min(block_size, FIRST_BLOCK_GROUPS * group) if n0 == 0 else block_size)
+            n1 = min(n0 + width, comps.n_padded)
             if not dense:
-                near = grouped[cand_groups, :, cand_rows] >= threshold[cand_rows][:, None]  # [K, G]
-                k, j = near.nonzero().unbind(-1)
-                rows = cand_rows[k]
-                cols = (n0 + cand_groups[k] * group + j)[:, None]  # [K', 1]
-                dense = rows.shape[0] > dense_fraction * approx.numel()
+                if approx_buf is None:
+                    approx_buf = torch.empty(block_size * mc, dtype=y.dtype, device=z.device)
+                # Components along the first axis, so the group maximum reduces over a
+                # non-innermost axis (vectorized along the points). The row term is left out.
+                approx = torch.addmm(
+                    y[n0:n1, -1:], y[n0:n1, :-1], xt, out=approx_buf[: (n1 - n0) * mc].view(n1 - n0, mc)
+                )
+                if ex is not None:
+                    hit = ((ex >= n0) & (ex < n1)).nonzero().squeeze(-1)
+                    approx[ex[hit] - n0, hit] = -math.inf
+                grouped = approx.view(-1, group, mc)
+                group_max = grouped.amax(1)  # [ng, mc]
+                threshold = torch.maximum(running.to(approx.dtype) - row, group_max.amax(0)) - margin  # [mc]
+                cand_groups, cand_rows = (group_max >= threshold).nonzero().unbind(-1)
+                dense = cand_groups.shape[0] * group > dense_fraction * approx.numel()
+                if not dense:
+                    near = grouped[cand_groups, :, cand_rows] >= threshold[cand_rows][:, None]  # [K, G]
+                    k, j = near.nonzero().unbind(-1)
+                    rows = cand_rows[k]
+                    cols = (n0 + cand_groups[k] * group + j)[:, None]  # [K', 1]
+                    dense = rows.shape[0] > dense_fraction * approx.numel()
             if dense:
                 if dense_buf is None:
-                    dense_buf = torch.empty(mc * block_size, dtype=torch.float64, device=z.device)
-                    x64 = torch.cat([z64.square(), z64], dim=-1)
-                values = torch.addmm(
-                    comps.c64[n0:n1], x64, comps.y64[n0:n1].T, out=dense_buf[: mc * (n1 - n0)].view(mc, n1 - n0)
-                )
-                cols = torch.arange(n0, n1, device=z.device)[None]
+                    dense_buf = torch.empty(mc * max(dense_width, n1 - n0), dtype=torch.float64, device=z.device)
+                    x64 = comps.features(z64)
+                # c_n is the product's last column (no broadcast bias to copy in); padding
+                # columns (c = -inf) stay out of it. Without the row term.
+                nr = min(n1, comps.n)
+                values = torch.mm(x64, comps.y64[n0:nr].T, out=dense_buf[: mc * (nr - n0)].view(mc, nr - n0))
                 if ex is not None:
-                    values.masked_fill_(cols == ex[:, None], -math.inf)
-                if visit is not None:  # before the in-place logsumexp below overwrites the values
-                    visit(_Entries(r0, torch.arange(mc, device=z.device), cols, values, dense=True))
-                running = torch.logaddexp(running, _logsumexp_inplace(values))
-                continue
-            diff = z64[rows][:, None, :] - comps.mu64[cols]  # [K', 1, D]
-            values = comps.h64[cols] - 0.5 * (diff.square() * comps.prec64[cols]).sum(-1)  # [K', 1]
-            if ex is not None:
-                values = values.masked_fill(cols == ex[rows][:, None], -math.inf)
-            running = _merge_rows(running, rows, values)
-            if visit is not None:
-                visit(_Entries(r0, rows, cols, values, dense=False))
+                    hit = ((ex >= n0) & (ex < nr)).nonzero().squeeze(-1)
+                    values[hit, ex[hit] - n0] = -math.inf
+                top = values.amax(-1)
+                shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+                total = values.sub_(shift[:, None]).exp_().sum(-1)
+                shift = shift + row64
+                running = torch.logaddexp(running, shift + total.log())
+                if visit is not None:
+                    visit(_Entries(r0, torch.arange(mc, device=z.device), values, span=(n0, nr), shift=shift))
+            else:
+                diff = z64[rows][:, None, :] - comps.mu64[cols]  # [K', 1, D]
+                values = comps.h64[cols] - 0.5 * (diff.square() * comps.prec64[cols]).sum(-1)  # [K', 1]
+                if ex is not None:
+                    values = values.masked_fill(cols == ex[rows][:, None], -math.inf)
+                running = _merge_rows(running, rows, values)
+                if visit is not None:
+                    visit(_Entries(r0, rows, values, cols=cols))
+            n0 = n1
         out[r0 : r0 + mc] = running
     return out
-
-
-def _logsumexp_inplace(values: Tensor) -> Tensor:
-    """logsumexp over the last axis, using `values` as scratch (it is overwritten); -inf rows give -inf."""
-    top = values.amax(-1)
-    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    return safe + values.sub_(safe[:, None]).exp_().sum(-1).log()
 
 
 def _locating_error_bound(zc: Tensor, comps: _Components) -> float:
@@ -331,38 +419,65 @@ def _merge_rows(running: Tensor, rows: Tensor, values: Tensor) -> Tensor:
 SAVED_ENTRIES_BYTES = 64 * 2**20
 
 
+class _DenseSums:
+    """The backward pass's share of a row chunk's dense blocks, summed during the forward pass.
+
+    For the chunk's rows, `sums` = sum over its dense entries of exp(entry - ref) [y_n, 1]
+    (`_Components.weighted_sums`), rescaled as `ref` (per row) grows: a dense block's
+    exponentials are used while they are in cache, and never stored.
+    """
+
+    def __init__(self, row_start: int) -> None:
+        self.row_start = row_start
+        self.sums: Tensor | None = None
+        self.ref: Tensor | None = None
+
+    def add(self, e: _Entries, comps: _Components, dtype: torch.dtype) -> None:
+        part = comps.weighted_sums(e.values.to(dtype), e.span).double()
+        if self.sums is None:
+            self.sums, self.ref = part, e.shift
+            return
+        ref = torch.maximum(self.ref, e.shift)
+        self.sums = self.sums * torch.exp(self.ref - ref)[:, None] + part * torch.exp(e.shift - ref)[:, None]
+        self.ref = ref
+
+
 class _MixtureLogSumExp(torch.autograd.Function):
-    """The kernel with a backward pass w.r.t. z, from the exact entries the forward pass kept.
+    """The kernel with a backward pass w.r.t. z.
 
     d/dz_m logsumexp_n log N(z_m; mu_n, var_n) = -sum_n w_mn (z_m - mu_n) / var_n with w the
     softmax over n; the dropped entries carry weight < 1e-12, and the kept ones are exact.
-    When z needs a gradient, the forward pass keeps the entries it computed exactly (up to
-    `SAVED_ENTRIES_BYTES`); past that budget the backward pass walks the matrix again and
-    recomputes the same entries (the walk is deterministic).
+    When z needs a gradient, the forward pass keeps the entries it computed sparsely (up to
+    `SAVED_ENTRIES_BYTES`) and sums the dense blocks' weighted components as it goes
+    (`_DenseSums`); past the budget the backward pass walks the matrix again and recomputes
+    the same entries (the walk is deterministic).
     """
 
     @staticmethod
     def forward(ctx, z, comps, exclude, chunk_size, block_size, dense_fraction, out_dtype):
         kept: list[_Entries] | None = [] if ctx.needs_input_grad[0] else None
+        dense_sums: dict[int, _DenseSums] = {}
         room = SAVED_ENTRIES_BYTES
 
         def keep(e: _Entries) -> None:
             nonlocal kept, room
             if kept is None:
                 return
+            if e.dense:
+                dense_sums.setdefault(e.row_start, _DenseSums(e.row_start)).add(e, comps, z.dtype)
+                return
             room -= 8 * (e.values.numel() + e.cols.numel() + e.rows.numel())
             if room < 0:
                 kept = None  # over budget: the backward pass recomputes
                 return
-            # A dense block's values live in a buffer the pass reuses: copy them.
-            kept.append(_Entries(e.row_start, e.rows, e.cols, e.values.clone(), True) if e.dense else e)
+            kept.append(e)
 
         out = _mixture_pass(
             z, comps, exclude, chunk_size, block_size, dense_fraction, visit=keep if kept is not None else None
         )
         ctx.save_for_backward(z, exclude, out)
         ctx.comps = comps
-        ctx.kept = kept
+        ctx.kept = None if kept is None else (kept, list(dense_sums.values()))
         ctx.settings = (chunk_size, block_size, dense_fraction)
         return out.to(out_dtype)
 
@@ -376,21 +491,25 @@ class _MixtureLogSumExp(torch.autograd.Function):
 
         def visit(e: _Entries) -> None:
             rows = e.row_start + e.rows
-            w = torch.exp(e.values - out[rows][:, None])  # [K, G] or [mc, nb]
             if e.dense:
-                cols = e.cols[0]
-                g = z64[rows] * (w @ comps.prec64[cols]) - w @ comps.prec_mu64[cols]
+                sums = comps.weighted_sums(e.values, e.span) * torch.exp(e.shift - out[rows])[:, None]
+                g = comps.gradient_from_sums(z64[rows], sums)
             else:
+                w = torch.exp(e.values - out[rows][:, None])  # [K, G]
                 g = ((z64[rows][:, None, :] - comps.mu64[e.cols]) * comps.prec64[e.cols] * w[..., None]).sum(1)
             grad.index_add_(0, rows, -g)
 
         with torch.no_grad():
             if ctx.kept is not None:
-                for e in ctx.kept:
+                sparse, dense = ctx.kept
+                for e in sparse:
                     visit(e)
+                for s in dense:
+                    rows = slice(s.row_start, s.row_start + s.sums.shape[0])
+                    sums = s.sums * torch.exp(s.ref - out[rows])[:, None]
+                    grad[rows] -= comps.gradient_from_sums(z64[rows], sums)
             else:
                 _mixture_pass(z, comps, exclude, chunk_size, block_size, dense_fraction, visit=visit)
-        ctx.kept = None
         grad_z = (grad * grad_out.double()[:, None]).to(z.dtype)
         return grad_z, None, None, None, None, None, None
 
@@ -419,18 +538,19 @@ def gaussian_mixture_logsumexp(
 
     The components' float64 constants are computed on every call; a caller evaluating the
     same components many times (a training loop against N posteriors) holds them in a
-    `DiagonalGaussianMixture`, which computes them once (M = 100 against N = 50,000,
-    D = 40: ~16 ms forward on 2 CPU cores; the backward pass reuses the exact entries the
-    forward pass kept, ~2 ms).
+    `DiagonalGaussianMixture`, which computes them once (`bench/mixture_kernel.py`: M = 100
+    against N = 50,000, D = 40, forward and backward in ~7 ms on 2 CPU cores for trained
+    posteriors, ~25 ms for broad ones, where every entry counts).
 
-    Differentiable w.r.t. `z`, exactly (from the kept entries, or recomputed block by block). If
-    `mu` or `logvar` require gradients a plain chunked direct formula is used instead
-    (slow, differentiable in everything).
+    Differentiable w.r.t. `z`, exactly (from the kept entries and the dense blocks' sums, or
+    recomputed block by block). If `mu` or `logvar` require gradients a plain chunked direct
+    formula is used instead (slow, differentiable in everything).
 
     Memory is bounded whatever M and N are: one `chunk_size x block_size` block in z's
-    dtype (and its float64 copy for a dense block; 32 MiB at the defaults), the exactly
-    recomputed entries of one block (at most `dense_fraction` of it, each with a `[D]`
-    float64 difference), plus O(M + N D) float64 for the component constants and the result.
+    dtype (16 MiB at the defaults) or one dense float64 block (`DENSE_BLOCK_ELEMENTS`,
+    8 MiB), the exactly recomputed entries of one block (at most `dense_fraction` of it,
+    each with a `[D]` float64 difference), plus O(M + N D) float64 for the component
+    constants and the result.
     The full M x N matrix is never formed. On CUDA
     the matrix products run with TF32 off (restored afterwards).
 

@@ -226,3 +226,74 @@ def test_cuda_matches_float64_and_leaves_tf32_setting_alone():
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     assert (got.cpu() - expected).abs().max() < 1e-4
+
+
+def shared_posteriors(n, d, logvar_mean, seed=0):
+    """Components with one set of log variances for all (the exemplar prior's shared sigma^2)."""
+    mu, logvar = posteriors(n, d, logvar_mean, seed)
+    return mu, logvar[:1].expand(n, d)
+
+
+@pytest.mark.parametrize("materialized", [False, True], ids=["expanded", "materialized"])
+@pytest.mark.parametrize("logvar_mean", [-6.0, 0.0])
+def test_shared_variances_match_double_loop(materialized, logvar_mean):
+    # Shared variances take the D-column product and a row term instead of the 2D-column one.
+    mu, logvar = shared_posteriors(9, 3, logvar_mean)
+    if materialized:
+        logvar = logvar.clone()
+    z, idx = samples(mu, logvar, 6)
+    exclude = torch.where(torch.arange(6) % 2 == 0, idx, torch.full_like(idx, -1))
+    expected = reference_logsumexp(z, mu, logvar, exclude)
+    for dense in (0.0, 0.25, 1.0):  # always dense, the default, never dense
+        got = gaussian_mixture_logsumexp(
+            z.double(), mu.double(), logvar.double(), exclude, chunk_size=4, block_size=4, group=2, dense_fraction=dense
+        )
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+        got32 = gaussian_mixture_logsumexp(
+            z, mu, logvar, exclude, 4, block_size=4, group=2, dense_fraction=dense, out_dtype=torch.float64
+        )
+        torch.testing.assert_close(got32, expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own variances", "shared variances"])
+def test_dense_blocks_after_a_narrow_first_block_match_the_reference(monkeypatch, shared):
+    # Broad posteriors: the narrow first block is dense, the rest of each row chunk is computed
+    # densely in small blocks (several of them here), with exclusions falling in every block.
+    monkeypatch.setattr(densities, "DENSE_BLOCK_ELEMENTS", 16 * 40)
+    mu, logvar = (shared_posteriors if shared else posteriors)(1000, 4, 0.0)
+    z, idx = samples(mu, logvar, 40)
+    for kwargs in (dict(chunk_size=16, block_size=300, group=2), dict(chunk_size=40, block_size=2048, group=1)):
+        got = gaussian_mixture_logsumexp(z, mu, logvar, idx, out_dtype=torch.float64, **kwargs)
+        torch.testing.assert_close(got, vectorized_reference(z, mu, logvar, idx), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own variances", "shared variances"])
+def test_dense_gradient_matches_autograd_reference(monkeypatch, shared):
+    # The dense blocks' gradient is summed during the forward pass, in z's dtype.
+    monkeypatch.setattr(densities, "DENSE_BLOCK_ELEMENTS", 16 * 40)
+    mu, logvar = (shared_posteriors if shared else posteriors)(1000, 6, 0.0)
+    z, idx = samples(mu, logvar, 40)
+    z64 = z.double().requires_grad_()
+    vectorized_reference(z64, mu, logvar, idx).sum().backward()
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+        zz = z.detach().to(dtype, copy=True).requires_grad_()
+        gaussian_mixture_logsumexp(
+            zz, mu.to(dtype), logvar.to(dtype), idx, 16, block_size=300, group=2
+        ).sum().backward()
+        torch.testing.assert_close(zz.grad.double(), z64.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("saved_bytes", [densities.SAVED_ENTRIES_BYTES, 0], ids=["kept", "recomputed"])
+def test_gradcheck_float64_shared_variances(monkeypatch, saved_bytes):
+    monkeypatch.setattr(densities, "SAVED_ENTRIES_BYTES", saved_bytes)
+    mu, logvar = shared_posteriors(12, 3, -1.0)
+    z, idx = samples(mu, logvar, 5)
+    z = z.double().requires_grad_()
+    exclude = torch.tensor([int(idx[0]), -1, int(idx[2]), -1, -1])
+    for dense in (0.25, 0.0):
+        torch.autograd.gradcheck(
+            lambda z_, dense=dense: gaussian_mixture_logsumexp(
+                z_, mu.double(), logvar.double(), exclude, 2, block_size=8, group=4, dense_fraction=dense
+            ),
+            (z,),
+        )
