@@ -17,7 +17,7 @@ from torch import distributions as dist
 from examples.student_t_prior import StudentTPrior
 from priors.aggregate import AggregatePosteriorPrior
 from priors.base import Prior, PriorShapeError
-from priors.exemplar import ExemplarPrior
+from priors.exemplar import ExemplarPrior, NearestNeighbours
 from priors.flow import FlowPrior
 from priors.gaussian import GaussianPrior
 from priors.mixture import MixturePrior
@@ -474,3 +474,28 @@ def test_small_mixture_float32_agrees_with_float64_for_sharp_components() -> Non
         dim=-1,
     )
     assert (naive.double() - exact).abs().max() > 1e-3  # the case is hard enough to matter
+
+
+def _brute_force_neighbours(points: torch.Tensor, queries: torch.Tensor, k: int, exclude: torch.Tensor) -> list:
+    """Each query's k nearest points by float64 distances, sorted in Python, `exclude[b]` left out."""
+    out = []
+    for b in range(len(queries)):
+        dist = ((points.double() - queries[b].double()) ** 2).sum(-1).tolist()
+        order = sorted((d, m) for m, d in enumerate(dist) if m != int(exclude[b]))
+        out.append([m for _, m in order[:k]])
+    return out
+
+
+@pytest.mark.parametrize("width", [64, 1000], ids=["chunked", "one chunk per row"])
+def test_nearest_neighbours_match_brute_force(width: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(1500, 5, generator=g)  # 1,500 is no multiple of 64: the last chunk is padded
+    index = torch.randint(1500, (20,), generator=g)
+    queries = points[index] + 0.05 * torch.randn(20, 5, generator=g)
+    search = NearestNeighbours(points, width=width)
+    got = search.search(queries, 7, exclude=index)
+    assert got.tolist() == _brute_force_neighbours(points, queries, 7, index)
+    every = NearestNeighbours(points[:300], width=width).of_every_point(4, batch_size=64)
+    assert every.tolist() == _brute_force_neighbours(points[:300], points[:300], 4, torch.arange(300))
+    with pytest.raises(ValueError, match="k must lie in"):
+        search.search(queries, 1500, exclude=index)
