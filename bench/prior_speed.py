@@ -3,6 +3,7 @@
     python bench/prior_speed.py                                   # all six, full epochs
     python bench/prior_speed.py --max-steps 50                    # partial epochs, extrapolated
     python bench/prior_speed.py --priors gaussian aggregate --max-steps 20
+    python bench/prior_speed.py --priors gaussian exemplar aggregate --repeats 3   # median of 3 rounds
 
 Binarized MNIST (50,000 training points), z = 40, batch 100, the 784-300-300 MLP VAE
 (`conf/vae/mlp.yaml`), CPU unless --device says otherwise. Each prior gets a fresh
@@ -11,14 +12,19 @@ An epoch's time is its binarization + its training steps + the trainer's epoch-e
 callback (`vae.callbacks.TrainingSetEncodings`: one encoding pass of the 50,000 training
 points, for the aggregate and exemplar priors) + the validation pass. With --max-steps the
 training steps' time is scaled to a full epoch (500 steps) and the binarization, callback
-and validation are counted once, each measured on its own; the output says when it extrapolated.
-Ratios are to the Gaussian prior measured in the same run (so always include it).
+and validation are counted once, each measured on its own; the output says when it extrapolated
+(work a prior does once per epoch inside its first step, such as the exemplar prior's
+neighbour table, is then scaled up with the steps: time full epochs for that prior).
+Ratios are to the Gaussian prior measured in the same run (so always include it). With
+--repeats R every prior is timed once per round, R rounds in turn, and each ratio is the
+median of the R rounds' ratios (a shared machine's noise moves single rounds by 10% or more).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +50,7 @@ def main() -> None:
         "--priors", nargs="+", default=["gaussian", "mixture", "flow", "vampprior", "exemplar", "aggregate"]
     )
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds; ratios are the median over rounds")
     parser.add_argument("--max-steps", type=int, default=None, help="time this many steps and extrapolate to an epoch")
     parser.add_argument("--data", default="binarized_mnist")
     parser.add_argument("--device", default="cpu")
@@ -85,47 +92,50 @@ def main() -> None:
             cfgs["gaussian"].trainer, run_dir=run_dir, device=torch.device(args.device), max_steps=3, max_epochs=1
         ).fit(warm, data)
 
-    results = {}
-    for name, cfg in cfgs.items():
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg, data)
-        with tempfile.TemporaryDirectory() as run_dir:
-            trainer = hydra.utils.instantiate(cfg.trainer, run_dir=run_dir, device=torch.device(args.device))
-            trainer.fit(model, data)
-            records = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-        # The binarization, the epoch-end callback and the validation pass, timed on their own
-        # (a complete epoch's record holds them; a partial one holds the binarization and validation).
-        t0 = time.perf_counter()
-        data.train_epoch(0)
-        binarize = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        TrainingSetEncodings(trainer.eval_batch_size).on_train_epoch_end(model, data, torch.device(args.device))
-        hook = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        evaluate(model, data.split("val"), trainer.eval_batch_size)
-        val = time.perf_counter() - t0
-        per_epoch, prev_step = [], 0
-        for r in records:
-            steps, prev_step = r["step"] - prev_step, r["step"]
-            fixed = binarize + val + (hook if r["complete_epoch"] else 0.0)
-            train_time = max(r["seconds"] - fixed, 0.0)
-            per_epoch.append(binarize + hook + val + train_time * steps_per_epoch / steps)
-        results[name] = sum(per_epoch) / len(per_epoch)
-        print(
-            f"  {name:10s} {results[name]:8.1f} s/epoch   (binarization {binarize:.1f} s, epoch-end callback "
-            f"{hook:.1f} s, validation {val:.1f} s)",
-            flush=True,
-        )
+    rounds = [{} for _ in range(args.repeats)]
+    for results in rounds:
+        for name, cfg in cfgs.items():
+            torch.manual_seed(cfg.seed)
+            model = build_model(cfg, data)
+            with tempfile.TemporaryDirectory() as run_dir:
+                trainer = hydra.utils.instantiate(cfg.trainer, run_dir=run_dir, device=torch.device(args.device))
+                trainer.fit(model, data)
+                records = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+            # The binarization, the epoch-end callback and the validation pass, timed on their own
+            # (a complete epoch's record holds them; a partial one holds the binarization and validation).
+            t0 = time.perf_counter()
+            data.train_epoch(0)
+            binarize = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            TrainingSetEncodings(trainer.eval_batch_size).on_train_epoch_end(model, data, torch.device(args.device))
+            hook = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            evaluate(model, data.split("val"), trainer.eval_batch_size)
+            val = time.perf_counter() - t0
+            per_epoch, prev_step = [], 0
+            for r in records:
+                steps, prev_step = r["step"] - prev_step, r["step"]
+                fixed = binarize + val + (hook if r["complete_epoch"] else 0.0)
+                train_time = max(r["seconds"] - fixed, 0.0)
+                per_epoch.append(binarize + hook + val + train_time * steps_per_epoch / steps)
+            results[name] = sum(per_epoch) / len(per_epoch)
+            print(
+                f"  {name:10s} {results[name]:8.1f} s/epoch   (binarization {binarize:.1f} s, epoch-end callback "
+                f"{hook:.1f} s, validation {val:.1f} s)",
+                flush=True,
+            )
 
-    print("\nratio to the Gaussian prior (same run):")
-    for name, secs in results.items():
+    ratios = {name: [r[name] / r["gaussian"] for r in rounds] for name in cfgs}
+    median = {name: statistics.median(values) for name, values in ratios.items()}
+    heading = "ratio to the Gaussian prior (same run)"
+    if args.repeats > 1:
+        heading = f"ratio to the Gaussian prior, median of {args.repeats} rounds (each round's ratio in brackets)"
+    print(f"\n{heading}:")
+    for name in cfgs:
         target = TARGETS.get(name)
-        verdict = (
-            ""
-            if target is None
-            else f"  target <= {target}x: {'met' if secs / results['gaussian'] <= target else 'NOT met'}"
-        )
-        print(f"  {name:10s} {secs / results['gaussian']:6.2f}x{verdict}")
+        verdict = "" if target is None else f"  target <= {target}x: {'met' if median[name] <= target else 'NOT met'}"
+        each = "" if args.repeats == 1 else "  (" + ", ".join(f"{v:.2f}" for v in ratios[name]) + ")"
+        print(f"  {name:10s} {median[name]:6.2f}x{each}{verdict}")
 
 
 if __name__ == "__main__":
