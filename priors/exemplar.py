@@ -157,6 +157,7 @@ class ExemplarPrior(Prior):
         # The cache of all N exemplar means (detached): the knn search and evaluation use it.
         self.register_buffer("cache_mu", torch.zeros(0, self.latent_dim))
         self._neighbours: Tensor | None = None  # [N, k]: each exemplar's k nearest in the cache, on first use
+        self._mixture: tuple[Tensor, DiagonalGaussianMixture] | None = None  # (its logvar, `_all_exemplars()`)
         object.__setattr__(self, "_encoder", encoder)
         object.__setattr__(self, "_train_x", train_x)
 
@@ -179,17 +180,17 @@ class ExemplarPrior(Prior):
                 f"{tuple(mu.shape)}"
             )
         self.cache_mu = mu.detach().to(self.cache_mu)
-        self._neighbours = None
+        self._neighbours = self._mixture = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         incoming = state_dict.get(prefix + "cache_mu")
         if incoming is not None and incoming.shape != self.cache_mu.shape:
             self.cache_mu = torch.empty_like(incoming, dtype=self.cache_mu.dtype, device=self.cache_mu.device)
-        self._neighbours = None
+        self._neighbours = self._mixture = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self._neighbours = None  # .to() / .double() move the cache: the neighbour table follows
+        self._neighbours = self._mixture = None  # .to() / .double() move the cache: what is built on it follows
         return super()._apply(fn, recurse)
 
     # ---- pieces -----------------------------------------------------------------
@@ -210,6 +211,23 @@ class ExemplarPrior(Prior):
 
     def _component_logvar(self, n: int) -> Tensor:
         return self.logvar.expand(n, self.latent_dim)
+
+    def _all_exemplars(self) -> DiagonalGaussianMixture:
+        """The evaluation density: all N cached means with the shared variance, no leave-one-out.
+
+        With gradients on, built from the live variance (differentiable in it). Without, one
+        mixture serves every call until the cache or the variance's value changes: a
+        validation pass evaluates it batch after batch, and its float64 constants over all N
+        exemplars cost more than a batch's own work to rebuild.
+        """
+        cache = self._cached()
+        if torch.is_grad_enabled() and self.logvar.requires_grad:
+            return DiagonalGaussianMixture(cache, self._component_logvar(len(cache)), small_components=0)
+        logvar = self.logvar.detach()
+        if self._mixture is None or not torch.equal(self._mixture[0], logvar):
+            mixture = DiagonalGaussianMixture(cache, logvar.expand(len(cache), self.latent_dim), small_components=0)
+            self._mixture = (logvar.clone(), mixture)
+        return self._mixture[1]
 
     def _cached(self) -> Tensor:
         if self.needs_encodings:
@@ -255,8 +273,7 @@ class ExemplarPrior(Prior):
 
     def _log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         if context is None:
-            cache = self._cached()
-            return DiagonalGaussianMixture(cache, self._component_logvar(len(cache)), small_components=0).log_prob(z)
+            return self._all_exemplars().log_prob(z)
         index = context.reshape(-1).to(z.device, torch.int64)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_points):
             raise IndexError(
@@ -266,8 +283,8 @@ class ExemplarPrior(Prior):
         return self._leave_one_out(z.reshape(-1, self.latent_dim), index).reshape(z.shape[:-1])
 
     def _sample(self, n: int) -> Tensor:
-        cache = self._cached()
-        return DiagonalGaussianMixture(cache, self._component_logvar(len(cache)).detach()).sample(n)
+        with torch.no_grad():
+            return self._all_exemplars().sample(n)
 
     def extra_repr(self) -> str:
         size = {"all": "", "random": f", num_exemplars={self.num_exemplars}", "knn": f", k={self.k}"}[self.exemplars]

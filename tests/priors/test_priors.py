@@ -499,3 +499,20 @@ def test_nearest_neighbours_match_brute_force(width: int) -> None:
     assert every.tolist() == _brute_force_neighbours(points[:300], points[:300], 4, torch.arange(300))
     with pytest.raises(ValueError, match="k must lie in"):
         search.search(queries, 1500, exclude=index)
+
+
+def test_exemplar_evaluation_follows_the_variance_and_the_cache() -> None:
+    # Evaluation reuses one mixture over the cache: an optimizer step on sigma^2 or a new cache must show.
+    p, encoder, train_x = _exemplar("knn", n=9, k=3)
+    z = torch.randn(4, 2, dtype=F64)
+    means = encoder(train_x)[0].detach()
+    with torch.no_grad():
+        first = p.log_prob(z)
+        p.logvar.add_(0.5)  # what an optimizer step does, in place
+        second = p.log_prob(z)
+        p.update_encodings(means + 1.0, torch.zeros_like(means))
+        third = p.log_prob(z)
+    for i in range(4):
+        assert abs(second[i].item() - _loop_exemplar(z[i], means, p.logvar, list(range(9)))) < 1e-10
+        assert abs(third[i].item() - _loop_exemplar(z[i], means + 1.0, p.logvar, list(range(9)))) < 1e-10
+    assert (first - second).abs().max() > 1e-3
