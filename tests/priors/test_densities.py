@@ -49,6 +49,12 @@ def posteriors(n, d, logvar_mean, seed=0, spread=2.0):
     return mu, logvar
 
 
+def shared_posteriors(n, d, logvar_mean, seed=0):
+    """Components with one set of log variances for all (the exemplar prior's shared sigma^2)."""
+    mu, logvar = posteriors(n, d, logvar_mean, seed)
+    return mu, logvar[:1].expand(n, d)
+
+
 def samples(mu, logvar, m, seed=1):
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(mu.shape[0], (m,), generator=g)
@@ -172,11 +178,13 @@ def test_cached_constants_follow_in_place_updates():
     assert (again - first).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["own variances", "shared variances"])
 @pytest.mark.parametrize("saved_bytes", [densities.SAVED_ENTRIES_BYTES, 0], ids=["kept", "recomputed"])
-def test_gradcheck_float64(monkeypatch, saved_bytes):
-    # The backward pass from the entries the forward pass kept, and (over budget) recomputed.
+def test_gradcheck_float64(monkeypatch, saved_bytes, shared):
+    # The backward pass from the entries the forward pass kept (and the dense blocks' sums),
+    # and (over budget) recomputed.
     monkeypatch.setattr(densities, "SAVED_ENTRIES_BYTES", saved_bytes)
-    mu, logvar = posteriors(12, 3, -1.0)
+    mu, logvar = (shared_posteriors if shared else posteriors)(12, 3, -1.0)
     z, idx = samples(mu, logvar, 5)
     z = z.double().requires_grad_()
     exclude = torch.tensor([int(idx[0]), -1, int(idx[2]), -1, -1])
@@ -228,12 +236,6 @@ def test_cuda_matches_float64_and_leaves_tf32_setting_alone():
     assert (got.cpu() - expected).abs().max() < 1e-4
 
 
-def shared_posteriors(n, d, logvar_mean, seed=0):
-    """Components with one set of log variances for all (the exemplar prior's shared sigma^2)."""
-    mu, logvar = posteriors(n, d, logvar_mean, seed)
-    return mu, logvar[:1].expand(n, d)
-
-
 @pytest.mark.parametrize("materialized", [False, True], ids=["expanded", "materialized"])
 @pytest.mark.parametrize("logvar_mean", [-6.0, 0.0])
 def test_shared_variances_match_double_loop(materialized, logvar_mean):
@@ -281,19 +283,3 @@ def test_dense_gradient_matches_autograd_reference(monkeypatch, shared):
             zz, mu.to(dtype), logvar.to(dtype), idx, 16, block_size=300, group=2
         ).sum().backward()
         torch.testing.assert_close(zz.grad.double(), z64.grad, rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize("saved_bytes", [densities.SAVED_ENTRIES_BYTES, 0], ids=["kept", "recomputed"])
-def test_gradcheck_float64_shared_variances(monkeypatch, saved_bytes):
-    monkeypatch.setattr(densities, "SAVED_ENTRIES_BYTES", saved_bytes)
-    mu, logvar = shared_posteriors(12, 3, -1.0)
-    z, idx = samples(mu, logvar, 5)
-    z = z.double().requires_grad_()
-    exclude = torch.tensor([int(idx[0]), -1, int(idx[2]), -1, -1])
-    for dense in (0.25, 0.0):
-        torch.autograd.gradcheck(
-            lambda z_, dense=dense: gaussian_mixture_logsumexp(
-                z_, mu.double(), logvar.double(), exclude, 2, block_size=8, group=4, dense_fraction=dense
-            ),
-            (z,),
-        )
