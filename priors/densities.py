@@ -301,7 +301,8 @@ def _mixture_pass(
     dense block's exponentiated values live in a buffer the next block reuses.
     Memory: one `block_size x chunk_size` block in z's dtype plus the exactly recomputed
     entries, at most `dense_fraction x block_size x chunk_size` of them, each with a `[D]`
-    float64 row, or one dense float64 block of `DENSE_BLOCK_ELEMENTS`.
+    float64 row, or one dense float64 block of at most as many entries as the located block
+    and at most `DENSE_BLOCK_ELEMENTS`.
 
     A row chunk's first block is `FIRST_BLOCK_GROUPS` groups wide. Once a block of the chunk
     is dense, the chunk's remaining blocks are computed densely without locating, in blocks
@@ -317,7 +318,7 @@ def _mixture_pass(
     # fixed per-block costs that dominate thin blocks.
     rows_per_chunk = max(min(m, chunk_size), 1)
     block_size = max(block_size, -(-(chunk_size * block_size) // rows_per_chunk // group) * group)
-    dense_width = max(group, DENSE_BLOCK_ELEMENTS // rows_per_chunk // group * group)
+    dense_width = max(group, min(block_size, DENSE_BLOCK_ELEMENTS // rows_per_chunk // group * group))
     out = torch.empty(m, dtype=torch.float64, device=z.device)
     for r0 in range(0, m, chunk_size):
         zc = z[r0 : r0 + chunk_size].detach()
@@ -365,8 +366,9 @@ def _mixture_pass(
                     cols = (n0 + cand_groups[k] * group + j)[:, None]  # [K', 1]
                     dense = rows.shape[0] > dense_fraction * approx.numel()
             if dense:
+                n1 = min(n1, n0 + dense_width)  # a located block found dense: its rest comes next
                 if dense_buf is None:
-                    dense_buf = torch.empty(mc * max(dense_width, n1 - n0), dtype=torch.float64, device=z.device)
+                    dense_buf = torch.empty(mc * dense_width, dtype=torch.float64, device=z.device)
                     x64 = comps.features(z64)
                 # c_n is the product's last column (no broadcast bias to copy in); padding
                 # columns (c = -inf) stay out of it. Without the row term.
@@ -547,10 +549,10 @@ def gaussian_mixture_logsumexp(
     formula is used instead (slow, differentiable in everything).
 
     Memory is bounded whatever M and N are: one `chunk_size x block_size` block in z's
-    dtype (16 MiB at the defaults) or one dense float64 block (`DENSE_BLOCK_ELEMENTS`,
-    8 MiB), the exactly recomputed entries of one block (at most `dense_fraction` of it,
-    each with a `[D]` float64 difference), plus O(M + N D) float64 for the component
-    constants and the result.
+    dtype (16 MiB at the defaults) or one dense float64 block of at most as many entries
+    (and at most `DENSE_BLOCK_ELEMENTS`, 8 MiB), the exactly recomputed entries of one
+    block (at most `dense_fraction` of it, each with a `[D]` float64 difference), plus
+    O(M + N D) float64 for the component constants and the result.
     The full M x N matrix is never formed. On CUDA
     the matrix products run with TF32 off (restored afterwards).
 

@@ -142,20 +142,29 @@ def test_dense_fallback_for_broad_posteriors():
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
 
 
-def test_memory_is_bounded_by_the_block(monkeypatch):
-    seen = []
-    real = torch.addmm
+@pytest.mark.parametrize("logvar_mean", [-3.0, 1.0], ids=["located", "dense"])
+def test_memory_is_bounded_by_the_block(monkeypatch, logvar_mean):
+    seen = {}
 
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        seen.append(out.numel())
-        return out
+    def spy(name):
+        real = getattr(torch, name)
 
-    monkeypatch.setattr(densities.torch, "addmm", spy)
-    mu, logvar = posteriors(3000, 5, -3.0)
+        def product(*args, **kwargs):
+            out = real(*args, **kwargs)
+            seen.setdefault(name, []).append(out.numel())
+            return out
+
+        return product
+
+    monkeypatch.setattr(densities.torch, "addmm", spy("addmm"))  # the locating product
+    monkeypatch.setattr(densities.torch, "mm", spy("mm"))  # the dense float64 blocks
+    monkeypatch.setattr(densities, "DENSE_BLOCK_ELEMENTS", 128 * 64)
+    mu, logvar = posteriors(3000, 5, logvar_mean)
     z, _ = samples(mu, logvar, 2000)
     gaussian_mixture_logsumexp(z, mu, logvar, chunk_size=128, block_size=256)
-    assert seen and max(seen) <= 128 * 256
+    assert seen["addmm"] and max(seen["addmm"]) <= 128 * 256
+    if logvar_mean > 0:  # broad posteriors: dense blocks, even where a wider located block turned dense
+        assert seen["mm"] and max(seen["mm"]) <= 128 * 64
 
 
 def test_cached_constants_follow_in_place_updates():
