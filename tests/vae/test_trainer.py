@@ -8,11 +8,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from priors.gaussian import GaussianPrior
 from train import train
 from vae import build_model
 from vae.data import digits
 from vae.model import VAE
-from vae.trainer import NonFiniteLossError, Trainer, evaluate, load_checkpoint
+from vae.trainer import NonFiniteLossError, Trainer, evaluate, flushes_denormals, load_checkpoint
 from vae.validation import ConfigError
 
 
@@ -206,3 +207,22 @@ def test_a_kill_between_metrics_and_checkpoint_leaves_no_duplicate_epoch(tiny_cf
     train(_set(cfg, **{"trainer.max_epochs": 3, "trainer.resume": True}), run_dir=tmp_path)
     epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_denormals_are_flushed_while_training_only(tiny_cfg: DictConfig, tmp_path: Path, flush: bool) -> None:
+    # The prior sees the CPU's setting inside every training step; after fit it is as before.
+    seen = []
+
+    class Probe(GaussianPrior):
+        def _kl(self, mu, logvar):
+            seen.append(flushes_denormals())
+            return super()._kl(mu, logvar)
+
+    data = instantiate(tiny_cfg.data)
+    model = build_model(tiny_cfg, data)
+    model.prior = Probe(model.latent_dim)
+    before = flushes_denormals()
+    Trainer(max_steps=3, max_epochs=1, progress=False, run_dir=tmp_path, flush_denormal=flush).fit(model, data)
+    assert seen and all(s == flush for s in seen)
+    assert flushes_denormals() == before
