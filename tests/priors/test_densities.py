@@ -292,3 +292,24 @@ def test_dense_gradient_matches_autograd_reference(monkeypatch, shared):
             zz, mu.to(dtype), logvar.to(dtype), idx, 16, block_size=300, group=2
         ).sum().backward()
         torch.testing.assert_close(zz.grad.double(), z64.grad, rtol=tol, atol=tol)
+
+
+def test_gradient_where_a_row_chunk_turns_dense_after_sparse_blocks(monkeypatch):
+    # The first block's components are sharp (located, kept sparsely), the rest broad (dense,
+    # summed during the forward pass): the backward pass adds both kinds up.
+    monkeypatch.setattr(densities, "DENSE_BLOCK_ELEMENTS", 16 * 64)
+    sharp_mu, sharp_logvar = posteriors(256, 4, -3.0, seed=2)
+    broad_mu, broad_logvar = posteriors(744, 4, 0.0, seed=3)
+    mu, logvar = torch.cat([sharp_mu, broad_mu]), torch.cat([sharp_logvar, broad_logvar])
+    z, idx = samples(mu[:256], logvar[:256], 32)  # near a sharp component, a few nats above the broad ones
+    seen = []
+    real = densities._DenseSums.add
+    monkeypatch.setattr(densities._DenseSums, "add", lambda self, *a: seen.append(1) or real(self, *a))
+    z64 = z.double().requires_grad_()
+    vectorized_reference(z64, mu, logvar, idx).sum().backward()
+    zz = z.clone().requires_grad_()
+    got = gaussian_mixture_logsumexp(zz, mu, logvar, idx, 16, block_size=256, group=2, out_dtype=torch.float64)
+    got.sum().backward()
+    assert seen  # dense blocks were summed
+    torch.testing.assert_close(got, vectorized_reference(z, mu, logvar, idx), rtol=0, atol=1e-9)
+    torch.testing.assert_close(zz.grad.double(), z64.grad, rtol=1e-4, atol=1e-4)
