@@ -199,7 +199,7 @@ class _Components:
             prec_row = torch.exp(-shared.double())
             self.shared_prec = prec_row
             prec64 = prec_row.expand(n + pad, d)
-            h64 = (-0.5 * (d * LOG_2PI + shared.double().sum())).expand(n).clone()
+            h64 = (-0.5 * (d * LOG_2PI + shared.double().sum())).expand(n)
             quad = mu64.square() @ prec_row  # sum_d prec mu^2
             self.bound_b = (mu64.abs() @ prec_row)[:n]
         else:
@@ -234,16 +234,17 @@ class _Components:
             return z64.new_zeros(z64.shape[0])
         return -0.5 * (z64.square() @ self.shared_prec)
 
-    def weighted_sums(self, e: Tensor, span: tuple[int, int]) -> Tensor:
-        """`[M, K + 1]`: e @ y over the components `span`, and e's row sums, in `dtype`.
+    def weighted_sums(self, e: Tensor, span: tuple[int, int], total: Tensor) -> Tensor:
+        """`[M, K + 1]` float64: e @ y over the components `span`, and `total`, e's row sums.
 
         With e = the exponentiated entries of a dense block, these are all the backward pass
         needs of it (`gradient_from_sums`): sum_n e_mn prec_n and sum_n e_mn prec_n mu_n.
-        In z's dtype: a dense block's components are broad, none sharp enough for float32
-        rounding of the weights to matter to a gradient.
+        The product runs in e's dtype (z's, for float32 points): a dense block's components
+        are broad, none sharp enough for float32 rounding of the weights to matter to a
+        gradient. `total` is the pass's own float64 row sum of the block.
         """
         y = (self.y if e.dtype == self.y.dtype else self.y64)[span[0] : span[1], :-1]
-        return torch.cat([e @ y, e.sum(-1, keepdim=True)], dim=-1)
+        return torch.cat([(e @ y).double(), total[:, None]], dim=-1)
 
     def gradient_from_sums(self, z: Tensor, sums: Tensor) -> Tensor:
         """sum_n w_mn prec_n (z_m - mu_n) from `weighted_sums` of the weights w, `[M, D]`."""
@@ -260,9 +261,9 @@ class _Entries:
     Sparse (`dense=False`): `values[k, j]` = log N(z[row_start + rows[k]]; component cols[k, j]).
 
     Dense (`dense=True`): every row of the chunk (`rows`) against the block's components
-    `span` = (n0, n1), stored exponentiated: log N(z[row_start + rows[k]]; n0 + j) =
-    log(values[k, j]) + shift[k], with `values` in [0, 1] (the logsumexp's own scratch, kept
-    for the backward pass instead of recomputing the exponentials).
+    `span` = (n0, n1), exponentiated: log N(z[row_start + rows[k]]; n0 + j) =
+    log(values[k, j]) + shift[k], with `values` in [0, 1] (the logsumexp's own scratch, in
+    a buffer the next block reuses) and `total` their row sums.
     """
 
     row_start: int
@@ -271,6 +272,7 @@ class _Entries:
     cols: Tensor | None = None  # [K, G] int64, sparse only
     span: tuple[int, int] | None = None  # dense only
     shift: Tensor | None = None  # [K] float64, dense only
+    total: Tensor | None = None  # [K] float64, dense only
 
     @property
     def dense(self) -> bool:
@@ -383,7 +385,8 @@ def _mixture_pass(
                 shift = shift + row64
                 running = torch.logaddexp(running, shift + total.log())
                 if visit is not None:
-                    visit(_Entries(r0, torch.arange(mc, device=z.device), values, span=(n0, nr), shift=shift))
+                    every_row = torch.arange(mc, device=z.device)
+                    visit(_Entries(r0, every_row, values, span=(n0, nr), shift=shift, total=total))
             else:
                 diff = z64[rows][:, None, :] - comps.mu64[cols]  # [K', 1, D]
                 values = comps.h64[cols] - 0.5 * (diff.square() * comps.prec64[cols]).sum(-1)  # [K', 1]
@@ -435,7 +438,7 @@ class _DenseSums:
         self.ref: Tensor | None = None
 
     def add(self, e: _Entries, comps: _Components, dtype: torch.dtype) -> None:
-        part = comps.weighted_sums(e.values.to(dtype), e.span).double()
+        part = comps.weighted_sums(e.values.to(dtype), e.span, e.total)
         if self.sums is None:
             self.sums, self.ref = part, e.shift
             return
@@ -494,7 +497,7 @@ class _MixtureLogSumExp(torch.autograd.Function):
         def visit(e: _Entries) -> None:
             rows = e.row_start + e.rows
             if e.dense:
-                sums = comps.weighted_sums(e.values, e.span) * torch.exp(e.shift - out[rows])[:, None]
+                sums = comps.weighted_sums(e.values, e.span, e.total) * torch.exp(e.shift - out[rows])[:, None]
                 g = comps.gradient_from_sums(z64[rows], sums)
             else:
                 w = torch.exp(e.values - out[rows][:, None])  # [K, G]
