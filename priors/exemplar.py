@@ -225,7 +225,7 @@ class ExemplarPrior(Prior):
             return DiagonalGaussianMixture(cache, self._component_logvar(len(cache)), small_components=0)
         logvar = self.logvar.detach()
         if self._mixture is None or not torch.equal(self._mixture[0], logvar):
-            mixture = DiagonalGaussianMixture(cache, logvar.expand(len(cache), self.latent_dim), small_components=0)
+            mixture = DiagonalGaussianMixture(cache, self._component_logvar(len(cache)).detach(), small_components=0)
             self._mixture = (logvar.clone(), mixture)
         return self._mixture[1]
 
