@@ -12,6 +12,7 @@ from surgery.decomposition import (
     decompose,
     encode,
     importance_log_likelihood,
+    terms_by_size,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "decompose",
     "encode",
     "importance_log_likelihood",
+    "terms_by_size",
 ]

@@ -202,3 +202,35 @@ def plot_reconstructions(model, x: Tensor, image_shape: tuple[int, int], path: s
         Path(path),
         "test images (rows 1, 3, ...) and their reconstructions (rows 2, 4, ...)",
     )
+
+
+def plot_by_size(content: dict, path: str | Path) -> Path:
+    """The terms of `python -m surgery.by_size` against M on a log axis, with log M and average KL - log M."""
+    path = Path(path)
+    rows = content["rows"]
+    m = [r["m"] for r in rows]
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    third = "dimension-wise KL" if content["prior_factorized"] else "remainder"
+    for name, label, color in [
+        ("avg_kl_mc", "average KL", "#4c72b0"),
+        ("mutual_info", "mutual info", "#55a868"),
+        ("marginal_kl", "marginal KL", "#c44e52"),
+        ("total_correlation", "total correlation", "#dd8452"),
+        ("prior_mismatch_remainder", third, "#8172b3"),
+    ]:
+        values = [r[name] for r in rows]
+        errors = [r[f"{name}_stderr"] for r in rows]
+        ax.errorbar(m, values, yerr=errors, marker="o", ms=3, capsize=2, color=color, label=label)
+    # Drawn on top: where the posteriors do not overlap, MI lies on log M and marginal KL on this line.
+    ax.plot(m, [r["log_m"] for r in rows], "k--", lw=1, zorder=5, label="log M")
+    ax.plot(m, [r["avg_kl_mc"] - r["log_m"] for r in rows], "k:", lw=1.2, zorder=5, label="average KL - log M")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"M, points of the {content['split']} split in q(z)")
+    ax.set_ylabel("nats per data point")
+    ax.set_title(f"surgery against size ({content['prior']}, {content['latent_dim']}-D)")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path

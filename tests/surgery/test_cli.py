@@ -15,8 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from surgery import by_size
 from surgery import report as rep
 from surgery.__main__ import CLI_KEYS, surgery_main
+from surgery.by_size import by_size_main
 from surgery.run import SurgeryOptions
 from train import train
 from vae import DeviceError
@@ -180,6 +182,37 @@ def test_surgery_json_agrees_with_independent_estimates(trained_run):
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_by_size_cli_writes_each_size_and_the_whole_split_agrees_with_surgery_json(compose, trained_run, tmp_path):
+    run_dir, _ = trained_run
+    cfg = compose(f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"output_dir={tmp_path}", config="by_size")
+    content, files = by_size_main(cfg)
+    rows = content["rows"]
+    assert [r["m"] for r in rows] == [100, 300, 1000, 1397]  # the default sizes, then the whole split
+    for r in rows:
+        assert r["mutual_info"] <= r["log_m"] + 1e-6
+        assert r["marginal_kl"] + r["mutual_info"] == pytest.approx(r["avg_kl_mc"], abs=1e-9)
+    saved = json.loads((run_dir / "surgery.json").read_text())  # all 1,397 points, other samples
+    for name in ("mutual_info", "marginal_kl"):
+        difference = rows[-1][name] - saved[name]
+        assert abs(difference) <= 5 * math.hypot(rows[-1][f"{name}_stderr"], saved[f"{name}_stderr"]), name
+    assert json.loads(files["json"].read_text()) == json.loads(json.dumps(content))
+    assert files["json"] == tmp_path / "by_size.json" and files["plot"].read_bytes()[:4] == b"\x89PNG"
+    assert "1,397" in by_size.format_by_size(content)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [("sizes=[100,50]", "strictly increasing"), ("sizes=[2000]", "1..1397"), ("sizes=[1.5]", "integers")],
+)
+def test_by_size_cli_refuses_bad_sizes(compose, trained_run, tmp_path, option, message):
+    run_dir, _ = trained_run
+    cfg = compose(
+        f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"output_dir={tmp_path}", option, config="by_size"
+    )
+    with pytest.raises(ValueError, match=message):  # ConfigError is one
+        by_size_main(cfg)
+
+
 def test_missing_truncated_and_foreign_checkpoints_give_clear_errors(trained_run, tmp_path):
     run_dir, _ = trained_run
     with pytest.raises(FileNotFoundError, match="does not exist"):

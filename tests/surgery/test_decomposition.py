@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from priors.gaussian import GaussianPrior
-from surgery import SurgeryReport, aggregate_terms, decompose, importance_log_likelihood
+from surgery import SurgeryReport, aggregate_terms, decompose, importance_log_likelihood, terms_by_size
 from surgery.decomposition import upgrade_dict
 from surgery.text import format_table, table_rows
 from vae.model import VAE
@@ -216,6 +216,44 @@ def test_two_far_apart_points_give_mi_log_2():
     terms = aggregate_terms(mu, torch.zeros(2, 2), GaussianPrior(2), n_samples=400)
     assert terms.mutual_info.value == pytest.approx(math.log(2), abs=1e-6)
     assert terms.mutual_info.stderr == pytest.approx(0.0, abs=1e-6)
+
+
+def test_terms_by_size_far_apart_posteriors_give_mi_log_m_at_every_size():
+    # N separate bumps: q(z) of any M of them has MI = log M exactly, and the marginal KL is
+    # what is left of the average KL
+    mu = torch.stack([100.0 * torch.arange(60.0), torch.zeros(60)], dim=1).double()
+    sizes = [1, 2, 10, 60]
+    rows = terms_by_size(mu, torch.zeros_like(mu), GaussianPrior(2).double(), sizes, dimwise_samples=None)
+    for m, terms in zip(sizes, rows, strict=True):
+        assert terms.n_samples == m and terms.log_n == pytest.approx(math.log(m))
+        assert terms.mutual_info.value == pytest.approx(math.log(m), abs=1e-6)
+        assert terms.marginal_kl.value == pytest.approx(terms.avg_kl_mc.value - math.log(m), abs=1e-6)
+
+
+def test_terms_by_size_identical_posteriors_give_the_analytic_kl_at_every_size():
+    # q(z) = N(0.5, e^-1) per dimension whatever M: MI 0, marginal KL = KL(N(0.5, e^-1) || N(0, 1)) x 3
+    mu, logvar = torch.full((2000, 3), 0.5, dtype=torch.float64), torch.full((2000, 3), -1.0, dtype=torch.float64)
+    expected = 3 * 0.5 * (math.exp(-1.0) + 0.25 - 1.0 + 1.0)
+    for terms in terms_by_size(mu, logvar, GaussianPrior(3).double(), [200, 2000]):
+        assert terms.mutual_info.value == pytest.approx(0.0, abs=1e-6)
+        assert abs(terms.marginal_kl.value - expected) <= 4 * terms.marginal_kl.stderr
+
+
+def test_terms_by_size_whole_split_agrees_with_aggregate_terms():
+    g = torch.Generator().manual_seed(3)
+    mu, logvar = torch.randn(400, 2, generator=g).double(), (0.3 * torch.randn(400, 2, generator=g) - 2).double()
+    prior = GaussianPrior(2).double()
+    whole = terms_by_size(mu, logvar, prior, [100, 400], generator=torch.Generator().manual_seed(1))[-1]
+    reference = aggregate_terms(mu, logvar, prior, generator=torch.Generator().manual_seed(2))
+    for name in ("mutual_info", "marginal_kl", "total_correlation"):
+        a, b = getattr(whole, name), getattr(reference, name)
+        assert abs(a.value - b.value) <= 5 * math.hypot(a.stderr, b.stderr), name
+
+
+@pytest.mark.parametrize("sizes", [[], [0, 5], [5, 5], [10, 5], [5, 401]])
+def test_terms_by_size_refuses_sizes_out_of_order_or_range(sizes):
+    with pytest.raises(ValueError, match="strictly increasing"):
+        terms_by_size(torch.zeros(400, 2), torch.zeros(400, 2), GaussianPrior(2), sizes)
 
 
 def test_total_correlation_zero_when_q_factorizes():
