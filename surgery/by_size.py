@@ -33,11 +33,8 @@ TERMS = ("mutual_info", "marginal_kl", "avg_kl_mc", "total_correlation", "prior_
 
 def default_sizes(n: int) -> list[int]:
     """100, 300, 1000, 3000, ... below n, then n itself."""
-    sizes, m = [], 100
-    while m < n:
-        sizes.append(m)
-        m = m * 3 if str(m).startswith("1") else m * 10 // 3
-    return [*sizes, n]
+    below = [f * 10**k for k in range(2, 10) for f in (1, 3) if f * 10**k < n]
+    return [*below, n]
 
 
 def by_size_main(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
