@@ -28,6 +28,7 @@ import copy
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ class FitOptions:
     patience: int
     progress: bool
     max_seconds: float | None = None
+    rebinarize: bool = False
 
     def __post_init__(self) -> None:
         check_number("fit.lr", self.lr, 0, strict=True)
@@ -75,6 +77,7 @@ class FitOptions:
         check_int("fit.max_epochs", self.max_epochs, 1)
         check_int("fit.patience", self.patience, 1)
         check_bool("fit.progress", self.progress)
+        check_bool("fit.rebinarize", self.rebinarize)
         if self.max_seconds is not None:
             check_number("fit.max_seconds", self.max_seconds, 0, strict=True)
 
@@ -93,10 +96,13 @@ def _mean_log_prior(prior: Prior, z: torch.Tensor, batch_size: int) -> float:
     return float(torch.cat([prior.log_prob(b).double() for b in z.split(batch_size)]).mean())
 
 
+Posteriors = tuple[torch.Tensor, torch.Tensor]
+
+
 def fit_prior(
     prior: Prior,
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
+    train: Posteriors | Callable[[int], Posteriors],
+    val: Posteriors,
     options: FitOptions,
     seed: int = 0,
 ) -> FitHistory:
@@ -108,7 +114,9 @@ def fit_prior(
 
     Args:
         prior: the prior to fit, in place.
-        train, val: (mu, logvar) of the training and validation posteriors, each `[N, D]`.
+        train, val: (mu, logvar) of the training and validation posteriors, each `[N, D]`;
+            `train` may instead be a function of the epoch (1, 2, ...) that returns them, for
+            posteriors that change from epoch to epoch (`fit.rebinarize`).
         options: learning rate, batch size, epochs, patience, progress bar.
         seed: seeds the batch order and the draws.
     """
@@ -116,7 +124,6 @@ def fit_prior(
     if not params:
         raise ConfigError(f"{type(prior).__name__} has no parameters to fit")
     torch.manual_seed(seed)
-    mu, logvar = train
     z_val = reparameterize(*val, torch.Generator(device=val[0].device).manual_seed(seed + 1))
     optimizer = torch.optim.Adam(params, lr=options.lr)
     best = -math.inf
@@ -126,6 +133,7 @@ def fit_prior(
     bar = tqdm(range(1, options.max_epochs + 1), desc=f"fitting {type(prior).__name__}", disable=not options.progress)
     for epoch in bar:
         prior.train()
+        mu, logvar = train(epoch) if callable(train) else train
         order = torch.randperm(len(mu), device=mu.device)
         total = 0.0
         for index in order.split(options.batch_size):
@@ -199,6 +207,18 @@ def comparison(before: dict[str, SurgeryReport], after: dict[str, SurgeryReport]
     return out
 
 
+def _training_posteriors(
+    model: Any, data: Any, fixed: Posteriors, options: FitOptions, batch_size: int, device: torch.device
+) -> Posteriors | Callable[[int], Posteriors]:
+    """What the prior is fitted to: the posteriors of the fixed binarization the surgery uses, or
+    with `fit.rebinarize` those of epoch e's draw of the training images (the draws the model
+    trained on, `data.train_epoch`), encoded afresh each epoch: more of the distribution the
+    encoder saw, so less of one binarization's noise to overfit."""
+    if not options.rebinarize:
+        return fixed
+    return lambda epoch: encode(model.encoder, data.train_epoch(epoch), batch_size, device)
+
+
 def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     """Load, fit, decompose before and after, save; return the new run dir and fit.json's content."""
     surgery = SurgeryOptions.from_config(cfg.surgery)
@@ -208,6 +228,8 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     checkpoint = Path(cfg.checkpoint).expanduser()
     model, data, run_cfg = load_model(checkpoint, device, allow=cfg.get("allow") or (), data_path=cfg.get("data_path"))
     check_is_points(surgery, data)
+    if options.rebinarize and not getattr(data, "dynamic", False):
+        raise ConfigError("fit.rebinarize=true needs dynamically binarized data; this checkpoint's are binarized once")
     torch.manual_seed(int(cfg.seed))  # the new prior's initialization, then the fit
     for p in list(model.encoder.parameters()) + list(model.decoder.parameters()):
         p.requires_grad_(False)
@@ -221,7 +243,13 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         consumer.update_encodings(*train_post)
     history = None
     if any(p.requires_grad for p in prior.parameters()):
-        history = fit_prior(prior, train_post, val_post, options, seed=int(cfg.seed))
+        history = fit_prior(
+            prior,
+            _training_posteriors(model, data, train_post, options, surgery.batch_size, device),
+            val_post,
+            options,
+            seed=int(cfg.seed),
+        )
     old_prior = model.prior
     model.prior = prior
     after = _surgeries(model, data, surgery, device)
@@ -259,6 +287,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         "new_prior": type(prior).__name__,
         **comparison(before, after),
         "fit": None if history is None else {k: v for k, v in asdict(history).items() if k != "curve"},
+        "fit_options": asdict(options),
         "curve": None if history is None else history.curve,
     }
     write_json_dict(result, out_dir / FIT_JSON)

@@ -116,6 +116,50 @@ def test_fit_prior_stops_at_its_time_budget_with_the_best_state():
         FitOptions(lr=0.01, batch_size=1, max_epochs=1, patience=1, progress=False, max_seconds=0)
 
 
+def test_fit_prior_takes_each_epochs_posteriors_from_a_function():
+    torch.manual_seed(0)
+    m = torch.tensor([1.5, -2.0])
+    epochs = []
+
+    def posteriors(epoch):  # a fresh draw around m each epoch, like a fresh binarization
+        epochs.append(epoch)
+        return m + 0.1 * torch.randn(4000, 2), torch.full((4000, 2), -1.0)
+
+    prior = MixturePrior(2, num_components=1)
+    options = FitOptions(lr=0.02, batch_size=1000, max_epochs=60, patience=60, progress=False)
+    history = fit_prior(prior, posteriors, posteriors(0), options)
+    assert epochs[1:] == list(range(1, history.epochs + 1))  # once an epoch, numbered from 1
+    torch.testing.assert_close(prior.means[0].detach(), m, atol=0.05, rtol=0)
+
+
+def test_rebinarize_fits_to_fresh_draws_and_keeps_the_identity(compose, trained, tmp_path):
+    cfg = fit_cfg(compose, trained, tmp_path / "fit", "prior=mixture", "prior.num_components=10", "fit.rebinarize=true")
+    _, result = fit_main(cfg)
+    assert result["fit_options"]["rebinarize"] is True
+    for split in ("train", "test"):
+        r = result[split]
+        assert abs(r["identity_gap"]) <= 3 * r["identity_gap_stderr"] + 1e-9, r
+    assert result["train"]["marginal_kl_after"] < result["train"]["marginal_kl_before"]
+
+
+def test_rebinarize_refuses_data_binarized_once(compose, tmp_path):
+    cfg = compose(
+        "data=digits",
+        "data.dynamic=false",
+        "logger=none",
+        "device=cpu",
+        "vae.latent_dim=2",
+        "vae.hidden_dims=[16]",
+        "trainer.max_epochs=1",
+        "trainer.progress=false",
+        "surgery.enabled=false",
+    )
+    train(cfg, run_dir=tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
+    with pytest.raises(ConfigError, match="fit.rebinarize=true needs dynamically binarized data"):
+        fit_main(fit_cfg(compose, checkpoint, tmp_path / "fit", "fit.rebinarize=true"))
+
+
 def test_a_users_prior_fits_and_the_report_shows_it(compose, trained, tmp_path):
     # The new prior comes from the command line (trusted); prior=gaussian is a node without extra keys.
     cfg = fit_cfg(
