@@ -64,7 +64,7 @@ def by_size_main(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
             row[name], row[f"{name}_stderr"] = estimate.value, estimate.stderr
         rows.append(row)
     content = {
-        "checkpoint": str(checkpoint.resolve()),
+        "checkpoint": str(cfg.checkpoint),  # as given: no machine path in committed results
         "split": cfg.split,
         "n_points": len(x),
         "prior": type(model.prior).__name__,
