@@ -450,8 +450,9 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
             f, tr, te = r.fit, r.fit["train"], r.fit["test"]
             ll = f.get("test_log_likelihood_gain")
             how = "—" if not f.get("fit") else f"{f['fit']['epochs']}, {f['fit']['seconds']:.0f}"
+            fresh = " (fresh binarizations)" if (f.get("fit_options") or {}).get("rebinarize") else ""
             lines.append(
-                f"| {f['new_prior']} | {f['old_prior']} | {tr['marginal_kl_before']:.3f} → "
+                f"| {f['new_prior']}{fresh} | {f['old_prior']} | {tr['marginal_kl_before']:.3f} → "
                 f"{tr['marginal_kl_after']:.3f} | "
                 f"{100 * tr['share_closed']:.1f}% | {te['marginal_kl_before']:.3f} → {te['marginal_kl_after']:.3f} | "
                 f"{100 * te['share_closed']:.1f}% | {tr['elbo_gain']:+.3f} | "

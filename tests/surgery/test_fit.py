@@ -134,8 +134,10 @@ def test_fit_prior_takes_each_epochs_posteriors_from_a_function():
 
 def test_rebinarize_fits_to_fresh_draws_and_keeps_the_identity(compose, trained, tmp_path):
     cfg = fit_cfg(compose, trained, tmp_path / "fit", "prior=mixture", "prior.num_components=10", "fit.rebinarize=true")
-    _, result = fit_main(cfg)
+    out_dir, result = fit_main(cfg)
     assert result["fit_options"]["rebinarize"] is True
+    md = rep.render_markdown(rep.build_report([out_dir]))
+    assert "| MixturePrior (fresh binarizations) | GaussianPrior |" in md
     for split in ("train", "test"):
         r = result[split]
         assert abs(r["identity_gap"]) <= 3 * r["identity_gap_stderr"] + 1e-9, r
