@@ -282,7 +282,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         write_log_px(after["train"].log_likelihood_per_point, out_dir / "log_px_test.npy")
     save_run_pictures(model, data, out_dir, seed=int(cfg.seed))
     result = {
-        "fitted_from": str(checkpoint.resolve()),
+        "fitted_from": str(cfg.checkpoint),  # as given: no machine path in committed results
         "old_prior": type(old_prior).__name__,
         "new_prior": type(prior).__name__,
         **comparison(before, after),
