@@ -232,7 +232,7 @@ def test_missing_truncated_and_foreign_checkpoints_give_clear_errors(trained_run
 
     evil = tmp_path / "evil.pt"
     with open(evil, "wb") as f:
-        pickle.dump({"format": 1, "model": Evil()}, f)
+        pickle.dump({"format": 1, "model": Evil()}, f, protocol=2)  # torch.save's protocol: no warning
     with pytest.raises(ValueError, match="not a readable priorlab checkpoint"):
         load_model(evil)
     assert not marker.exists()
