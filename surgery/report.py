@@ -273,7 +273,9 @@ def read_run(path: str | Path) -> RunRecord:
     if (path / FIT_JSON).is_file():
         try:
             fit = json.loads((path / FIT_JSON).read_text())
-            settings = settings | {"fitted after training=true"}
+            # Fits made differently are different rows, never seeds of one (the progress bar changes nothing).
+            options = {f"fit.{k}={v}" for k, v in (fit.get("fit_options") or {}).items() if k != "progress"}
+            settings = settings | {"fitted after training=true"} | options
         except json.JSONDecodeError as e:
             problems.append(f"{FIT_JSON} unreadable ({e.msg})")
     return RunRecord(

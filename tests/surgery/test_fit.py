@@ -138,6 +138,11 @@ def test_rebinarize_fits_to_fresh_draws_and_keeps_the_identity(compose, trained,
     assert result["fit_options"]["rebinarize"] is True
     md = rep.render_markdown(rep.build_report([out_dir]))
     assert "| MixturePrior (fresh binarizations) | GaussianPrior |" in md
+    # The same prior fitted the default way is a row of its own, not a second seed of this one.
+    plain, _ = fit_main(fit_cfg(compose, trained, tmp_path / "plain", "prior=mixture", "prior.num_components=10"))
+    rows = [r for r in rep.build_report([plain, out_dir]).rows if r.prior == "MixturePrior"]
+    assert [r.n_runs for r in rows] == [1, 1]
+    assert any("fit.rebinarize=True" in r.variant for r in rows)
     for split in ("train", "test"):
         r = result[split]
         assert abs(r["identity_gap"]) <= 3 * r["identity_gap_stderr"] + 1e-9, r
