@@ -149,19 +149,11 @@ def test_rebinarize_fits_to_fresh_draws_and_keeps_the_identity(compose, trained,
     assert result["train"]["marginal_kl_after"] < result["train"]["marginal_kl_before"]
 
 
-def test_rebinarize_refuses_data_binarized_once(compose, tmp_path):
-    cfg = compose(
-        "data=digits",
-        "data.dynamic=false",
-        "logger=none",
-        "device=cpu",
-        "vae.latent_dim=2",
-        "vae.hidden_dims=[16]",
-        "trainer.max_epochs=1",
-        "trainer.progress=false",
-        "surgery.enabled=false",
-    )
-    train(cfg, run_dir=tmp_path / "run")
+def test_rebinarize_refuses_data_binarized_once(compose, tiny_cfg, tmp_path):
+    tiny_cfg.data.dynamic = False
+    tiny_cfg.trainer.max_epochs = 1
+    tiny_cfg.surgery.enabled = False
+    train(tiny_cfg, run_dir=tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
     with pytest.raises(ConfigError, match="fit.rebinarize=true needs dynamically binarized data"):
         fit_main(fit_cfg(compose, checkpoint, tmp_path / "fit", "fit.rebinarize=true"))
