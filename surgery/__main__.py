@@ -16,7 +16,7 @@ from surgery.decomposition import SurgeryReport
 from surgery.run import SurgeryOptions, check_is_points, run_surgery
 from surgery.text import format_table
 from vae import resolve_device
-from vae.checkpoint import load_model
+from vae.checkpoint import load_model, run_dir_of
 from vae.cli import one_line_errors
 from vae.run_dir import CONFIG_FILE, write_config
 
@@ -31,7 +31,7 @@ def surgery_main(cfg: DictConfig) -> tuple[SurgeryReport, dict[str, Path]]:
     checkpoint = Path(cfg.checkpoint).expanduser()
     model, data, run_cfg = load_model(checkpoint, device, allow=cfg.get("allow") or (), data_path=cfg.get("data_path"))
     check_is_points(options, data)
-    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else checkpoint.resolve().parent.parent
+    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else run_dir_of(checkpoint)
     if not (out_dir / CONFIG_FILE).exists():
         # An output directory of its own: the checkpoint's config makes it a run dir that
         # `python -m surgery.report` reads (a checkpoint evaluated apart from its run).

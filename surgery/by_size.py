@@ -20,9 +20,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from surgery.decomposition import encode, terms_by_size
-from surgery.run import write_json_dict
+from surgery.run import split_file_name, write_json_dict
 from vae import resolve_device
-from vae.checkpoint import load_model
+from vae.checkpoint import load_model, run_dir_of
 from vae.cli import one_line_errors
 from vae.data import SPLITS
 from vae.validation import ConfigError, check_bool, check_choice, check_int
@@ -74,14 +74,13 @@ def by_size_main(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
         "dimwise_samples": cfg.dimwise_samples,
         "rows": rows,
     }
-    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else checkpoint.resolve().parent.parent
+    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else run_dir_of(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "by_size" if cfg.split == "train" else f"by_size_{cfg.split}"
-    files = {"json": write_json_dict(content, out_dir / f"{stem}.json")}
+    files = {"json": write_json_dict(content, out_dir / split_file_name("by_size", cfg.split, "json"))}
     if cfg.plots:
         from surgery.plots import plot_by_size
 
-        files["plot"] = plot_by_size(content, out_dir / f"{stem}.png")
+        files["plot"] = plot_by_size(content, out_dir / split_file_name("by_size", cfg.split, "png"))
     return content, files
 
 

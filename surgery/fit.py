@@ -52,7 +52,7 @@ from surgery.run import (
 )
 from vae import build_prior, resolve_device
 from vae.callbacks import consumers, encode
-from vae.checkpoint import load_model
+from vae.checkpoint import load_model, run_dir_of
 from vae.cli import one_line_errors
 from vae.run_dir import write_config
 from vae.trainer import CHECKPOINT_FORMAT, save_checkpoint
@@ -258,7 +258,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     out_dir = (
         Path(cfg.out_dir)
         if cfg.get("out_dir")
-        else checkpoint.resolve().parent.parent / "fitted" / f"{name}-{secrets.token_hex(3)}"
+        else run_dir_of(checkpoint) / "fitted" / f"{name}-{secrets.token_hex(3)}"
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(run_cfg, resolve=True)

@@ -111,8 +111,13 @@ def check_is_points(options: SurgeryOptions, data: Any) -> None:
             )
 
 
+def split_file_name(stem: str, split: str, extension: str) -> str:
+    """`<stem>.<extension>` for the training split, `<stem>_<split>.<extension>` for another."""
+    return f"{stem}.{extension}" if split == "train" else f"{stem}_{split}.{extension}"
+
+
 def surgery_json_name(split: str) -> str:
-    return "surgery.json" if split == "train" else f"surgery_{split}.json"
+    return split_file_name("surgery", split, "json")
 
 
 def log_px_name(split: str) -> str:
@@ -158,15 +163,16 @@ def run_surgery(
     if options.plots:
         from surgery.plots import plot_aggregate_posterior_2d, plot_decomposition
 
-        suffix = "" if report.split == "train" else f"_{report.split}"
-        files["decomposition"] = plot_decomposition(report, out_dir / f"surgery_decomposition{suffix}.png")
+        files["decomposition"] = plot_decomposition(
+            report, out_dir / split_file_name("surgery_decomposition", report.split, "png")
+        )
         if report.latent_dim == 2:
             mu, logvar = encode(model, data.split(report.split), options.batch_size, device)
             files["aggregate_posterior"] = plot_aggregate_posterior_2d(
                 mu,
                 logvar,
                 model.prior,
-                out_dir / f"{DENSITY_PICTURE}{suffix}.png",
+                out_dir / split_file_name(DENSITY_PICTURE, report.split, "png"),
                 grid=options.plot_grid,
                 seed=options.seed,
             )

@@ -21,6 +21,11 @@ class CheckpointError(ValueError):
     """The checkpoint cannot rebuild a model."""
 
 
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run directory a checkpoint belongs to: `<run dir>/checkpoints/<name>.pt` -> `<run dir>`."""
+    return Path(checkpoint).expanduser().resolve().parent.parent
+
+
 def load_model(
     checkpoint: str | Path, device: Any = "cpu", allow: Iterable[str] = (), data_path: str | Path | None = None
 ) -> tuple[Any, Any, DictConfig]:
