@@ -25,6 +25,7 @@ samples.png, reconstructions.png, and fit.json with the before/after comparison,
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import secrets
 import time
@@ -57,6 +58,8 @@ from vae.cli import one_line_errors
 from vae.run_dir import write_config
 from vae.trainer import CHECKPOINT_FORMAT, save_checkpoint
 from vae.validation import ConfigError, check_bool, check_int, check_number
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,8 @@ def fit_prior(
         val_score = _mean_log_prior(prior, z_val, 4 * options.batch_size)
         curve.append({"epoch": epoch, "train_log_prior": -total / len(mu), "val_log_prior": val_score})
         bar.set_postfix(train=f"{-total / len(mu):.3f}", val=f"{val_score:.3f}")
+        if not options.progress:  # a background job's log still shows where the fit stands
+            log.info("fit epoch %d: train log p(z) %.3f, val log p(z) %.3f", epoch, -total / len(mu), val_score)
         if not math.isfinite(val_score):
             raise FloatingPointError(
                 f"fitting {type(prior).__name__}: the validation log p(z) became {val_score} at epoch {epoch}"
@@ -236,6 +241,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
 
     prior = build_prior(cfg.prior, model.latent_dim, model.encoder, data.split("train")).to(device)
 
+    log.info("surgery before the fit: train and test splits")
     before = _surgeries(model, data, surgery, device)
     train_post = encode(model.encoder, data.split("train"), surgery.batch_size, device)
     val_post = encode(model.encoder, data.split("val"), surgery.batch_size, device)
@@ -243,6 +249,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         consumer.update_encodings(*train_post)
     history = None
     if any(p.requires_grad for p in prior.parameters()):
+        log.info("fitting %s to %d training posteriors", type(prior).__name__, len(train_post[0]))
         history = fit_prior(
             prior,
             _training_posteriors(model, data, train_post, options, surgery.batch_size, device),
@@ -250,9 +257,15 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
             options,
             seed=int(cfg.seed),
         )
+        log.info(
+            "fitted: best validation log p(z) %.3f at epoch %d of %d, %.0f s",
+            history.best_val_log_prior,
+            history.best_epoch,
+            history.epochs,
+            history.seconds,
+        )
     old_prior = model.prior
     model.prior = prior
-    after = _surgeries(model, data, surgery, device)
 
     name = str(cfg.prior._target_).rsplit(".", 1)[-1]
     out_dir = (
@@ -263,6 +276,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(run_cfg, resolve=True)
     config["prior"] = OmegaConf.to_container(cfg.prior, resolve=True)
+    # The fitted prior is saved before the surgery after the fit: a crash there loses no fitting.
     save_checkpoint(
         out_dir / "checkpoints" / "best.pt",
         {
@@ -276,6 +290,8 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         },
     )
     write_config(out_dir, config)
+    log.info("saved %s; surgery after the fit: train and test splits", out_dir / "checkpoints" / "best.pt")
+    after = _surgeries(model, data, surgery, device)
     write_json(after["train"], out_dir / "surgery.json")
     write_json(after["test"], out_dir / "surgery_test.json")
     if after["train"].log_likelihood_per_point is not None:

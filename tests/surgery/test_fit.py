@@ -79,6 +79,30 @@ def test_the_elbo_gain_is_the_marginal_kl_reduction(compose, trained, tmp_path, 
         assert (out_dir / name).is_file(), name
 
 
+def test_a_crash_after_the_fit_keeps_the_fitted_prior_and_the_log_shows_the_fit(
+    compose, trained, tmp_path, monkeypatch, caplog
+):
+    import surgery.fit as fit_module
+
+    calls = []
+    surgeries = fit_module._surgeries
+
+    def crash_on_the_second(*args, **kwargs):  # the surgery before the fit runs, the one after fails
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return surgeries(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "_surgeries", crash_on_the_second)
+    cfg = fit_cfg(compose, trained, tmp_path / "fit", "prior=mixture", "prior.num_components=10", "fit.max_epochs=3")
+    with caplog.at_level("INFO", logger="surgery.fit"), pytest.raises(RuntimeError, match="killed"):
+        fit_main(cfg)
+    model, _, config = load_model(tmp_path / "fit" / "checkpoints" / "best.pt")
+    assert isinstance(model.prior, MixturePrior) and config.prior._target_.endswith("MixturePrior")
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit epoch")]
+    assert len(epochs) == 3 and epochs[0].startswith("fit epoch 1: train log p(z)")
+
+
 def test_the_exact_aggregate_posterior_closes_everything_without_fitting(compose, trained, tmp_path):
     _, result = fit_main(fit_cfg(compose, trained, tmp_path / "fit", "prior=aggregate"))
     assert result["fit"] is None
