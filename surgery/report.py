@@ -312,8 +312,16 @@ def _prior_key(name: str) -> tuple[int, str]:
 
 
 def _variants(groups: Sequence[frozenset[str]]) -> list[str]:
-    """Per group, its settings not shared by every group, minus the prior's and the latent size's."""
-    common = frozenset.intersection(*groups) if groups else frozenset()
+    """Per group, its settings not shared by every group, minus the prior's and the latent size's.
+
+    A fit option (`fit.*`, how a prior fitted after training was fitted) is only compared among
+    the fitted groups: trained runs have none, so one that all fitted groups share says nothing.
+    """
+    common = set(frozenset.intersection(*groups)) if groups else set()
+    fit_values: dict[str, set[str]] = {}
+    for x in (x for g in groups for x in g if x.startswith("fit.")):
+        fit_values.setdefault(x.split("=", 1)[0], set()).add(x)
+    common |= {next(iter(v)) for v in fit_values.values() if len(v) == 1}
     return [", ".join(sorted(x for x in g - common if not x.startswith(("prior", "vae.latent_dim=")))) for g in groups]
 
 
@@ -398,7 +406,7 @@ def format_stat(s: Stat, digits: int = 2) -> str:
 def _format_epochs(epochs: Sequence[int | None]) -> str:
     known = [e for e in epochs if e is not None]
     if not known:
-        return "?"
+        return "—"  # no metrics.jsonl: a fitted prior's or an evaluated checkpoint's directory
     lo, hi = min(known), max(known)
     return str(lo) if lo == hi else f"{lo}–{hi}"
 

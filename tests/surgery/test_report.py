@@ -286,3 +286,26 @@ def test_learning_curves_and_the_slope_of_a_run_still_going(tmp_path: Path) -> N
     assert (tmp_path / "out" / "learning_curves.png").read_bytes()[:8] == PNG_MAGIC
     md = files.markdown.read_text()
     assert f"| {running} | vampprior | 10 | 0 | 120 | -97.60 (120) | +0.0200 | 1.20 |" in md
+
+
+def test_fit_options_are_compared_among_fitted_rows_only() -> None:
+    trained = frozenset({"trainer.lr=0.001", "prior._target_=Gaussian"})
+    fitted = trained | {"fitted after training=true", "fit.lr=0.001"}
+    groups = [
+        trained,
+        fitted | {"fit.rebinarize=False"},
+        fitted | {"fit.rebinarize=True"},
+        fitted - {"fit.lr=0.001"} | {"fit.rebinarize=True", "fit.lr=0.01"},
+    ]
+    assert rep._variants(groups) == [
+        "",
+        "fit.lr=0.001, fit.rebinarize=False, fitted after training=true",
+        "fit.lr=0.001, fit.rebinarize=True, fitted after training=true",
+        "fit.lr=0.01, fit.rebinarize=True, fitted after training=true",
+    ]
+    # One fit option shared by every fitted row is no difference; the marker still is.
+    assert rep._variants([trained, fitted, fitted | {"x=1"}]) == [
+        "",
+        "fitted after training=true",
+        "fitted after training=true, x=1",
+    ]
