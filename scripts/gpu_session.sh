@@ -57,7 +57,7 @@ declare -A RUNS=(
   [zoo100_exemplar_all_detached]="$zoo prior=exemplar prior.exemplars=all prior.gradient=false"
   [zoo100_exemplar_knn_detached]="$zoo prior=exemplar prior.gradient=false"
 )
-DEFAULT_RUNS="lit_z40_vampprior lit_z40_flow lit_z40_mixture lit_z40_exemplar"
+DEFAULT_RUNS="lit_z40_flow lit_z40_mixture lit_z40_exemplar"
 only=${ONLY:-$DEFAULT_RUNS}
 
 if [ -n "${CONTINUE_DIR:-}" ]; then
