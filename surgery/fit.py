@@ -46,7 +46,9 @@ from surgery.run import (
     FIT_JSON,
     SurgeryOptions,
     check_is_points,
+    log_px_name,
     save_run_pictures,
+    surgery_json_name,
     write_json,
     write_json_dict,
     write_log_px,
@@ -147,11 +149,12 @@ def fit_prior(
             optimizer.step()
             total += loss.item() * len(index)
         prior.eval()
+        train_score = -total / len(mu)
         val_score = _mean_log_prior(prior, z_val, 4 * options.batch_size)
-        curve.append({"epoch": epoch, "train_log_prior": -total / len(mu), "val_log_prior": val_score})
-        bar.set_postfix(train=f"{-total / len(mu):.3f}", val=f"{val_score:.3f}")
+        curve.append({"epoch": epoch, "train_log_prior": train_score, "val_log_prior": val_score})
+        bar.set_postfix(train=f"{train_score:.3f}", val=f"{val_score:.3f}")
         if not options.progress:  # a background job's log still shows where the fit stands
-            log.info("fit epoch %d: train log p(z) %.3f, val log p(z) %.3f", epoch, -total / len(mu), val_score)
+            log.info("fit epoch %d: train log p(z) %.3f, val log p(z) %.3f", epoch, train_score, val_score)
         if not math.isfinite(val_score):
             raise FloatingPointError(
                 f"fitting {type(prior).__name__}: the validation log p(z) became {val_score} at epoch {epoch}"
@@ -277,8 +280,9 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     config = OmegaConf.to_container(run_cfg, resolve=True)
     config["prior"] = OmegaConf.to_container(cfg.prior, resolve=True)
     # The fitted prior is saved before the surgery after the fit: a crash there loses no fitting.
+    saved = out_dir / "checkpoints" / "best.pt"
     save_checkpoint(
-        out_dir / "checkpoints" / "best.pt",
+        saved,
         {
             "format": CHECKPOINT_FORMAT,
             "model": model.state_dict(),
@@ -290,12 +294,14 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         },
     )
     write_config(out_dir, config)
-    log.info("saved %s; surgery after the fit: train and test splits", out_dir / "checkpoints" / "best.pt")
+    log.info("saved %s; surgery after the fit: train and test splits", saved)
     after = _surgeries(model, data, surgery, device)
-    write_json(after["train"], out_dir / "surgery.json")
-    write_json(after["test"], out_dir / "surgery_test.json")
+    for split, report in after.items():
+        write_json(report, out_dir / surgery_json_name(split))
     if after["train"].log_likelihood_per_point is not None:
-        write_log_px(after["train"].log_likelihood_per_point, out_dir / "log_px_test.npy")
+        write_log_px(
+            after["train"].log_likelihood_per_point, out_dir / log_px_name(after["train"].log_likelihood_split)
+        )
     save_run_pictures(model, data, out_dir, seed=int(cfg.seed))
     result = {
         "fitted_from": str(cfg.checkpoint),  # as given: no machine path in committed results
