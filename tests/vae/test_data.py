@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from train import train
 from vae import data as data_mod
-from vae.data import SPLITS, ArrayOnlyUnpickler, BinarizedData, DataError, derive_seed, digits
+from vae.data import SPLITS, ArrayOnlyUnpickler, BinarizedData, DataError, bernoulli_entropy, derive_seed, digits
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,41 @@ def test_dynamic_binarization_changes_between_epochs_static_does_not(mnist_data:
     static = BinarizedData(mnist_data.grey, dynamic=False)
     assert torch.equal(static.train_epoch(0), static.train_epoch(5))
     assert torch.equal(static.split("val"), mnist_data.split("val"))  # eval splits are fixed either way
+
+
+@pytest.mark.network
+def test_byte_divisor_255_gives_torchvision_grey_levels(mnist_data: BinarizedData) -> None:
+    file_levels = mnist_data.grey["train"][:500]
+    byte = file_levels * 256  # the file stores byte / 256, exactly
+    assert torch.equal(byte, byte.round()) and byte.max() == 255
+    tv = data_mod.mnist(byte_divisor=255)
+    assert torch.equal(tv.grey["train"][:500], byte / 255)  # torchvision: uint8.float() / 255
+    assert tv.grey["test"].max() == 1.0
+    # the always-on pixels take entropy out of the binarized test set
+    drop = bernoulli_entropy(mnist_data.grey["test"]).mean() - bernoulli_entropy(tv.grey["test"]).mean()
+    assert 1.0 < drop < 1.6
+
+
+def test_byte_divisor_must_be_255_or_256() -> None:
+    with pytest.raises(data_mod.ConfigError, match=r"data\.byte_divisor must be one of \(256, 255\), got 100"):
+        data_mod.mnist(byte_divisor=100)
+
+
+def test_bernoulli_entropy_against_a_double_loop_and_exact_cases() -> None:
+    g = torch.Generator().manual_seed(0)
+    grey = torch.rand(4, 7, generator=g)
+    grey[0, :3] = torch.tensor([0.0, 1.0, 0.5])
+    expected = []
+    for row in grey.double().tolist():
+        h = 0.0
+        for p in row:
+            for q in (p, 1 - p):
+                if q > 0:
+                    h -= q * math.log(q)
+        expected.append(h)
+    assert torch.allclose(bernoulli_entropy(grey), torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
+    assert bernoulli_entropy(torch.full((1, 10), 0.5)).item() == pytest.approx(10 * math.log(2), rel=1e-15)
+    assert bernoulli_entropy(torch.tensor([[0.0, 1.0, 1.0]])).item() == 0.0
 
 
 def test_digits_is_binary_and_split() -> None:
