@@ -56,6 +56,7 @@ FIELDS: tuple[str, ...] = tuple(k for k, _ in COLUMNS) + ("reconstruction", "log
 IGNORED_SETTINGS: tuple[str, ...] = (
     "seed",
     "device",
+    "trainer.flush_denormal",  # like the device: how the arithmetic is done, not what is trained
     "logger.",
     "trainer.progress",
     "trainer.resume",
@@ -322,7 +323,18 @@ def _variants(groups: Sequence[frozenset[str]]) -> list[str]:
     for x in (x for g in groups for x in g if x.startswith("fit.")):
         fit_values.setdefault(x.split("=", 1)[0], set()).add(x)
     common |= {next(iter(v)) for v in fit_values.values() if len(v) == 1}
-    return [", ".join(sorted(x for x in g - common if not x.startswith(("prior", "vae.latent_dim=")))) for g in groups]
+    return [
+        ", ".join(sorted(_short(x) for x in g - common if not x.startswith(("prior", "vae.latent_dim="))))
+        for g in groups
+    ]
+
+
+def _short(setting: str) -> str:
+    """`a.b._target_=pkg.mod.Class` as `a.b=Class`: the class names a network; its module is noise."""
+    key, _, value = setting.partition("=")
+    if key.endswith("._target_"):
+        return f"{key.removesuffix('._target_')}={value.rsplit('.', 1)[-1]}"
+    return setting
 
 
 def _mean_log_px(members: Sequence[RunRecord]) -> tuple[float, ...] | None:

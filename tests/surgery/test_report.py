@@ -288,6 +288,17 @@ def test_learning_curves_and_the_slope_of_a_run_still_going(tmp_path: Path) -> N
     assert f"| {running} | vampprior | 10 | 0 | 120 | -97.60 (120) | +0.0200 | 1.20 |" in md
 
 
+def test_variants_name_networks_by_class_and_leave_out_arithmetic_settings() -> None:
+    gated = {"vae.encoder._target_=vae.networks.GatedMLPEncoder", "vae.decoder._target_=vae.networks.GatedMLPDecoder"}
+    relu = {"vae.encoder._target_=vae.networks.MLPEncoder", "vae.decoder._target_=vae.networks.MLPDecoder"}
+    assert rep._variants([frozenset(gated), frozenset(relu)]) == [
+        "vae.decoder=GatedMLPDecoder, vae.encoder=GatedMLPEncoder",
+        "vae.decoder=MLPDecoder, vae.encoder=MLPEncoder",
+    ]
+    config = {"seed": 0, "trainer": {"flush_denormal": True, "patience": 50}}
+    assert rep.result_settings(config) == {"trainer.patience=50"}
+
+
 def test_fit_options_are_compared_among_fitted_rows_only() -> None:
     trained = frozenset({"trainer.lr=0.001", "prior._target_=Gaussian"})
     fitted = trained | {"fitted after training=true", "fit.lr=0.001"}
