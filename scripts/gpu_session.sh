@@ -43,11 +43,16 @@ declare -A RUNS=(
   [hj_z2]="experiment=elbo_surgery vae.latent_dim=2"
   [hj_z10]="experiment=elbo_surgery vae.latent_dim=10"
   [hj_z20_normgrad]="experiment=elbo_surgery vae.latent_dim=20"
-  [lit_z40_gaussian]="experiment=literature prior=gaussian vae.latent_dim=40"
-  [lit_z40_vampprior]="experiment=literature prior=vampprior vae.latent_dim=40"
-  [lit_z40_flow]="experiment=literature prior=flow vae.latent_dim=40"
-  [lit_z40_mixture]="experiment=literature prior=mixture vae.latent_dim=40"
-  [lit_z40_exemplar]="experiment=literature prior=exemplar vae.latent_dim=40"
+  # The recipe on the file's grey levels (byte / 256), as run before 2026-12-03.
+  [lit_z40_gaussian]="experiment=literature data=binarized_mnist prior=gaussian vae.latent_dim=40"
+  [lit_z40_vampprior]="experiment=literature data=binarized_mnist prior=vampprior vae.latent_dim=40"
+  [lit_z40_flow]="experiment=literature data=binarized_mnist prior=flow vae.latent_dim=40"
+  [lit_z40_mixture]="experiment=literature data=binarized_mnist prior=mixture vae.latent_dim=40"
+  # The recipe on the published code's grey levels (byte / 255, the experiment's default now).
+  [lit_z40_gaussian_byte255]="experiment=literature prior=gaussian vae.latent_dim=40 data.byte_divisor=255"
+  [lit_z40_vampprior_byte255]="experiment=literature prior=vampprior vae.latent_dim=40"
+  [lit_z40_flow_byte255]="experiment=literature prior=flow vae.latent_dim=40"
+  [lit_z40_exemplar_byte255]="experiment=literature prior=exemplar vae.latent_dim=40"
   # Why the 20-D marginal KL is 53% above Hoffman & Johnson's: the recipe with ReLU networks.
   [hj_z20_mlp]="experiment=elbo_surgery vae=mlp vae.latent_dim=20"
   [zoo100_exemplar]="$zoo prior=exemplar"
@@ -57,7 +62,7 @@ declare -A RUNS=(
   [zoo100_exemplar_all_detached]="$zoo prior=exemplar prior.exemplars=all prior.gradient=false"
   [zoo100_exemplar_knn_detached]="$zoo prior=exemplar prior.gradient=false"
 )
-DEFAULT_RUNS="lit_z40_flow lit_z40_mixture lit_z40_exemplar"
+DEFAULT_RUNS="lit_z40_flow lit_z40_gaussian_byte255 lit_z40_vampprior_byte255 lit_z40_flow_byte255"
 only=${ONLY:-$DEFAULT_RUNS}
 
 if [ -n "${CONTINUE_DIR:-}" ]; then

@@ -87,7 +87,8 @@ def test_every_data_option_composes(compose, option: str) -> None:
     elif option == "npz":
         assert cfg.data.binarize == "dynamic"  # built in tests/vae/test_npz_data.py, from a generated file
     else:
-        assert cfg.data.dynamic is (option == "binarized_mnist")
+        assert cfg.data.dynamic is (option != "binarized_mnist_static")
+        assert cfg.data.byte_divisor == (255 if option == "binarized_mnist_torchvision" else 256)
 
 
 @pytest.mark.parametrize("option", _options("trainer"))

@@ -38,6 +38,7 @@ def test_literature_is_the_published_recipe(compose) -> None:
     t = cfg.trainer
     assert (t.batch_size, t.warmup_epochs, t.patience, t.max_epochs, t.resume) == (100, 100, 50, 2000, True)
     assert cfg.surgery.is_samples == 5000 and cfg.surgery.is_points is None and cfg.surgery.is_split == "test"
+    assert cfg.data.byte_divisor == 255  # torchvision's grey levels, as the published code read them
     assert cfg.hydra.mode == RunMode.MULTIRUN
     assert {(j["prior"], j["vae.latent_dim"]) for j in sweep_jobs(cfg)} == {("gaussian", "40"), ("vampprior", "40")}
 
@@ -46,9 +47,11 @@ def test_elbo_surgery_is_hoffman_johnson_setting_with_the_recipe(compose) -> Non
     cfg = compose("experiment=elbo_surgery", hydra=True)
     recipe = compose("experiment=literature", hydra=True)
     assert cfg.data._target_ == "vae.data.mnist" and cfg.data.dynamic is True  # dynamically binarized MNIST
+    assert cfg.data.byte_divisor == 256  # the file's levels, as every Hoffman & Johnson run here used
     assert cfg.prior._target_ == "priors.gaussian.GaussianPrior"
     assert cfg.surgery.enabled is True and cfg.surgery.split == "train"  # N = 50,000
     assert cfg.trainer == recipe.trainer and cfg.vae == recipe.vae
+    assert recipe.data.byte_divisor == 255
     assert cfg.hydra.mode == RunMode.MULTIRUN
     jobs = sweep_jobs(cfg)
     assert [(j["prior"], j["vae.latent_dim"]) for j in jobs] == [
