@@ -36,7 +36,7 @@ import yaml
 
 from surgery.decomposition import upgrade_dict
 from surgery.run import DENSITY_PICTURE, FIT_JSON, SAMPLES_PICTURE, log_px_name
-from vae.run_dir import flatten, matches_any
+from vae.run_dir import flatten, is_target_default, matches_any
 
 #: The table's columns: (surgery.json field, column title).
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -215,11 +215,15 @@ def epochs_trained(metrics_path: Path) -> int | None:
 
 
 def result_settings(config: dict[str, Any]) -> frozenset[str]:
-    """The `key=value` settings of a run that can change its result."""
+    """The `key=value` settings of a run that can change its result.
+
+    An argument of a `_target_` at its default is left out, so a run made before the argument
+    existed (its config lacks it) groups with a run made since at the default.
+    """
     return frozenset(
         f"{k}={v if isinstance(v, str) else json.dumps(v, sort_keys=True)}"
         for k, v in flatten(config).items()
-        if not matches_any(k, IGNORED_SETTINGS)
+        if not matches_any(k, IGNORED_SETTINGS) and not is_target_default(config, k, v)
     )
 
 

@@ -17,10 +17,12 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import inspect
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +109,9 @@ def check_fresh(run_dir: str | Path) -> None:
         )
 
 
-def _is_target_default(config: dict[str, Any], key: str, value: Any) -> bool:
-    """Whether flat `key` is an argument of its node's `_target_` and `value` is that argument's default."""
+def is_target_default(config: dict[str, Any], key: str, value: Any) -> bool:
+    """Whether flat `key` is an argument of its node's `_target_` and `value` is that argument's
+    default: the value a run made before the argument existed ran with."""
     *path, name = key.split(".")
     node: Any = config
     for part in path:
@@ -116,11 +119,16 @@ def _is_target_default(config: dict[str, Any], key: str, value: Any) -> bool:
     target = node.get("_target_") if isinstance(node, dict) else None
     if not isinstance(target, str):
         return False
-    try:
-        parameter = inspect.signature(get_object(target)).parameters.get(name)
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return False
+    parameter = _parameters(target).get(name)
     return parameter is not None and parameter.default is not inspect.Parameter.empty and parameter.default == value
+
+
+@functools.cache
+def _parameters(target: str) -> Mapping[str, inspect.Parameter]:
+    try:
+        return inspect.signature(get_object(target)).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return {}
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -159,7 +167,7 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any], checkpoint: str 
     refused = {
         k: v
         for k, v in changed.items()
-        if not matches_any(k, RESUMABLE_CHANGES) and not (v[0] is missing and _is_target_default(new, k, v[1]))
+        if not matches_any(k, RESUMABLE_CHANGES) and not (v[0] is missing and is_target_default(new, k, v[1]))
     }
     if refused:
 

@@ -299,6 +299,14 @@ def test_variants_name_networks_by_class_and_leave_out_arithmetic_settings() -> 
     assert rep.result_settings(config) == {"trainer.patience=50"}
 
 
+def test_a_setting_at_its_targets_default_groups_with_a_run_made_before_it_existed() -> None:
+    old = {"data": {"_target_": "vae.data.mnist", "dynamic": True}}
+    at_default = {"data": {"_target_": "vae.data.mnist", "dynamic": True, "byte_divisor": 256}}
+    other = {"data": {"_target_": "vae.data.mnist", "dynamic": True, "byte_divisor": 255}}
+    assert rep.result_settings(old) == rep.result_settings(at_default) == {"data._target_=vae.data.mnist"}
+    assert rep.result_settings(other) == {"data._target_=vae.data.mnist", "data.byte_divisor=255"}
+
+
 def test_fit_options_are_compared_among_fitted_rows_only() -> None:
     trained = frozenset({"trainer.lr=0.001", "prior._target_=Gaussian"})
     fitted = trained | {"fitted after training=true", "fit.lr=0.001"}
