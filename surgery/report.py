@@ -119,6 +119,7 @@ class Row:
     stats: dict[str, Stat]
     splits: tuple[str, ...]
     log_px: tuple[float, ...] | None = None  # per-point test log p(x), averaged over the runs
+    data: frozenset[str] = frozenset()  # the `data.*` settings: rows on other data are scored on other points
 
 
 @dataclass(frozen=True)
@@ -351,12 +352,13 @@ def _mean_log_px(members: Sequence[RunRecord]) -> tuple[float, ...] | None:
 
 
 def paired_differences(rows: Sequence[Row]) -> list[PairedDifference]:
-    """For every pair of rows with per-point test log p(x) on the same points, a minus b."""
+    """For every pair of rows with per-point test log p(x) on the same points (the same data
+    settings and as many points), a minus b."""
     out = []
     with_points = [r for r in rows if r.log_px is not None]
     for i, a in enumerate(with_points):
         for b in with_points[i + 1 :]:
-            if len(a.log_px) != len(b.log_px):
+            if len(a.log_px) != len(b.log_px) or a.data != b.data:
                 continue
             d = [x - y for x, y in zip(a.log_px, b.log_px, strict=False)]
             n = len(d)
@@ -381,7 +383,7 @@ def summarize(runs: Sequence[RunRecord]) -> Report:
     variants = dict(zip(keys, _variants([k[2] for k in keys]), strict=False))
     rows = []
     for key in keys:
-        prior, latent_dim, _ = key
+        prior, latent_dim, settings = key
         members = sorted(groups[key], key=lambda r: (r.seed is None, r.seed))
         rows.append(
             Row(
@@ -394,6 +396,7 @@ def summarize(runs: Sequence[RunRecord]) -> Report:
                 stats={k: stat([(r.surgery or {}).get(k) for r in members]) for k in FIELDS},
                 splits=tuple(sorted({str((r.surgery or {}).get("split", "?")) for r in members})),
                 log_px=_mean_log_px(members),
+                data=frozenset(x for x in settings if x.startswith("data.")),
             )
         )
     return Report(
@@ -492,7 +495,8 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
             "",
             "Row a minus row b on the same test points: the mean of the per-point differences ± its "
             "standard error. The per-row spread above includes how hard each test point is; a paired "
-            "difference cancels it, so this is the uncertainty of a ranking.",
+            "difference cancels it, so this is the uncertainty of a ranking. Rows whose data settings "
+            "differ are scored on other points and are not paired.",
             "",
             "| a | b | a − b (nats) | points |",
             "|---|---|---|---|",

@@ -74,10 +74,13 @@ def make_run(
     density: bool = False,
     samples: bool = False,
     old: bool = False,
+    data: dict | None = None,
 ) -> dict | None:
     (path / ".hydra").mkdir(parents=True)
     target = {"gaussian": "priors.gaussian.GaussianPrior", "vampprior": "priors.vampprior.VampPrior"}[prior]
     config = {"seed": seed, "vae": {"latent_dim": latent_dim}, "prior": {"_target_": target}}
+    if data is not None:
+        config["data"] = data
     (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (path / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"prior": prior}}}}))
     # a resumed run repeats its last epoch line; an incomplete last epoch is not counted
@@ -328,3 +331,19 @@ def test_fit_options_are_compared_among_fitted_rows_only() -> None:
         "fitted after training=true",
         "fitted after training=true, x=1",
     ]
+
+
+def test_rows_on_other_data_are_not_paired(tmp_path: Path) -> None:
+    import numpy as np
+
+    mnist = {"_target_": "vae.data.mnist", "dynamic": True}
+    for name, prior, data in (
+        ("a", "gaussian", mnist),
+        ("b", "vampprior", {**mnist, "byte_divisor": 256}),  # the default: the same points as a
+        ("c", "gaussian", {**mnist, "byte_divisor": 255}),  # other grey levels: other binary points
+    ):
+        make_run(tmp_path / name, prior, 40, 0, data=data)
+        np.save(tmp_path / name / "log_px_test.npy", np.full(50, -90.0))
+    report = rep.build_report([tmp_path])
+    assert len(report.rows) == 3
+    assert [(p.a, p.b) for p in report.paired] == [("gaussian, z=40", "vampprior, z=40")]
