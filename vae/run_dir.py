@@ -109,18 +109,24 @@ def check_fresh(run_dir: str | Path) -> None:
         )
 
 
-def is_target_default(config: dict[str, Any], key: str, value: Any) -> bool:
-    """Whether flat `key` is an argument of its node's `_target_` and `value` is that argument's
-    default: the value a run made before the argument existed ran with."""
+def target_default(config: dict[str, Any], key: str) -> Any:
+    """The default of flat `key` as an argument of its node's `_target_` (the value a run made
+    before the argument existed ran with), or `inspect.Parameter.empty` if it has none."""
     *path, name = key.split(".")
     node: Any = config
     for part in path:
         node = node.get(part) if isinstance(node, dict) else None
     target = node.get("_target_") if isinstance(node, dict) else None
     if not isinstance(target, str):
-        return False
+        return inspect.Parameter.empty
     parameter = _parameters(target).get(name)
-    return parameter is not None and parameter.default is not inspect.Parameter.empty and parameter.default == value
+    return inspect.Parameter.empty if parameter is None else parameter.default
+
+
+def is_target_default(config: dict[str, Any], key: str, value: Any) -> bool:
+    """Whether flat `key` is an argument of its node's `_target_` and `value` is its default."""
+    default = target_default(config, key)
+    return default is not inspect.Parameter.empty and default == value
 
 
 @functools.cache
@@ -175,9 +181,18 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any], checkpoint: str 
             return "(absent)" if value is missing else repr(value)
 
         shown = ", ".join(f"{k}: {show(old)} -> {show(new_)}" for k, (old, new_) in refused.items())
+        # an option added since the checkpoint was written: the run trained at its default
+        defaults = {k: target_default(new, k) for k, (old, _) in refused.items() if old is missing}
+        hint = " ".join(
+            f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+            for k, v in defaults.items()
+            if v is not inspect.Parameter.empty
+        )
         raise RunDirError(
             f"cannot resume from {checkpoint}: the config differs in what it trained with ({shown}); "
-            "resume with the same settings, or start a new run in another directory"
+            "resume with the same settings"
+            + (f" ({hint} on the command line: the defaults the run was made with)" if hint else "")
+            + ", or start a new run in another directory"
         )
     return {k: [None if v is missing else v for v in pair] for k, pair in changed.items()}
 
