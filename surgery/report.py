@@ -680,9 +680,21 @@ def plot_learning_curves(runs: Sequence[RunRecord], path: Path) -> Path | None:
         return None
     fig = _figure(7.0, 4.5)
     ax = fig.add_subplot()
-    for run, curve in curves:
+    import matplotlib
+
+    # ten colours repeat past ten curves: then twenty, and a dashed line for every second ten
+    colours = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"]
+    for i, (run, curve) in enumerate(curves):
         label = f"{run.prior}, z={run.latent_dim}, {run.path.name}" + ("" if run.problem is None else " (unfinished)")
-        ax.plot([e for e, _, _ in curve], [v for _, v, _ in curve], label=label, linewidth=1)
+        style = "-" if (i // colours.N) % 2 == 0 else "--"
+        ax.plot(
+            [e for e, _, _ in curve],
+            [v for _, v, _ in curve],
+            style,
+            color=colours(i % colours.N),
+            label=label,
+            linewidth=1,
+        )
     best = max(v for _, c in curves for _, v, _ in c)
     ax.set_ylim(best - 25, best + 2)  # the first epochs are far below: keep the converging part readable
     ax.set_xlabel("epoch")
