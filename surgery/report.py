@@ -682,7 +682,7 @@ def plot_learning_curves(runs: Sequence[RunRecord], path: Path) -> Path | None:
     ax = fig.add_subplot()
     import matplotlib
 
-    # ten colours repeat past ten curves: then twenty, and a dashed line for every second ten
+    # past ten curves twenty colours; past twenty the colours come round again, dashed
     colours = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"]
     for i, (run, curve) in enumerate(curves):
         label = f"{run.prior}, z={run.latent_dim}, {run.path.name}" + ("" if run.problem is None else " (unfinished)")
