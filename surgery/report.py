@@ -36,7 +36,7 @@ import yaml
 
 from surgery.decomposition import upgrade_dict
 from surgery.run import DENSITY_PICTURE, FIT_JSON, SAMPLES_PICTURE, log_px_name
-from vae.run_dir import flatten, is_target_default, matches_any
+from vae.run_dir import flatten, format_setting, is_target_default, matches_any
 
 #: The table's columns: (surgery.json field, column title).
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -222,7 +222,7 @@ def result_settings(config: dict[str, Any]) -> frozenset[str]:
     existed (its config lacks it) groups with a run made since at the default.
     """
     return frozenset(
-        f"{k}={v if isinstance(v, str) else json.dumps(v, sort_keys=True)}"
+        format_setting(k, v)
         for k, v in flatten(config).items()
         if not matches_any(k, IGNORED_SETTINGS) and not is_target_default(config, k, v)
     )
@@ -678,10 +678,10 @@ def plot_learning_curves(runs: Sequence[RunRecord], path: Path) -> Path | None:
     curves = [(r, c) for r, c in curves if c]
     if not curves:
         return None
-    fig = _figure(7.0, 4.5)
-    ax = fig.add_subplot()
     import matplotlib
 
+    fig = _figure(7.0, 4.5)
+    ax = fig.add_subplot()
     # past ten curves twenty colours; past twenty the colours come round again, dashed
     colours = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"]
     for i, (run, curve) in enumerate(curves):

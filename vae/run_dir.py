@@ -137,6 +137,12 @@ def _parameters(target: str) -> Mapping[str, inspect.Parameter]:
         return {}
 
 
+def format_setting(key: str, value: Any) -> str:
+    """A flat setting as `key=value`, the way it is written on the command line (a string bare,
+    anything else as JSON with sorted keys)."""
+    return f"{key}={value if isinstance(value, str) else json.dumps(value, sort_keys=True)}"
+
+
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config as flat `{"a.b": value}` (lists kept whole)."""
     if not isinstance(node, dict):
@@ -183,11 +189,7 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any], checkpoint: str 
         shown = ", ".join(f"{k}: {show(old)} -> {show(new_)}" for k, (old, new_) in refused.items())
         # an option added since the checkpoint was written: the run trained at its default
         defaults = {k: target_default(new, k) for k, (old, _) in refused.items() if old is missing}
-        hint = " ".join(
-            f"{k}={v if isinstance(v, str) else json.dumps(v)}"
-            for k, v in defaults.items()
-            if v is not inspect.Parameter.empty
-        )
+        hint = " ".join(format_setting(k, v) for k, v in defaults.items() if v is not inspect.Parameter.empty)
         raise RunDirError(
             f"cannot resume from {checkpoint}: the config differs in what it trained with ({shown}); "
             "resume with the same settings"
