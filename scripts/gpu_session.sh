@@ -62,7 +62,7 @@ declare -A RUNS=(
   [zoo100_exemplar_all_detached]="$zoo prior=exemplar prior.exemplars=all prior.gradient=false"
   [zoo100_exemplar_knn_detached]="$zoo prior=exemplar prior.gradient=false"
 )
-DEFAULT_RUNS="lit_z40_flow lit_z40_gaussian_byte255 lit_z40_vampprior_byte255 lit_z40_flow_byte255"
+DEFAULT_RUNS="lit_z40_vampprior_byte255 lit_z40_flow_byte255 lit_z40_mixture lit_z40_exemplar_byte255"
 only=${ONLY:-$DEFAULT_RUNS}
 
 if [ -n "${CONTINUE_DIR:-}" ]; then
