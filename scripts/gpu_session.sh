@@ -65,7 +65,7 @@ declare -A RUNS=(
   [zoo100_exemplar_all_detached]="$zoo prior=exemplar prior.exemplars=all prior.gradient=false"
   [zoo100_exemplar_knn_detached]="$zoo prior=exemplar prior.gradient=false"
 )
-DEFAULT_RUNS="lit_z40_vampprior_byte255 lit_z40_exemplar_byte255 hj_z20_nowarmup"
+DEFAULT_RUNS="lit_z40_exemplar_byte255 hj_z20_nowarmup"
 only=${ONLY:-$DEFAULT_RUNS}
 
 if [ -n "${CONTINUE_DIR:-}" ]; then
