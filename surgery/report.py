@@ -1,22 +1,40 @@
-"""Turn a sweep's run directories into a comparison table and plots.
+"""Turn run directories into a comparison table across seeds, paired differences and plots.
 
-    python -m surgery.report multirun/prior_zoo/2026-11-23/19-16-06 [more run dirs...] [--out report/]
+    python -m surgery.report results/literature/runs --out results/literature \
+        [--headline results/literature/headline.yaml]
 
 A *run dir* is a folder holding `.hydra/config.yaml` and/or `checkpoints/` (what one
 `train.py` job leaves); a *multirun dir* holds numbered job dirs and `multirun.yaml`.
 Any folder given is searched for run dirs. Per run this reads the prior's option name,
 latent size and seed (`.hydra/config.yaml`, `.hydra/hydra.yaml`'s runtime choices), the
-decomposition in `surgery.json` and the epochs trained (`metrics.jsonl`). Runs without a
-`surgery.json` are listed as incomplete, with the reason, never dropped; a run with one is
-complete without its checkpoints (results committed without them, a checkpoint evaluated
-by `python -m surgery output_dir=...`).
+decomposition in `surgery.json`, the per-point test log p(x) in `log_px_test.npy` and the
+epochs trained (`metrics.jsonl`). Runs without a `surgery.json` are listed as incomplete,
+with the reason, never dropped; a run with one is complete without its checkpoints (results
+committed without them, a checkpoint evaluated by `python -m surgery output_dir=...`).
 
-Written to the output dir: `report.md` (one row per prior x latent size, each number the
-mean ± sample standard deviation over seeds), `decomposition.png` (average KL split into
-mutual information and marginal KL, per prior and latent size), `marginal_kl.png`
-(marginal KL against latent size, one line per prior, error bars over seeds) and, when
-any run left `surgery_aggregate_posterior*.png` pictures (2-D latents), `density_grids.png` with them side
-by side, and `samples.png` with one run's decoded prior samples per row, side by side.
+Runs whose configs differ only in the seed, in what a resume may change
+(`vae.run_dir.RESUMABLE_CHANGES`: how long and how verbosely to train, the evaluation's
+options) and in bookkeeping are seeds of one *row*; how each was evaluated is read from
+its `surgery.json` instead (split, importance samples, points), so runs evaluated
+differently are different rows.
+
+Written to the output dir: `report.md` with
+
+- one row per prior and setting: every estimate of `surgery.text.TERMS` as the mean ±
+  sample standard deviation (ddof=1) over the row's seeds, and how many seeds;
+- every seed's own values;
+- paired differences in test log p(x): for two rows scored on the same test points, per seed
+  s the mean of the per-point differences (row's seed s minus the baseline's seed s) with its
+  standard error over the points, and the mean ± standard deviation of those per-seed
+  differences over the seeds both rows have. A seed only one row has is left out of the pair
+  and named; first for the priors of one setting, then for the other pairs on the same points;
+
+and the plots `decomposition.png` (average KL split into mutual information and marginal
+KL), `marginal_kl.png` (marginal KL against latent size, error bars over seeds),
+`learning_curves.png`, and when runs left them `density_grids.png` and `samples.png`.
+With `--headline SPEC.yaml`, also `headline.md`: a short table (prior, seeds, test log p(x)
+mean ± sd over seeds, the published figure) of the rows the spec selects, with the command
+that regenerates it in its first line, for a README to include verbatim (`HeadlineSpec`).
 
 The library part is pure functions returning dataclasses; only `main` prints.
 """
@@ -24,58 +42,40 @@ The library part is pure functions returning dataclasses; only `main` prints.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import shlex
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from surgery.decomposition import upgrade_dict
 from surgery.run import DENSITY_PICTURE, FIT_JSON, SAMPLES_PICTURE, log_px_name
-from vae.run_dir import flatten, format_setting, is_target_default, matches_any
+from surgery.text import TERMS
+from vae.run_dir import RESUMABLE_CHANGES, flatten, format_setting, is_target_default, matches_any
+from vae.validation import ConfigError
 
-#: The table's columns: (surgery.json field, column title).
-COLUMNS: tuple[tuple[str, str], ...] = (
-    ("elbo", "ELBO"),
-    ("avg_kl", "avg KL"),
-    ("mutual_info", "MI"),
-    ("marginal_kl", "marginal KL"),
-    ("total_correlation", "TC"),
-    ("dimwise_kl", "dim-wise KL"),
-    ("optimal_prior_elbo", "optimal-prior ELBO"),
-    ("log_likelihood", "test log p(x)"),
-)
+#: The table's columns: (surgery.json field, column title), in `surgery.text.TERMS`' order.
+COLUMNS: tuple[tuple[str, str], ...] = tuple((t.name, t.title) for t in TERMS if t.in_report)
 #: Every field summarized over seeds (the columns plus what the plots need).
-FIELDS: tuple[str, ...] = tuple(k for k, _ in COLUMNS) + ("reconstruction", "log_n")
-#: Config keys that never change a result (bookkeeping), left out when runs are grouped.
-#: The seed is left out too: runs differing only in it are one row, summarized over seeds.
-IGNORED_SETTINGS: tuple[str, ...] = (
-    "seed",
-    "device",
-    "trainer.flush_denormal",  # like the device: how the arithmetic is done, not what is trained
-    "logger.",
-    "trainer.progress",
-    "trainer.resume",
-    "trainer.log_every_n_steps",
-    "trainer.eval_batch_size",
-    "data.path",
-    "data.cache_dir",
-    "surgery.enabled",
-    "surgery.batch_size",
-    "surgery.chunk_size",
-    "surgery.block_size",
-    "surgery.is_batch_elements",
-    "surgery.plots",
-    "surgery.plot_grid",
-    "experiment",
-    "hydra.",
-)
+FIELDS: tuple[str, ...] = tuple(k for k, _ in COLUMNS) + ("log_n",)
+#: Config keys that do not tell one row from another: what a resume may change (how long and how
+#: verbosely to train, the evaluation's options: each run's own evaluation is read from its
+#: surgery.json, `EVALUATION_KEYS`), how the run was started, and the seed, over which a row
+#: is summarized.
+IGNORED_SETTINGS: tuple[str, ...] = ("seed", "trainer.resume", "experiment", "hydra.", *RESUMABLE_CHANGES)
+#: surgery.json keys that say how a run was evaluated: runs evaluated differently are different rows.
+EVALUATION_KEYS: tuple[str, ...] = ("split", "log_likelihood_split", "is_samples", "is_points")
 #: Priors in this order first (the zoo's order), any others after, alphabetically.
 PRIOR_ORDER: tuple[str, ...] = ("gaussian", "mixture", "vampprior", "flow", "exemplar", "aggregate")
+#: Where the prior options live: a run without `.hydra/hydra.yaml` is named by the option of its class.
+PRIOR_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "prior"
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,8 @@ class RunRecord:
     log_px: Path | None = None  # per-point test log p(x) (log_px_test.npy), for paired differences
     samples_png: Path | None = None  # samples.png: draws from the prior, decoded
     fit: dict[str, Any] | None = None  # fit.json of a prior fitted after training (python -m priors.fit)
+    #: The run's resolved config (.hydra/config.yaml): what a headline selects rows by.
+    config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -118,21 +120,47 @@ class Row:
     epochs: tuple[int | None, ...]
     stats: dict[str, Stat]
     splits: tuple[str, ...]
-    log_px: tuple[float, ...] | None = None  # per-point test log p(x), averaged over the runs
     data: frozenset[str] = frozenset()  # the `data.*` settings: rows on other data are scored on other points
+    #: Everything but the prior: rows with the same setting and latent size compare priors.
+    setting: frozenset[str] = frozenset()
+    runs: tuple[RunRecord, ...] = field(default=(), compare=False, repr=False)  # in seed order
+
+    @property
+    def log_px(self) -> tuple[Path, ...] | None:
+        """The runs' per-point test log p(x) files (log_px_test.npy), None unless every run has one."""
+        paths = tuple(r.log_px for r in self.runs if r.log_px is not None)
+        return paths if self.runs and len(paths) == len(self.runs) else None
+
+
+@dataclass(frozen=True)
+class SeedDifference:
+    """Test log p(x) of a row's run minus the baseline's run of the same seed, on the same points:
+    the mean of the per-point differences and its standard error over the points."""
+
+    seed: int | None
+    mean: float
+    stderr: float
+    n_points: int
 
 
 @dataclass(frozen=True)
 class PairedDifference:
-    """Test log p(x) of row `a` minus row `b` on the same points: the mean of the per-point
-    differences and its standard error (much smaller than either row's own spread, because
-    the points' difficulty cancels)."""
+    """Row minus baseline in test log p(x), paired seed by seed on the same test points.
 
-    a: str
-    b: str
-    mean: float
-    stderr: float
-    n_points: int
+    `over_seeds` is the mean ± standard deviation of the per-seed means over the paired seeds:
+    how much the difference moves from one training run to the next. Each per-seed standard
+    error is far smaller than either row's spread over the points, because how hard each point
+    is cancels. `unpaired` names the seeds left out, and why (one row lacks the seed, a run has
+    no per-point values, or its points are other points).
+    """
+
+    row: str
+    baseline: str
+    same_setting: bool  # the same setting and latent size: the two rows differ in their priors only
+    seeds: tuple[SeedDifference, ...]
+    over_seeds: Stat
+    unpaired: tuple[str, ...] = ()
+    setting: str = ""  # the shared setting's label, for `same_setting` pairs
 
 
 @dataclass(frozen=True)
@@ -147,6 +175,7 @@ class Report:
 class ReportFiles:
     markdown: Path
     plots: list[Path] = field(default_factory=list)
+    headline: Path | None = None
 
 
 # ---- reading runs --------------------------------------------------------------------
@@ -228,12 +257,31 @@ def result_settings(config: dict[str, Any]) -> frozenset[str]:
     )
 
 
+@functools.cache
+def _prior_options(folder: Path = PRIOR_CONFIGS) -> dict[str, str]:
+    """`{class path: option name}` of the prior options that name their class themselves (an option
+    that extends another, like flow_spline, names none); a class two options name is left out."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+        content = _load_yaml(path) or {}
+        if isinstance(content, dict) and "_target_" in content and "defaults" not in content:
+            found.setdefault(str(content["_target_"]), []).append(path.stem)
+    return {target: names[0] for target, names in found.items() if len(names) == 1}
+
+
+def prior_name(target: str, choice: str | None) -> str:
+    """The prior's option name: the run's own choice (`.hydra/hydra.yaml`), else the option whose
+    class it is, else the class name. Runs made with and without hydra.yaml so share one name."""
+    return choice or _prior_options().get(target) or target.rsplit(".", 1)[-1]
+
+
 def read_run(path: str | Path) -> RunRecord:
     """Read one run dir. Never raises for a broken run: the reason goes to `problem`."""
     path = Path(path)
     problems: list[str] = []
     prior = latent_dim = seed = None
     settings: frozenset[str] = frozenset()
+    raw: dict[str, Any] = {}
     config_path = path / ".hydra" / "config.yaml"
     if config_path.is_file():
         try:
@@ -242,11 +290,11 @@ def read_run(path: str | Path) -> RunRecord:
             if (path / ".hydra" / "hydra.yaml").is_file():
                 hydra_cfg = (_load_yaml(path / ".hydra" / "hydra.yaml") or {}).get("hydra", {})
                 choices = (hydra_cfg.get("runtime") or {}).get("choices") or {}
-            target = str((config.get("prior") or {}).get("_target_", "?"))
-            prior = choices.get("prior") or target.rsplit(".", 1)[-1]
+            prior = prior_name(str((config.get("prior") or {}).get("_target_", "?")), choices.get("prior"))
             latent_dim = (config.get("vae") or {}).get("latent_dim")
             seed = config.get("seed")
             settings = result_settings(config)
+            raw = config
         except (yaml.YAMLError, AttributeError) as e:
             problems.append(f".hydra/config.yaml unreadable ({e.__class__.__name__})")
     else:
@@ -264,6 +312,9 @@ def read_run(path: str | Path) -> RunRecord:
         try:
             # An older file's `dimwise_kl` of a non-factorized prior is read as its `prior_mismatch_remainder`.
             surgery = upgrade_dict(json.loads(surgery_path.read_text()))
+            settings = settings | {
+                format_setting(f"evaluation.{k}", surgery[k]) for k in EVALUATION_KEYS if surgery.get(k) is not None
+            }
         except json.JSONDecodeError as e:
             problems.append(f"surgery.json unreadable ({e.msg} at line {e.lineno})")
     else:
@@ -297,6 +348,7 @@ def read_run(path: str | Path) -> RunRecord:
         log_px=log_px if log_px.is_file() else None,
         samples_png=path / SAMPLES_PICTURE if (path / SAMPLES_PICTURE).is_file() else None,
         fit=fit,
+        config=raw,
     )
 
 
@@ -317,21 +369,33 @@ def _prior_key(name: str) -> tuple[int, str]:
     return (PRIOR_ORDER.index(name), "") if name in PRIOR_ORDER else (len(PRIOR_ORDER), name)
 
 
-def _variants(groups: Sequence[frozenset[str]]) -> list[str]:
-    """Per group, its settings not shared by every group, minus the prior's and the latent size's.
+def _is_prior_setting(setting: str) -> bool:
+    return setting.startswith("prior.") or setting.startswith("prior=")
+
+
+def _variants(groups: Sequence[frozenset[str]], priors: Sequence[str] | None = None) -> list[str]:
+    """Per group, its settings not shared by every group, minus the latent size.
 
     A fit option (`fit.*`, how a prior fitted after training was fitted) is only compared among
     the fitted groups: trained runs have none, so one that all fitted groups share says nothing.
+    Likewise a prior's own option (`prior.*`) is only compared among the groups of the same prior
+    (`priors`, one name per group; without it, prior options are left out): the name says the rest.
     """
     common = set(frozenset.intersection(*groups)) if groups else set()
     fit_values: dict[str, set[str]] = {}
     for x in (x for g in groups for x in g if x.startswith("fit.")):
         fit_values.setdefault(x.split("=", 1)[0], set()).add(x)
     common |= {next(iter(v)) for v in fit_values.values() if len(v) == 1}
-    return [
-        ", ".join(sorted(_short(x) for x in g - common if not x.startswith(("prior", "vae.latent_dim="))))
-        for g in groups
-    ]
+    shown = []
+    for i, g in enumerate(groups):
+        if priors is None:
+            own = {x for x in g if _is_prior_setting(x)}
+        else:
+            same = [h for h, p in zip(groups, priors, strict=True) if p == priors[i]]
+            own = {x for x in frozenset.intersection(*same) if _is_prior_setting(x)}
+        rest = g - common - own - {x for x in g if x.startswith("vae.latent_dim=")}
+        shown.append(", ".join(sorted(_short(x) for x in rest)))
+    return shown
 
 
 def _short(setting: str) -> str:
@@ -342,49 +406,23 @@ def _short(setting: str) -> str:
     return setting
 
 
-def _mean_log_px(members: Sequence[RunRecord]) -> tuple[float, ...] | None:
-    import numpy as np
-
-    arrays = [np.load(r.log_px) for r in members if r.log_px is not None]
-    if len(arrays) != len(members) or len({a.shape for a in arrays}) != 1:
-        return None
-    return tuple(np.mean(arrays, axis=0).tolist())
-
-
-def paired_differences(rows: Sequence[Row]) -> list[PairedDifference]:
-    """For every pair of rows with per-point test log p(x) on the same points (the same data
-    settings and as many points), a minus b."""
-    out = []
-    with_points = [r for r in rows if r.log_px is not None]
-    for i, a in enumerate(with_points):
-        for b in with_points[i + 1 :]:
-            if len(a.log_px) != len(b.log_px) or a.data != b.data:
-                continue
-            d = [x - y for x, y in zip(a.log_px, b.log_px, strict=False)]
-            n = len(d)
-            mean = sum(d) / n
-            stderr = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else math.nan
-            out.append(PairedDifference(row_label(a), row_label(b), mean, stderr, n))
-    return out
-
-
 def row_label(row: Row) -> str:
     return f"{row.prior}, z={row.latent_dim}" + (f" ({row.variant})" if row.variant else "")
 
 
 def summarize(runs: Sequence[RunRecord]) -> Report:
     """Group complete runs by (prior, latent size, every other setting that changes a result);
-    summarize every field over the group's runs (seeds)."""
+    summarize every field over the group's runs (seeds); pair the rows scored on the same points."""
     complete = [r for r in runs if r.problem is None]
     groups: dict[tuple[str, int, frozenset[str]], list[RunRecord]] = {}
     for r in complete:
         groups.setdefault((str(r.prior), int(r.latent_dim or 0), r.settings), []).append(r)
     keys = sorted(groups, key=lambda k: (_prior_key(k[0]), k[1], sorted(k[2])))
-    variants = dict(zip(keys, _variants([k[2] for k in keys]), strict=False))
+    variants = dict(zip(keys, _variants([k[2] for k in keys], [k[0] for k in keys]), strict=True))
     rows = []
     for key in keys:
         prior, latent_dim, settings = key
-        members = sorted(groups[key], key=lambda r: (r.seed is None, r.seed))
+        members = sorted(groups[key], key=lambda r: (r.seed is None, r.seed or 0, str(r.path)))
         rows.append(
             Row(
                 prior=prior,
@@ -395,8 +433,9 @@ def summarize(runs: Sequence[RunRecord]) -> Report:
                 epochs=tuple(r.epochs for r in members),
                 stats={k: stat([(r.surgery or {}).get(k) for r in members]) for k in FIELDS},
                 splits=tuple(sorted({str((r.surgery or {}).get("split", "?")) for r in members})),
-                log_px=_mean_log_px(members),
                 data=frozenset(x for x in settings if x.startswith("data.")),
+                setting=frozenset(x for x in settings if not _is_prior_setting(x)),
+                runs=tuple(members),
             )
         )
     return Report(
@@ -411,15 +450,239 @@ def build_report(paths: Iterable[str | Path]) -> Report:
     return summarize([read_run(p) for p in find_run_dirs(paths)])
 
 
+# ---- paired differences --------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _load_log_px(path: Path) -> np.ndarray:
+    return np.load(path).astype(np.float64)
+
+
+def paired_seed(row_run: RunRecord, baseline_run: RunRecord) -> SeedDifference | str:
+    """Row's run minus the baseline's on the same test points, or why they cannot be paired."""
+    if row_run.log_px is None or baseline_run.log_px is None:
+        return "no per-point log p(x) (log_px_test.npy)"
+    a, b = _load_log_px(row_run.log_px), _load_log_px(baseline_run.log_px)
+    if a.shape != b.shape:
+        return f"other test points ({a.size:,} and {b.size:,})"
+    d = a - b
+    n = d.size
+    stderr = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return SeedDifference(row_run.seed, float(d.mean()), stderr, n)
+
+
+def _by_seed(row: Row) -> tuple[dict[int | None, RunRecord], list[RunRecord]]:
+    """The row's first run of each seed, and any further runs of a seed it already has."""
+    first: dict[int | None, RunRecord] = {}
+    extra = []
+    for r in row.runs:
+        if r.seed in first:
+            extra.append(r)
+        else:
+            first[r.seed] = r
+    return first, extra
+
+
+def pair_rows(row: Row, baseline: Row, *, row_name: str, baseline_name: str) -> PairedDifference | None:
+    """`row` minus `baseline`, seed s with seed s; None when no seed pairs (no per-point values,
+    or other points). Seeds only one of them has are named in `unpaired`, never paired with another."""
+    mine, mine_extra = _by_seed(row)
+    theirs, theirs_extra = _by_seed(baseline)
+    seeds: list[SeedDifference] = []
+    unpaired: dict[str, list[int | None]] = {}  # why -> the seeds left out for that reason
+    for seed in sorted(mine.keys() | theirs.keys(), key=lambda s: (s is None, s or 0)):
+        if seed not in theirs:
+            unpaired.setdefault(f"only {row_name}", []).append(seed)
+        elif seed not in mine:
+            unpaired.setdefault(f"only {baseline_name}", []).append(seed)
+        else:
+            paired = paired_seed(mine[seed], theirs[seed])
+            if isinstance(paired, str):
+                unpaired.setdefault(paired, []).append(seed)
+            else:
+                seeds.append(paired)
+    for r, name in [(r, row_name) for r in mine_extra] + [(r, baseline_name) for r in theirs_extra]:
+        unpaired.setdefault(f"another run of {name} ({r.path})", []).append(r.seed)
+    if not seeds:
+        return None
+    return PairedDifference(
+        row=row_name,
+        baseline=baseline_name,
+        same_setting=row.setting == baseline.setting and row.latent_dim == baseline.latent_dim,
+        seeds=tuple(seeds),
+        over_seeds=stat([s.mean for s in seeds]),
+        unpaired=tuple(f"seed{'s' if len(v) > 1 else ''} {_format_seeds(v)}: {why}" for why, v in unpaired.items()),
+    )
+
+
+def paired_differences(rows: Sequence[Row]) -> list[PairedDifference]:
+    """Every pair of rows on the same data, the later row minus the earlier one (the richer prior
+    minus the baseline, in `PRIOR_ORDER`), that pairs at least one seed on the same points.
+
+    Pairs of one setting (rows that differ in their priors only) come first, setting by setting,
+    labelled by the priors alone and carrying the setting's label; then all other pairs, labelled
+    in full."""
+    settings = sorted({(r.latent_dim, r.setting) for r in rows}, key=lambda s: (s[0], sorted(s[1])))
+    labels = _variants([s for _, s in settings])  # how the settings differ from each other
+    same: dict[tuple[int, frozenset[str]], list[PairedDifference]] = {s: [] for s in settings}
+    other = []
+    for j, row in enumerate(rows):
+        for baseline in rows[:j]:
+            if row.data != baseline.data:
+                continue  # other grey levels or another data set: other binary points
+            key = (row.latent_dim, row.setting)
+            if key == (baseline.latent_dim, baseline.setting):
+                pair = pair_rows(
+                    row, baseline, row_name=_prior_label(row, rows), baseline_name=_prior_label(baseline, rows)
+                )
+                if pair is not None:
+                    label = labels[settings.index(key)]
+                    same[key].append(replace(pair, setting=f"z={row.latent_dim}" + (f", {label}" if label else "")))
+            else:
+                pair = pair_rows(row, baseline, row_name=row_label(row), baseline_name=row_label(baseline))
+                if pair is not None:
+                    other.append(pair)
+    return [p for s in settings for p in same[s]] + other
+
+
+def _prior_label(row: Row, rows: Sequence[Row]) -> str:
+    """The row's prior, with its own options where another row of its setting has the same prior."""
+    twins = [r for r in rows if r.prior == row.prior and r.setting == row.setting and r.latent_dim == row.latent_dim]
+    if len(twins) < 2:
+        return row.prior
+    own = sorted(_short(x) for x in row.runs[0].settings if _is_prior_setting(x))
+    common = set.intersection(*({_short(x) for x in t.runs[0].settings if _is_prior_setting(x)} for t in twins))
+    return f"{row.prior} ({', '.join(x for x in own if x not in common)})"
+
+
+# ---- headline ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadlineSpec:
+    """What `headline.md` shows, read from a YAML file (`--headline`):
+
+        where: {vae.latent_dim: 40, data.byte_divisor: 255}   # config values every run of a row has
+        priors:                                               # by option name; both keys optional
+          gaussian: {name: Gaussian, published: [-84.45, 0.12]}
+        source: Published: ...                                # said under the table
+        note: ...
+
+    `where` is required; a key absent from an older config matches its class's default.
+    Rows of priors fitted after training are left out: the headline is of priors trained with
+    their model.
+    """
+
+    where: dict[str, Any]
+    names: dict[str, str] = field(default_factory=dict)
+    published: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    source: str = ""
+    note: str = ""
+
+
+def load_headline_spec(path: str | Path) -> HeadlineSpec:
+    """Read and check a headline spec; a mistake is a one-line `ConfigError` naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--headline {path}: no such file")
+    try:
+        content = _load_yaml(path) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--headline {path}: not YAML ({e.__class__.__name__})") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"--headline {path}: expected a mapping with `where`, got {type(content).__name__}")
+    unknown = sorted(set(content) - {"where", "priors", "source", "note"})
+    if unknown:
+        raise ConfigError(f"--headline {path}: unknown key(s) {', '.join(unknown)} (where, priors, source, note)")
+    where = content.get("where")
+    if not isinstance(where, dict) or not where:
+        raise ConfigError(f"--headline {path}: `where` must map config keys to values, e.g. vae.latent_dim: 40")
+    names, published = {}, {}
+    for prior, entry in (content.get("priors") or {}).items():
+        if not isinstance(entry, dict) or set(entry) - {"name", "published"}:
+            raise ConfigError(f"--headline {path}: priors.{prior} takes `name` and `published` only")
+        if "name" in entry:
+            names[str(prior)] = str(entry["name"])
+        if "published" in entry:
+            value = entry["published"]
+            pair = value if isinstance(value, list) else [value]
+            if not 1 <= len(pair) <= 2 or not all(isinstance(v, (int, float)) for v in pair):
+                raise ConfigError(f"--headline {path}: priors.{prior}.published must be a number or [mean, sd]")
+            published[str(prior)] = (float(pair[0]), float(pair[1]) if len(pair) == 2 else None)
+    return HeadlineSpec(
+        where={str(k): v for k, v in where.items()},
+        names=names,
+        published=published,
+        source=str(content.get("source") or ""),
+        note=str(content.get("note") or ""),
+    )
+
+
+def _has(config: Mapping[str, Any], key: str, value: Any) -> bool:
+    flat = flatten(dict(config))
+    if key in flat:
+        return flat[key] == value
+    return is_target_default(dict(config), key, value)  # an argument added since, at its default
+
+
+def headline_rows(report: Report, spec: HeadlineSpec) -> list[Row]:
+    """The rows all of whose runs have every `where` value, fitted priors left out."""
+    return [
+        row
+        for row in report.rows
+        if row.runs
+        and all(r.fit is None for r in row.runs)
+        and all(_has(r.config, k, v) for r in row.runs for k, v in spec.where.items())
+    ]
+
+
+def render_headline(report: Report, spec: HeadlineSpec, command: str) -> str:
+    """`headline.md`: prior, seeds, test log p(x) mean ± sd over seeds, the published figure."""
+    rows = headline_rows(report, spec)
+    variants = _variants([r.runs[0].settings for r in rows], [r.prior for r in rows]) if rows else []
+    lines = [
+        f"<!-- generated by `{command}`; edit the runs or the spec, not this file -->",
+        "",
+        "| prior | seeds | test log p(x), mean ± sd over seeds | published |",
+        "|---|---|---|---|",
+    ]
+    for row, variant in zip(rows, variants, strict=True):
+        name = spec.names.get(row.prior, row.prior) + (f" ({variant})" if variant else "")
+        published = spec.published.get(row.prior)
+        shown = "—" if published is None else _pm(published[0], published[1], 2)
+        s = row.stats["log_likelihood"]
+        lines.append(f"| {name} | {s.n} | {format_stat(s)} | {shown} |")
+    lines += [
+        "",
+        f"Test log p(x) in nats{_evaluation(rows)}. ± is the standard deviation over seeds (independent "
+        "training runs), as the published ± is; a row with one seed has none.",
+    ]
+    lines += [x for text in (spec.source, spec.note) if text for x in ("", text)]
+    return "\n".join(lines) + "\n"
+
+
+def _evaluation(rows: Sequence[Row]) -> str:
+    """How the rows' test log p(x) was estimated, when every run agrees: ` (K = 5000, 10,000 test points)`."""
+    runs = [r.surgery or {} for row in rows for r in row.runs]
+    ks = {s.get("is_samples") for s in runs}
+    points = {s.get("is_points") for s in runs}
+    if len(ks) != 1 or len(points) != 1 or None in ks | points:
+        return ""
+    return f" (importance sampling, K = {ks.pop()}, on {points.pop():,} test points)"
+
+
 # ---- rendering -----------------------------------------------------------------------
+
+
+def _pm(mean: float, spread: float | None, digits: int, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{mean:{sign}.{digits}f}" + ("" if spread is None else f" ± {spread:.{digits}f}")
 
 
 def format_stat(s: Stat, digits: int = 2) -> str:
     if s.mean is None:
         return "—"
-    if s.std is None:
-        return f"{s.mean:.{digits}f}"
-    return f"{s.mean:.{digits}f} ± {s.std:.{digits}f}"
+    return _pm(s.mean, s.std, digits)
 
 
 def _format_epochs(epochs: Sequence[int | None]) -> str:
@@ -430,18 +693,55 @@ def _format_epochs(epochs: Sequence[int | None]) -> str:
     return str(lo) if lo == hi else f"{lo}–{hi}"
 
 
+def _format_seeds(seeds: Sequence[int | None]) -> str:
+    return ", ".join("?" if s is None else str(s) for s in seeds)
+
+
+def _cell(value: Any, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _render_pairs(pairs: Sequence[PairedDifference], same_setting: bool) -> list[str]:
+    lines = []
+    header = (
+        "| row − baseline | seeds paired | per seed: difference ± s.e. over points | mean ± sd over seeds | points "
+    )
+    header += "| unpaired |"
+    if same_setting:
+        setting = None
+        for p in pairs:
+            if p.setting != setting:
+                setting = p.setting
+                lines += ["", f"**{setting}**", "", header, "|---|---|---|---|---|---|"]
+            lines.append(_pair_line(p, f"{p.row} − {p.baseline}"))
+    else:
+        lines += ["", header, "|---|---|---|---|---|---|"]
+        lines += [_pair_line(p, f"{p.row} − {p.baseline}") for p in pairs]
+    return lines
+
+
+def _pair_line(p: PairedDifference, name: str) -> str:
+    per_seed = "; ".join(f"seed {s.seed}: {_pm(s.mean, s.stderr, 3, signed=True)}" for s in p.seeds)
+    over = _pm(p.over_seeds.mean or 0.0, p.over_seeds.std, 3, signed=True)
+    if p.over_seeds.std is None:
+        over += " (one seed)"
+    points = ", ".join(f"{n:,}" for n in sorted({s.n_points for s in p.seeds}))
+    return f"| {name} | {len(p.seeds)} | {per_seed} | {over} | {points} | {'; '.join(p.unpaired) or '—'} |"
+
+
 def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
     lines = [
         "# ELBO surgery report",
         "",
-        "In nats per data point; each cell is the mean ± sample standard deviation (ddof=1) over the "
-        "runs (seeds) of that prior and latent size; a single run shows its value. ELBO, average KL, "
-        "MI, marginal KL, TC, dimension-wise KL and optimal-prior ELBO are on the surgery split; "
-        "test log p(x) is the importance-sampled log-likelihood. — : not reported (e.g. the "
-        "dimension-wise KL of a non-factorized prior).",
+        "In nats per data point. Each row is one prior in one setting; each cell is the mean ± sample standard "
+        "deviation (ddof=1) over the row's runs (seeds), whose number `runs` gives; a single run shows its value, "
+        "and **Per seed** below lists every run's own. ELBO, reconstruction, average KL, MI, marginal KL, TC, "
+        "dimension-wise KL and optimal-prior ELBO are on the surgery split (`split`); test log p(x) is the "
+        "importance-sampled log-likelihood of the test points. — : not reported (e.g. the dimension-wise KL "
+        "of a non-factorized prior).",
         "",
     ]
-    header = ["prior", "latents", "variant", *(title for _, title in COLUMNS), "runs", "epochs", "split"]
+    header = ["prior", "latents", "variant", *(title for _, title in COLUMNS), "runs", "seeds", "epochs", "split"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for row in report.rows:
@@ -451,6 +751,7 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
             row.variant or "—",
             *(format_stat(row.stats[k]) for k, _ in COLUMNS),
             str(row.n_runs),
+            _format_seeds(row.seeds),
             _format_epochs(row.epochs),
             ",".join(row.splits),
         ]
@@ -459,6 +760,27 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
         lines.append("")
         lines.append("No complete runs.")
     lines += ["", f"Complete runs: {sum(r.n_runs for r in report.rows)}; incomplete: {len(report.incomplete)}.", ""]
+    if report.rows:
+        lines += [
+            "## Per seed",
+            "",
+            "Every complete run's own values, by row. The s.e. of test log p(x) is its standard error over the "
+            "test points (mostly how hard each point is), not a spread over seeds.",
+            "",
+        ]
+        header = ["prior", "latents", "variant", "seed", "epochs", *(title for _, title in COLUMNS)]
+        header += ["s.e. (points)", "run dir"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for row in report.rows:
+            for run in row.runs:
+                s = run.surgery or {}
+                cells = [row.prior, str(row.latent_dim), row.variant or "—", _format_seeds([run.seed])]
+                cells += ["—" if run.epochs is None else str(run.epochs)]
+                cells += [_cell(s.get(k)) for k, _ in COLUMNS]
+                cells += [_cell(s.get("log_likelihood_stderr")), str(run.path)]
+                lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
     fitted = [r for r in report.runs if r.problem is None and r.fit is not None]
     if fitted:
         lines += [
@@ -490,18 +812,26 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
             )
         lines.append("")
     if report.paired:
+        same = [p for p in report.paired if p.same_setting]
+        other = [p for p in report.paired if not p.same_setting]
         lines += [
             "## Paired differences in test log p(x)",
             "",
-            "Row a minus row b on the same test points: the mean of the per-point differences ± its "
-            "standard error. The per-row spread above includes how hard each test point is; a paired "
-            "difference cancels it, so this is the uncertainty of a ranking. Rows whose data settings "
-            "differ are scored on other points and are not paired.",
-            "",
-            "| a | b | a − b (nats) | points |",
-            "|---|---|---|---|",
+            "Row minus baseline on the same test points, seed by seed: seed s of one with seed s of the other "
+            "(independent training runs either way; the seed number only fixes the pairing). Per seed, the mean "
+            "of the per-point differences ± its standard error over the points: how hard each point is cancels, "
+            "so it is far smaller than either row's own standard error. Over seeds, the mean ± sample standard "
+            "deviation (ddof=1) of the per-seed differences: how much the difference moves from one training "
+            "run to the next. A seed that only one row has, or whose run has no per-point log p(x), is left out "
+            "of the pair and named under `unpaired`; its row's own mean above still counts it. Rows on other data "
+            "settings are scored on other points and are not paired.",
         ]
-        lines += [f"| {p.a} | {p.b} | {p.mean:+.3f} ± {p.stderr:.3f} | {p.n_points:,} |" for p in report.paired]
+        if same:
+            lines += ["", "### Priors in one setting"]
+            lines += _render_pairs(same, same_setting=True)
+        if other:
+            lines += ["", "### Other pairs on the same test points"]
+            lines += _render_pairs(other, same_setting=False)
         lines.append("")
     lines += ["## Incomplete runs", ""]
     if report.incomplete:
@@ -549,9 +879,11 @@ def _figure(width: float, height: float):
 def plot_average_kl_split(report: Report, path: Path) -> Path:
     """Average KL split into mutual information (bottom) and marginal KL (top), one bar per
     prior and latent size, error bars over seeds; reconstruction is off scale, so left out."""
-    fig = _figure(max(6.0, 0.6 * len(report.rows) + 2), 4.5)
+    keys = _variant_keys(report.rows)
+    fig = _figure(max(6.0, 0.6 * len(report.rows) + 2), 4.5 + 0.2 * len(keys))
     ax = fig.add_subplot()
-    labels = [f"{r.prior}\nz={r.latent_dim}" + (f"\n{r.variant}" if r.variant else "") for r in report.rows]
+    labels = [f"{r.prior}\nz={r.latent_dim}" + (f"\n{keys[r.variant]}" if r.variant else "") for r in report.rows]
+    _key_caption(fig, keys)
     x = list(range(len(report.rows)))
     mi = [r.stats["mutual_info"].mean or 0.0 for r in report.rows]
     mkl = [r.stats["marginal_kl"].mean or 0.0 for r in report.rows]
@@ -619,32 +951,44 @@ def plot_density_grids(runs: Sequence[RunRecord], path: Path, columns: int = 4) 
     return path
 
 
-def plot_samples_side_by_side(report: Report, path: Path) -> Path | None:
-    """One picture of samples per row of the table (its first run that has `samples.png`), side by side;
-    None when no run has one."""
+def _variant_keys(rows: Sequence[Row]) -> dict[str, str]:
+    """`{variant: "[1]"}`: a variant is too long for a tick or a title, so it gets a key whose text
+    goes under the figure (`_key_caption`)."""
+    return {v: f"[{i + 1}]" for i, v in enumerate(dict.fromkeys(r.variant for r in rows if r.variant))}
+
+
+def _key_caption(fig, keys: Mapping[str, str]) -> None:
+    if keys:
+        fig.supxlabel("\n".join(f"{k} {v}" for v, k in keys.items()), fontsize=7, ha="left", x=0.02)
+
+
+def plot_samples_side_by_side(report: Report, path: Path, columns: int = 4) -> Path | None:
+    """One picture of samples per row of the table (its first run that has `samples.png`), in a grid,
+    each titled by its prior, latent size and test log p(x); None when no run has one."""
     import matplotlib.image as mpimg
 
     panels = []
     for row in report.rows:
-        for run in report.runs:
-            if (
-                run.problem is None
-                and run.samples_png is not None
-                and run.prior == row.prior
-                and run.latent_dim == row.latent_dim
-                and row.seeds[:1] == (run.seed,)
-            ):
-                panels.append((row, run.samples_png))
-                break
+        run = next((r for r in row.runs if r.samples_png is not None), None)
+        if run is not None:
+            panels.append((row, run.samples_png))
     if not panels:
         return None
-    fig = _figure(3.2 * len(panels), 3.6)
+    keys = _variant_keys([row for row, _ in panels])
+    cols = min(columns, len(panels))
+    grid_rows = math.ceil(len(panels) / cols)
+    fig = _figure(2.6 * cols, 2.9 * grid_rows + 0.15 * len(keys))
     for i, (row, png) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax = fig.add_subplot(grid_rows, cols, i + 1)
         ax.imshow(mpimg.imread(png))
-        ax.set_title(row_label(row), fontsize=8)
+        log_px = row.stats["log_likelihood"]
+        title = f"{row.prior}, z={row.latent_dim}" + (f" {keys[row.variant]}" if row.variant else "")
+        if log_px.mean is not None:
+            title += f"\nlog p(x) {format_stat(log_px)}"
+        ax.set_title(title, fontsize=8)
         ax.axis("off")
-    fig.savefig(path, dpi=120)
+    _key_caption(fig, keys)
+    fig.savefig(path, dpi=100)
     return path
 
 
@@ -705,8 +1049,9 @@ def plot_learning_curves(runs: Sequence[RunRecord], path: Path) -> Path | None:
     return path
 
 
-def write_report(report: Report, out: str | Path) -> ReportFiles:
-    """Write `report.md` and the PNGs to `out` (created); return their paths."""
+def write_report(report: Report, out: str | Path, headline: str | None = None) -> ReportFiles:
+    """Write `report.md` and the PNGs to `out` (created), and `headline.md` when `headline`
+    (its text, `render_headline`) is given; return their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots = []
@@ -724,20 +1069,30 @@ def write_report(report: Report, out: str | Path) -> ReportFiles:
             plots.append(extra)
     markdown = out / "report.md"
     markdown.write_text(render_markdown(report, plots))
-    return ReportFiles(markdown=markdown, plots=plots)
+    headline_path = None
+    if headline is not None:
+        headline_path = out / "headline.md"
+        headline_path.write_text(headline)
+    return ReportFiles(markdown=markdown, plots=plots, headline=headline_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m surgery.report",
-        description="Table and plots comparing the ELBO decomposition of trained runs.",
+        description="Tables across seeds, paired differences and plots of the ELBO decomposition of trained runs.",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run dirs, multirun dirs, or folders holding them")
     parser.add_argument("--out", default="report", help="output dir (default: report/)")
+    parser.add_argument(
+        "--headline",
+        metavar="SPEC.yaml",
+        help="also write headline.md: the rows the spec selects, with published figures (see HeadlineSpec)",
+    )
     args = parser.parse_args(argv)
     try:
+        spec = None if args.headline is None else load_headline_spec(args.headline)
         report = build_report(args.paths)
-    except (FileNotFoundError, NotADirectoryError) as e:
+    except (FileNotFoundError, NotADirectoryError, ConfigError) as e:
         print(f"surgery.report: error: {e}", file=sys.stderr)
         return 2
     if not report.runs:
@@ -747,12 +1102,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    files = write_report(report, args.out)
+    headline = None
+    if spec is not None:
+        if not headline_rows(report, spec):
+            where = " ".join(format_setting(k, v) for k, v in spec.where.items())
+            print(f"surgery.report: error: --headline {args.headline}: no complete run has {where}", file=sys.stderr)
+            return 2
+        command = ["python", "-m", "surgery.report", *args.paths, "--out", args.out, "--headline", args.headline]
+        headline = render_headline(report, spec, shlex.join(command))
+    files = write_report(report, args.out, headline)
     n_complete = sum(r.n_runs for r in report.rows)
     print(f"{len(report.runs)} runs: {n_complete} complete, {len(report.incomplete)} incomplete")
     for r in report.incomplete:
         print(f"  incomplete: {r.path}: {r.problem}")
     print(f"table: {files.markdown}")
+    if files.headline is not None:
+        print(f"headline: {files.headline}")
     for p in files.plots:
         print(f"plot:  {p}")
     return 0

@@ -1,34 +1,27 @@
-"""`python -m surgery.report` on fake run dirs: values, incomplete runs, plots."""
+"""`python -m surgery.report` on fake run dirs: values over seeds, paired differences, the headline,
+incomplete runs, plots."""
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from surgery import report as rep
+from surgery.text import TERMS
 
-ESTIMATES = (
-    "elbo",
-    "reconstruction",
-    "avg_kl",
-    "mutual_info",
-    "marginal_kl",
-    "total_correlation",
-    "dimwise_kl",
-    "prior_mismatch_remainder",
-    "optimal_prior_elbo",
-    "log_likelihood",
-)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_surgery(seed: int, latent_dim: int, prior: str) -> dict:
     """Distinct, exactly checkable numbers per run; a non-factorized prior has a remainder and no dimwise_kl."""
-    base = {"gaussian": 0.0, "vampprior": 3.0}[prior] + latent_dim
+    base = {"gaussian": 0.0, "vampprior": 3.0, "flow": 5.0}[prior] + latent_dim
     mi, mkl = 5.0 + 0.1 * seed + base / 10, 2.0 + 0.3 * seed + base / 5
     out = {
         "split": "train",
@@ -47,7 +40,8 @@ def fake_surgery(seed: int, latent_dim: int, prior: str) -> dict:
     }
     out["elbo"] = out["reconstruction"] - out["avg_kl"]
     out["optimal_prior_elbo"] = out["elbo"] + mkl
-    out.update({f"{k}_stderr": 0.01 for k in ESTIMATES})
+    out["identity_gap"] = 0.0
+    out.update({f"{t.name}_stderr": 0.01 for t in TERMS})
     factorized = out["prior_factorized"]
     out["dimwise_kl"] = out["prior_mismatch_remainder"] if factorized else None
     out["dimwise_kl_stderr"] = out["prior_mismatch_remainder_stderr"] if factorized else None
@@ -75,14 +69,25 @@ def make_run(
     samples: bool = False,
     old: bool = False,
     data: dict | None = None,
+    hydra_yaml: bool = True,
+    log_px: Sequence[float] | None = None,
+    is_samples: int = 10,
 ) -> dict | None:
+    """A run dir as train.py leaves it; `log_px`: its per-point test log p(x) (surgery.json's
+    log_likelihood is then their mean); `hydra_yaml=False`: as committed before hydra.yaml was kept."""
     (path / ".hydra").mkdir(parents=True)
-    target = {"gaussian": "priors.gaussian.GaussianPrior", "vampprior": "priors.vampprior.VampPrior"}[prior]
+    target = {
+        "gaussian": "priors.gaussian.GaussianPrior",
+        "vampprior": "priors.vampprior.VampPrior",
+        "flow": "priors.flow.FlowPrior",
+    }[prior]
     config = {"seed": seed, "vae": {"latent_dim": latent_dim}, "prior": {"_target_": target}}
     if data is not None:
         config["data"] = data
     (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
-    (path / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"prior": prior}}}}))
+    if hydra_yaml:
+        choices = {"hydra": {"runtime": {"choices": {"prior": prior}}}}
+        (path / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(choices))
     # a resumed run repeats its last epoch line; an incomplete last epoch is not counted
     lines = [{"epoch": e, "complete_epoch": True} for e in range(1, epochs + 1)]
     lines += [{"epoch": epochs, "complete_epoch": True}, {"epoch": epochs + 1, "complete_epoch": False}]
@@ -99,6 +104,10 @@ def make_run(
             fig.savefig(path / name)
     if surgery:
         values = fake_surgery(seed, latent_dim, prior)
+        values["is_samples"] = is_samples
+        if log_px is not None:
+            np.save(path / "log_px_test.npy", np.asarray(log_px, dtype=np.float64))
+            values["log_likelihood"] = float(np.mean(log_px))
         (path / "surgery.json").write_text(json.dumps(old_format(values) if old else values))
         return values
     return None
@@ -151,7 +160,8 @@ def test_rows_hold_mean_and_std_over_seeds(sweep) -> None:
 def test_markdown_table_cells_are_the_formatted_values(sweep) -> None:
     root, values = sweep
     md = rep.render_markdown(rep.build_report([root]))
-    table = [line for line in md.splitlines() if line.startswith("| gaussian") or line.startswith("| vampprior")]
+    main_table = md.split("## Per seed")[0]
+    table = [line for line in main_table.splitlines() if line.startswith(("| gaussian", "| vampprior"))]
     assert len(table) == 4
     for line in table:
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -162,7 +172,13 @@ def test_markdown_table_cells_are_the_formatted_values(sweep) -> None:
             xs = [v[key] for v in runs if v[key] is not None]  # None: not reported (a non-factorized dimwise_kl)
             expected = f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if xs else "—"
             assert cell == expected, (prior, latent_dim, key)
-        assert cells[-3:] == ["3", "5–7", "train"]
+        assert cells[-4:] == ["3", "0, 1, 2", "5–7", "train"]  # runs, seeds, epochs, split
+    # and every seed's own values, in the per-seed table
+    per_seed = md.split("## Per seed")[1].split("##")[0]
+    for (prior, latent_dim), runs in values.items():
+        for seed, v in enumerate(runs):
+            cells = " | ".join("—" if v[k] is None else f"{v[k]:.2f}" for k, _ in rep.COLUMNS)
+            assert f"| {prior} | {latent_dim} | — | {seed} | {5 + seed} | {cells} | 0.01 |" in per_seed
 
 
 def test_old_surgery_json_is_read_in_the_current_format(tmp_path: Path) -> None:
@@ -242,25 +258,201 @@ def test_runs_differing_in_any_setting_are_separate_rows(tmp_path: Path) -> None
 
 
 def test_paired_differences_match_a_hand_computation(tmp_path: Path) -> None:
-    import numpy as np
-
     rng = np.random.default_rng(0)
     hardness = rng.normal(-90, 20, size=500)  # shared by both models: cancels in the pairing
     a = hardness + 2.0 + rng.normal(0, 0.5, size=500)
     b = hardness + rng.normal(0, 0.5, size=500)
-    for name, prior, values in (("a", "vampprior", a), ("b", "gaussian", b)):
-        make_run(tmp_path / name, prior, 40, 0)
-        np.save(tmp_path / name / "log_px_test.npy", values)
+    make_run(tmp_path / "a", "vampprior", 40, 0, log_px=a)
+    make_run(tmp_path / "b", "gaussian", 40, 0, log_px=b)
     report = rep.build_report([tmp_path])
     (pair,) = report.paired
-    d = b - a  # the gaussian row comes first, so a = gaussian
-    assert (pair.a, pair.b, pair.n_points) == ("gaussian, z=40", "vampprior, z=40", 500)
-    assert pair.mean == pytest.approx(d.mean(), abs=1e-12)
-    assert pair.stderr == pytest.approx(d.std(ddof=1) / np.sqrt(500), rel=1e-9)
-    assert pair.stderr < 0.1 < 20 / np.sqrt(500)  # far below the unpaired spread
-    assert f"| gaussian, z=40 | vampprior, z=40 | {d.mean():+.3f} ± {pair.stderr:.3f} | 500 |" in rep.render_markdown(
-        report
+    d = a - b  # the later row (vampprior) minus the baseline (gaussian, first in PRIOR_ORDER)
+    assert (pair.row, pair.baseline, pair.same_setting, pair.setting) == ("vampprior", "gaussian", True, "z=40")
+    (seed,) = pair.seeds
+    assert (seed.seed, seed.n_points) == (0, 500)
+    assert seed.mean == pytest.approx(d.mean(), abs=1e-12)
+    assert seed.stderr == pytest.approx(d.std(ddof=1) / np.sqrt(500), rel=1e-9)
+    assert seed.stderr < 0.1 < 20 / np.sqrt(500)  # far below the unpaired spread
+    assert pair.over_seeds == rep.Stat(seed.mean, None, 1) and pair.unpaired == ()
+    md = rep.render_markdown(report)
+    assert (
+        f"| vampprior − gaussian | 1 | seed 0: {d.mean():+.3f} ± {seed.stderr:.3f} | {d.mean():+.3f} (one seed) "
+        "| 500 | — |" in md
     )
+
+
+#: Per-point test log p(x) of three priors, seeds 0-2 (the flow has no seed 2), on 4 test points,
+#: made so the differences are round: vampprior - gaussian is [1, 2, 3, 2], [2.5, 2.5, 1.5, 3.5] and
+#: [-0.5, 3.5, 1.5, 1.5] at seeds 0, 1, 2; flow - gaussian is [3, 4, 3, 2] and [4, 4, 4, 4] at seeds 0, 1.
+GAUSSIAN = {s: [-80.0 + 0.1 * s, -90.0 + 0.1 * s, -100.0 + 0.1 * s, -110.0 + 0.1 * s] for s in (0, 1, 2)}
+VAMP_MINUS_GAUSSIAN = {0: [1.0, 2.0, 3.0, 2.0], 1: [2.5, 2.5, 1.5, 3.5], 2: [-0.5, 3.5, 1.5, 1.5]}
+FLOW_MINUS_GAUSSIAN = {0: [3.0, 4.0, 3.0, 2.0], 1: [4.0, 4.0, 4.0, 4.0]}
+
+
+@pytest.fixture
+def three_priors(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    for s, g in GAUSSIAN.items():
+        make_run(root / f"gaussian_s{s}", "gaussian", 40, s, log_px=g)
+        vamp = [x + y for x, y in zip(g, VAMP_MINUS_GAUSSIAN[s], strict=True)]
+        make_run(root / f"vampprior_s{s}", "vampprior", 40, s, log_px=vamp)
+        if s in FLOW_MINUS_GAUSSIAN:
+            flow = [x + y for x, y in zip(g, FLOW_MINUS_GAUSSIAN[s], strict=True)]
+            make_run(root / f"flow_s{s}", "flow", 40, s, log_px=flow)
+    return root
+
+
+def test_seed_statistics_and_paired_differences_by_hand(three_priors: Path) -> None:
+    """Every number below is worked out by hand from the tables above."""
+    report = rep.build_report([three_priors])
+    rows = {r.prior: r for r in report.rows}
+    assert [r.prior for r in report.rows] == ["gaussian", "vampprior", "flow"]
+    assert (rows["gaussian"].seeds, rows["vampprior"].seeds, rows["flow"].seeds) == ((0, 1, 2), (0, 1, 2), (0, 1))
+    # test log p(x) per seed: gaussian -95, -94.9, -94.8; vampprior -93, -92.4, -93.3; flow -92, -90.9
+    expected = {"gaussian": (-94.9, 0.1), "vampprior": (-92.9, math.sqrt(0.21)), "flow": (-91.45, 0.55 * math.sqrt(2))}
+    for prior, (mean, sd) in expected.items():
+        s = rows[prior].stats["log_likelihood"]
+        assert (s.mean, s.std, s.n) == (
+            pytest.approx(mean, abs=1e-9),
+            pytest.approx(sd, abs=1e-9),
+            len(rows[prior].seeds),
+        )
+
+    pairs = {(p.row, p.baseline): p for p in report.paired}
+    assert list(pairs) == [("vampprior", "gaussian"), ("flow", "gaussian"), ("flow", "vampprior")]
+    assert all(p.same_setting and p.setting == "z=40" for p in pairs.values())
+    se_a, se_b, se_c = math.sqrt(1 / 6), math.sqrt(2 / 3), math.sqrt(1 / 3)  # sd / 2 over 4 points
+    by_hand = {
+        # (seed, mean, stderr) per paired seed; (mean, sd) over seeds; the unpaired seeds
+        ("vampprior", "gaussian"): ([(0, 2.0, se_a), (1, 2.5, se_a), (2, 1.5, se_b)], (2.0, 0.5), ()),
+        ("flow", "gaussian"): ([(0, 3.0, se_a), (1, 4.0, 0.0)], (3.5, math.sqrt(0.5)), ("seed 2: only gaussian",)),
+        ("flow", "vampprior"): (
+            [(0, 1.0, se_c), (1, 1.5, se_a)],
+            (1.25, math.sqrt(0.125)),
+            ("seed 2: only vampprior",),
+        ),
+    }
+    for key, (seeds, (mean, sd), unpaired) in by_hand.items():
+        pair = pairs[key]
+        assert [(s.seed, s.n_points) for s in pair.seeds] == [(seed, 4) for seed, _, _ in seeds], key
+        for s, (_, m, se) in zip(pair.seeds, seeds, strict=True):
+            assert (s.mean, s.stderr) == (pytest.approx(m, abs=1e-9), pytest.approx(se, abs=1e-9)), key
+        assert pair.over_seeds.mean == pytest.approx(mean, abs=1e-9) and pair.over_seeds.n == len(seeds)
+        assert pair.over_seeds.std == pytest.approx(sd, abs=1e-9)
+        assert pair.unpaired == unpaired
+    md = rep.render_markdown(report)
+    assert "### Priors in one setting" in md and "**z=40**" in md and "### Other pairs" not in md
+    assert (
+        "| flow − gaussian | 2 | seed 0: +3.000 ± 0.408; seed 1: +4.000 ± 0.000 | +3.500 ± 0.707 | 4 "
+        "| seed 2: only gaussian |" in md
+    )
+    assert "| vampprior | 40 | — | -92.90 ± 0.46 |" not in md  # log p(x) is the last estimate column
+    assert " | -92.90 ± 0.46 | 3 | 0, 1, 2 | 7 | train |" in md
+
+
+def test_a_seed_without_per_point_values_is_left_out_of_the_pair_and_named(three_priors: Path) -> None:
+    (three_priors / "vampprior_s1" / "log_px_test.npy").unlink()
+    np.save(three_priors / "flow_s0" / "log_px_test.npy", np.zeros(3))  # scored on other points
+    report = rep.build_report([three_priors])
+    pairs = {(p.row, p.baseline): p for p in report.paired}
+    vamp = pairs[("vampprior", "gaussian")]
+    assert [s.seed for s in vamp.seeds] == [0, 2]
+    assert vamp.unpaired == ("seed 1: no per-point log p(x) (log_px_test.npy)",)
+    assert vamp.over_seeds.mean == pytest.approx(1.75) and vamp.over_seeds.std == pytest.approx(math.sqrt(0.125))
+    flow = pairs[("flow", "gaussian")]
+    assert [s.seed for s in flow.seeds] == [1]
+    assert flow.unpaired == ("seed 0: other test points (3 and 4)", "seed 2: only gaussian")
+    # the rows' own statistics still count every seed (from surgery.json)
+    assert {r.prior: r.stats["log_likelihood"].n for r in report.rows} == {"gaussian": 3, "vampprior": 3, "flow": 2}
+
+
+def test_pairs_across_settings_are_listed_apart(tmp_path: Path) -> None:
+    make_run(tmp_path / "g40", "gaussian", 40, 0, log_px=[-90.0, -80.0])
+    make_run(tmp_path / "v40", "vampprior", 40, 0, log_px=[-89.0, -78.0])
+    make_run(tmp_path / "g10", "gaussian", 10, 0, log_px=[-95.0, -84.0])
+    report = rep.build_report([tmp_path])
+    same = [(p.row, p.baseline) for p in report.paired if p.same_setting]
+    other = [(p.row, p.baseline, p.seeds[0].mean) for p in report.paired if not p.same_setting]
+    assert same == [("vampprior", "gaussian")]
+    assert other == [("gaussian, z=40", "gaussian, z=10", 4.5), ("vampprior, z=40", "gaussian, z=10", 6.0)]
+    md = rep.render_markdown(report)
+    assert "| gaussian, z=40 − gaussian, z=10 | 1 | seed 0: +4.500 ± 0.500 | +4.500 (one seed) | 2 | — |" in md
+
+
+def test_runs_with_and_without_hydra_yaml_are_seeds_of_one_row(tmp_path: Path) -> None:
+    """Seed 0 committed without .hydra/hydra.yaml is named by its class's option, like the seeds with it."""
+    make_run(tmp_path / "s0", "flow", 40, 0, hydra_yaml=False)
+    make_run(tmp_path / "s1", "flow", 40, 1)
+    make_run(tmp_path / "k", "gaussian", 40, 2, is_samples=5000)  # evaluated otherwise: its own row
+    make_run(tmp_path / "k2", "gaussian", 40, 3)
+    report = rep.build_report([tmp_path])
+    assert [(r.prior, r.seeds, r.variant) for r in report.rows] == [
+        ("gaussian", (3,), "evaluation.is_samples=10"),
+        ("gaussian", (2,), "evaluation.is_samples=5000"),
+        ("flow", (0, 1), "evaluation.is_samples=10"),
+    ]
+    assert rep.prior_name("priors.flow.FlowPrior", None) == "flow"
+    assert rep.prior_name("priors.flow.FlowPrior", "flow_spline") == "flow_spline"
+    assert rep.prior_name("mypkg.MyPrior", None) == "MyPrior"
+
+
+HEADLINE_SPEC = """
+where: {vae.latent_dim: 40, data.byte_divisor: 255}
+priors:
+  gaussian: {name: Gaussian, published: [-84.45, 0.12]}
+  vampprior: {name: "VampPrior, K = 500", published: [-82.43, 0.06]}
+source: "Published: a table."
+"""
+
+
+def test_headline_selects_rows_and_shows_seeds_and_published_figures(three_priors: Path, tmp_path: Path) -> None:
+    for run in three_priors.iterdir():  # the runs on byte / 255; one more run on other levels
+        config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+        config["data"] = {"_target_": "vae.data.mnist", "byte_divisor": 255}
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    make_run(three_priors / "other", "gaussian", 40, 0, data={"_target_": "vae.data.mnist", "byte_divisor": 256})
+    spec_path = tmp_path / "headline.yaml"
+    spec_path.write_text(HEADLINE_SPEC)
+    out = tmp_path / "out"
+    assert rep.main([str(three_priors), "--out", str(out), "--headline", str(spec_path)]) == 0
+    lines = (out / "headline.md").read_text().splitlines()
+    command = f"python -m surgery.report {three_priors} --out {out} --headline {spec_path}"
+    assert lines[0] == f"<!-- generated by `{command}`; edit the runs or the spec, not this file -->"
+    assert lines[2:7] == [
+        "| prior | seeds | test log p(x), mean ± sd over seeds | published |",
+        "|---|---|---|---|",
+        "| Gaussian | 3 | -94.90 ± 0.10 | -84.45 ± 0.12 |",
+        "| VampPrior, K = 500 | 3 | -92.90 ± 0.46 | -82.43 ± 0.06 |",
+        "| flow | 2 | -91.45 ± 0.78 | — |",
+    ]
+    assert lines[-1] == "Published: a table."
+
+
+def test_headline_mistakes_are_one_line_errors(three_priors: Path, tmp_path: Path, capsys) -> None:
+    spec = tmp_path / "spec.yaml"
+    for content, message in (
+        ("where: {vae.latent_dim: 7}\n", "no complete run has vae.latent_dim=7"),
+        ("where: {}\n", "`where` must map config keys to values"),
+        ("where: {seed: 0}\ntitle: x\n", "unknown key(s) title"),
+        ("where: {seed: 0}\npriors: {flow: {published: [1, 2, 3]}}\n", "priors.flow.published must be"),
+    ):
+        spec.write_text(content)
+        assert rep.main([str(three_priors), "--out", str(tmp_path / "out"), "--headline", str(spec)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("surgery.report: error: --headline") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_headline_where_matches_a_key_an_older_config_lacks_at_its_default(three_priors: Path) -> None:
+    """`data.byte_divisor: 256` is the data function's default: a config written before the option
+    existed (no byte_divisor) has it."""
+    for run in three_priors.iterdir():
+        config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+        config["data"] = {"_target_": "vae.data.mnist"}
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    report = rep.build_report([three_priors])
+    assert len(rep.headline_rows(report, rep.HeadlineSpec(where={"data.byte_divisor": 256}))) == 3
+    assert rep.headline_rows(report, rep.HeadlineSpec(where={"data.byte_divisor": 255})) == []
 
 
 def test_samples_of_each_row_side_by_side(tmp_path: Path) -> None:
@@ -298,8 +490,9 @@ def test_variants_name_networks_by_class_and_leave_out_arithmetic_settings() -> 
         "vae.decoder=GatedMLPDecoder, vae.encoder=GatedMLPEncoder",
         "vae.decoder=MLPDecoder, vae.encoder=MLPEncoder",
     ]
-    config = {"seed": 0, "trainer": {"flush_denormal": True, "patience": 50}}
-    assert rep.result_settings(config) == {"trainer.patience=50"}
+    # How long to train may change on a resume (each seed's epochs are shown); warm-up changes the model.
+    config = {"seed": 0, "trainer": {"flush_denormal": True, "patience": 50, "max_epochs": 9, "warmup_epochs": 100}}
+    assert rep.result_settings(config) == {"trainer.warmup_epochs=100"}
 
 
 def test_a_setting_at_its_targets_default_groups_with_a_run_made_before_it_existed() -> None:
@@ -334,8 +527,6 @@ def test_fit_options_are_compared_among_fitted_rows_only() -> None:
 
 
 def test_rows_on_other_data_are_not_paired(tmp_path: Path) -> None:
-    import numpy as np
-
     mnist = {"_target_": "vae.data.mnist", "dynamic": True}
     for name, prior, data in (
         ("a", "gaussian", mnist),
@@ -346,4 +537,23 @@ def test_rows_on_other_data_are_not_paired(tmp_path: Path) -> None:
         np.save(tmp_path / name / "log_px_test.npy", np.full(50, -90.0))
     report = rep.build_report([tmp_path])
     assert len(report.rows) == 3
-    assert [(p.a, p.b) for p in report.paired] == [("gaussian, z=40", "vampprior, z=40")]
+    assert [(p.row, p.baseline, p.same_setting) for p in report.paired] == [("vampprior", "gaussian", True)]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+LITERATURE = "python -m surgery.report results/literature/runs --out results/literature --headline {spec}"
+
+
+def test_committed_literature_report_is_what_its_runs_give(monkeypatch) -> None:
+    """results/literature/report.md and headline.md (which the README shows) are regenerated from the
+    committed runs, so neither can drift from them: rerun the command in headline.md's first line."""
+    monkeypatch.chdir(ROOT)  # the committed report names its runs relative to the repository root
+    out = Path("results/literature")
+    spec = out / "headline.yaml"
+    report = rep.build_report(["results/literature/runs"])
+    headline = (out / "headline.md").read_text()
+    command = LITERATURE.format(spec=spec)
+    assert headline == rep.render_headline(report, rep.load_headline_spec(spec), command), f"run: {command}"
+    committed = (out / "report.md").read_text()
+    plots = [Path(line.split("(")[1].rstrip(")")) for line in committed.splitlines() if line.startswith("![")]
+    assert committed == rep.render_markdown(report, plots), f"run: {command}"
