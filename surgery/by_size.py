@@ -6,7 +6,9 @@ barely overlap, the mutual information sits at log M and a fixed prior's margina
 by one nat each time M grows e-fold, in the total correlation: that much of the marginal KL
 measures the data set's size, not the prior, and no prior fitted to other points can win it
 back on these. Writes `by_size[_<split>].json` and `by_size[_<split>].png` into the
-checkpoint's run directory (or `output_dir`) and prints a table. Options: conf/by_size.yaml.
+checkpoint's run directory (or `output_dir`, which a checkpoint outside a priorlab run
+directory needs) and prints a table. The checkpoint is loaded as `python -m surgery` loads it
+(docs/checkpoints.md). Options: conf/by_size.yaml.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from surgery.decomposition import encode, terms_by_size
 from surgery.run import split_file_name, write_json_dict
 from vae import resolve_device
-from vae.checkpoint import load_model, run_dir_of
+from vae.checkpoint import checkpoint_option, load_model, output_dir_option
 from vae.cli import one_line_errors
 from vae.data import SPLITS
 from vae.validation import ConfigError, check_bool, check_choice, check_int
@@ -39,14 +41,17 @@ def default_sizes(n: int) -> list[int]:
 
 def by_size_main(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
     """Check the options, load, compute, save; return the JSON content and the written files."""
+    check_bool("debug", cfg.get("debug", False))
+    checkpoint = checkpoint_option(cfg)
     check_choice("split", cfg.split, SPLITS)
     check_int("seed", cfg.seed, 0)
     check_int("batch_size", cfg.batch_size, 1)
     check_int("dimwise_samples", cfg.dimwise_samples, 1, allow_none=True)
     check_bool("plots", cfg.plots)
     device = resolve_device(cfg.device)
-    checkpoint = Path(cfg.checkpoint).expanduser()
-    model, data, _ = load_model(checkpoint, device, allow=cfg.get("allow") or (), data_path=cfg.get("data_path"))
+    # Where the outputs go is settled before any work: next to the checkpoint only in a run dir of priorlab's.
+    out_dir = output_dir_option(checkpoint, cfg.get("output_dir"))
+    model, data, _ = load_model(checkpoint, device, allow=cfg.get("allow"), data_path=cfg.get("data_path"))
     x = data.split(cfg.split)
     sizes = default_sizes(len(x)) if cfg.sizes is None else list(OmegaConf.to_container(cfg.sizes))
     if not sizes or any(not isinstance(m, int) or isinstance(m, bool) for m in sizes):
@@ -74,7 +79,6 @@ def by_size_main(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
         "dimwise_samples": cfg.dimwise_samples,
         "rows": rows,
     }
-    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else run_dir_of(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": write_json_dict(content, out_dir / split_file_name("by_size", cfg.split, "json"))}
     if cfg.plots:
@@ -102,7 +106,7 @@ def format_by_size(content: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="by_size")
 def main(cfg: DictConfig) -> None:
-    with one_line_errors("surgery.by_size", debug=bool(cfg.get("debug"))):
+    with one_line_errors("surgery.by_size", debug=cfg.get("debug") is True):  # debug=maybe: refused in one line
         content, files = by_size_main(cfg)
     print(format_by_size(content))
     for path in files.values():
