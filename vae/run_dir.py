@@ -16,16 +16,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import inspect
 import json
+import logging
 import os
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
@@ -52,35 +56,175 @@ class RunDirError(RuntimeError):
     """The run directory cannot be used by this run (in use, already holding a run, or a disagreeing resume)."""
 
 
-class RunDirLock:
-    """Hold an exclusive lock on `run_dir` while the `with` block runs."""
+def missing_dirs(path: str | Path) -> list[Path]:
+    """The directories `path.mkdir(parents=True)` would create, deepest first."""
+    path = Path(os.path.abspath(path))
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / ".lock"
+
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove each of `dirs` (deepest first) that is empty; stop at the first that is not."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (someone else writes there now), or already gone
+            if d.exists():
+                return
+
+
+class RunDirLock:
+    """Hold an exclusive lock on `run_dir` while the `with` block runs.
+
+    A run that never calls `claim` (one refused by a check after the lock was taken) leaves
+    the directory as it was: the `.lock` file it created and the directories it, or Hydra
+    before it (`created`), made are removed when the block ends.
+
+    Args:
+        run_dir: the run directory; created if missing.
+        created: directories made for this run before the lock was taken (by Hydra, see
+            `RecordRunDir`), deepest first; removed with the lock's own when the run is refused.
+    """
+
+    def __init__(self, run_dir: str | Path, created: list[Path] | tuple[Path, ...] = ()) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / ".lock"
+        self.created = list(created)
+        self.claimed = False
+        self._made_lock = False
         self._fd: int | None = None
 
     def __enter__(self) -> RunDirLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        made = missing_dirs(self.run_dir)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            remove_empty_dirs(made + self.created)
+            raise self._unusable(e) from None
+        self.created = made + self.created
+        while True:
+            existed = self.path.exists()
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:  # a read-only directory or filesystem
+                remove_empty_dirs(self.created)
+                raise self._unusable(e) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise RunDirError(
+                    f"{self.path.parent} is in use by another run (PID {holder}); wait for it to finish, "
+                    "or give this run its own directory (hydra.run.dir=...)"
+                ) from None
+            # A refused run removes the .lock it made: whoever opened that file before it went
+            # holds a lock on a name that no longer exists. Lock again, by the name.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise RunDirError(
-                f"{self.path.parent} is in use by another run (PID {holder}); wait for it to finish, "
-                "or give this run its own directory (hydra.run.dir=...)"
-            ) from None
+        self._made_lock = not existed
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
 
+    def _unusable(self, error: OSError) -> RunDirError:
+        return RunDirError(
+            f"cannot use {self.run_dir} as the run directory: {error.strerror or error} "
+            f"({error.filename or self.run_dir}); give the run a directory it can write (hydra.run.dir=...)"
+        )
+
+    def claim(self) -> None:
+        """The run passed every check and now writes into the directory: it stays, whatever happens next."""
+        self.claimed = True
+
     def __exit__(self, *exc: Any) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self._fd is None:
+            return
+        if not self.claimed:
+            if self._made_lock:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            remove_empty_dirs(self.created)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+# ---- the run directory Hydra makes before train.py runs ---------------------------------
+
+#: Per run directory (absolute, as Hydra names it), the directories that did not exist before
+#: Hydra made them for this process's run (deepest first); filled by `RecordRunDir`.
+_MADE_BY_HYDRA: dict[str, list[Path]] = {}
+
+
+class RecordRunDir(Callback):
+    """A Hydra callback (conf/train.yaml) that notes which directories Hydra is about to create
+    for the run, so that a refused run can remove them again (`made_by_hydra`).
+
+    Hydra creates `hydra.run.dir` before the task starts, whether or not the run will be
+    refused, and a directory it cannot create ends in Hydra's traceback: that case is refused
+    here, on one line (exit code 2), before Hydra tries. Only single runs are noted: a
+    sweep's job directories sit under the sweep's own.
+
+    Args:
+        prog: the command named in the error line.
+    """
+
+    def __init__(self, prog: str = "train.py") -> None:
+        self.prog = prog
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            run_dir = str(OmegaConf.select(config, "hydra.run.dir"))
+        except Exception:  # noqa: BLE001 (an unresolvable dir is Hydra's to report; nothing is noted)
+            return
+        if not run_dir.strip():
+            return  # train.py refuses it, on one line
+        missing = missing_dirs(run_dir)
+        _MADE_BY_HYDRA[os.path.abspath(run_dir)] = missing
+        if missing and not os.access(missing[-1].parent, os.W_OK | os.X_OK):
+            # A Hydra callback is the only code that runs before Hydra's mkdir: the error is printed here.
+            sys.stderr.write(
+                f"{self.prog}: error: cannot create the run directory {run_dir}: {missing[-1].parent} is not "
+                "writable; give the run a directory it can write (hydra.run.dir=...)\n"
+            )
+            raise SystemExit(2)
+
+
+def made_by_hydra(run_dir: str | Path) -> list[Path]:
+    """The directories Hydra created for this run at `run_dir` (deepest first; [] when none or unknown)."""
+    return list(_MADE_BY_HYDRA.pop(os.path.abspath(run_dir), []))
+
+
+# ---- the run's log file ------------------------------------------------------------------
+
+#: The run's log, written once the run has claimed its directory (Hydra's own job logging would
+#: create it, and the directory, before any check could refuse the run).
+LOG_FILE = "train.log"
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+@contextlib.contextmanager
+def log_to_file(path: str | Path) -> Iterator[None]:
+    """Copy what the root logger handles to `path` (appended) while the block runs."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 #: Where a run directory keeps its resolved config: `python -m surgery.report` reads a run's
@@ -95,8 +239,21 @@ def write_config(run_dir: str | Path, config: DictConfig | dict[str, Any]) -> No
     OmegaConf.save(config if isinstance(config, DictConfig) else OmegaConf.create(config), path, resolve=True)
 
 
-def holds_a_run(run_dir: Path) -> bool:
-    return (run_dir / "metrics.jsonl").exists() or any((run_dir / "checkpoints").glob("*.pt"))
+def run_files(run_dir: str | Path) -> list[str]:
+    """What in `run_dir` makes it hold a run, relative to it: `checkpoints/*.pt` and `metrics.jsonl`.
+
+    Nothing else counts: `.hydra/`, `train.log` and `.lock` are what a run leaves before its
+    first epoch ends (a job pre-empted then may start over).
+    """
+    run_dir = Path(run_dir)
+    found = sorted(f"checkpoints/{p.name}" for p in (run_dir / "checkpoints").glob("*.pt"))
+    if (run_dir / "metrics.jsonl").exists():
+        found.append("metrics.jsonl")
+    return found
+
+
+def holds_a_run(run_dir: str | Path) -> bool:
+    return bool(run_files(run_dir))
 
 
 def check_fresh(run_dir: str | Path) -> None:

