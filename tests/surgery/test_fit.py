@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from priors.gaussian import GaussianPrior
 from priors.mixture import MixturePrior
 from surgery import report as rep
-from surgery.fit import FitOptions, fit_main, fit_prior
+from surgery.decomposition import Estimate
+from surgery.fit import FitOptions, FitStreams, comparison, fit_main, fit_prior, summary
+from tests.surgery.test_checks import InflatedPrior
 from train import train
 from vae.checkpoint import load_model
 from vae.validation import ConfigError
@@ -61,6 +66,11 @@ def test_the_elbo_gain_is_the_marginal_kl_reduction(compose, trained, tmp_path, 
         assert r["elbo_gain"] == pytest.approx(r["elbo_after"] - r["elbo_before"])
     assert result["train"]["marginal_kl_after"] < result["train"]["marginal_kl_before"]  # it fitted something
     assert result["fit"]["epochs"] >= 1 and len(result["curve"]) == result["fit"]["epochs"]
+    # The old prior is compared with the new on the very draws the fit early-stopped on.
+    v = result["validation"]
+    assert v["log_prior_after"] == pytest.approx(result["fit"]["best_val_log_prior"], abs=1e-9)
+    assert v["gain"] == pytest.approx(v["log_prior_after"] - v["log_prior_before"]) and not v["worse"]
+    assert result["impossible"] == [] and result["train"]["estimator_failure"] is None
     # The new run dir holds a checkpoint of the same networks with the new prior.
     old, _, _ = load_model(trained)
     new, _, cfg = load_model(out_dir / "checkpoints" / "best.pt")
@@ -164,7 +174,7 @@ def test_rebinarize_fits_to_fresh_draws_and_keeps_the_identity(compose, trained,
     assert "| MixturePrior (fresh binarizations) | GaussianPrior |" in md
     # The same prior fitted the default way is a row of its own, not a second seed of this one.
     plain, _ = fit_main(fit_cfg(compose, trained, tmp_path / "plain", "prior=mixture", "prior.num_components=10"))
-    rows = [r for r in rep.build_report([plain, out_dir]).rows if r.prior == "MixturePrior"]
+    rows = [r for r in rep.build_report([plain, out_dir]).rows if r.prior == "mixture"]  # the option name
     assert [r.n_runs for r in rows] == [1, 1]
     assert any("fit.rebinarize=True" in r.variant for r in rows)
     for split in ("train", "test"):
@@ -211,3 +221,132 @@ def test_bad_fit_options_are_one_line(trained, tmp_path):
         timeout=300,
     )
     assert done.returncode == 2 and done.stderr.strip() == "priors.fit: error: fit.lr must be a number > 0, got -1"
+
+
+class ShiftedPrior(GaussianPrior):
+    """N(3, I): a correct prior, far from any aggregate posterior this model has."""
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__(latent_dim)
+        self.mean.fill_(3.0)
+
+
+def test_fit_streams_are_apart() -> None:
+    streams = FitStreams.of(0)
+    seeds = [streams.init, streams.draws, streams.prior_rng, streams.validation, streams.evaluation]
+    assert len(set(seeds)) == 5 and 0 not in seeds  # none replays another, nor the bare seed
+    assert FitStreams.of(0, surgery_seed=1).evaluation != streams.evaluation  # surgery.seed still varies the noise
+    assert FitStreams.of(1).init != streams.init
+
+
+@pytest.mark.parametrize("streams", ["apart", "one seed for all, the old defect"])
+def test_the_new_priors_initialization_is_not_the_surgery_noise(compose, trained, tmp_path, monkeypatch, streams):
+    """The z every surgery draws (its noise eps = (z - mu) / sigma) against a fitted mixture's initial
+    means: uncorrelated with the defaults. With every stream seeded alike, as before, the means were
+    the first surgery noise itself, which this measurement catches (its power)."""
+    import surgery.decomposition as decomposition
+    import surgery.fit as fit_module
+
+    k = 200
+    noise: list[torch.Tensor] = []
+    draw = decomposition.reparameterize
+
+    def recording(mu, logvar, generator=None):
+        z = draw(mu, logvar, generator)
+        noise.append(((z - mu) * torch.exp(-0.5 * logvar)).reshape(-1, mu.shape[-1]).detach().double())
+        return z
+
+    initial: list[torch.Tensor] = []
+    build = fit_module.build_prior
+
+    def building(*args, **kwargs):
+        prior = build(*args, **kwargs)
+        initial.append(prior.means.detach().clone().double())
+        return prior
+
+    monkeypatch.setattr(decomposition, "reparameterize", recording)
+    monkeypatch.setattr(fit_module, "build_prior", building)
+    if streams != "apart":
+        monkeypatch.setattr(fit_module, "derive_seed", lambda seed, *salt: seed)
+    overrides = ["prior=mixture", f"prior.num_components={k}", "fit.max_epochs=1"]
+    fit_main(fit_cfg(compose, trained, tmp_path / "fit", *overrides))
+    (means,) = initial
+    draws = [eps[:k].flatten() for eps in noise if len(eps) >= k]
+    assert len(draws) >= 4  # the ELBO draws of the train and test surgeries, before and after
+    correlations = [torch.corrcoef(torch.stack([means.flatten(), eps]))[0, 1].abs().item() for eps in draws]
+    if streams == "apart":
+        assert max(correlations) < 0.25, correlations  # 600 numbers: chance gives about 0.04
+        assert not any(torch.allclose(means.flatten(), eps, atol=1e-3) for eps in draws)
+    else:
+        assert max(correlations) > 0.9, correlations
+
+
+def _report(kl: float, kl_stderr: float, elbo: float) -> SimpleNamespace:
+    return SimpleNamespace(
+        marginal_kl=Estimate(kl, kl_stderr),
+        elbo=Estimate(elbo, 0.05),
+        identity_gap=Estimate(0.0, 0.01),
+        mutual_info=Estimate(2.0, 0.001),
+        log_likelihood=None,
+    )
+
+
+def test_a_negative_marginal_kl_is_an_estimator_failure_not_a_gain(tmp_path) -> None:
+    # The collapsed digits model of the issue: 0.020 -> -13.37 on the test split, an "ELBO gain" of +13.4.
+    before = {"train": _report(0.020, 0.001, -30.0), "test": _report(0.020, 0.001, -31.0)}
+    after = {"train": _report(0.010, 0.001, -29.99), "test": _report(-13.37, 0.05, -17.6)}
+    out = comparison(before, after)
+    test, train_split = out["test"], out["train"]
+    assert test["share_closed"] is None and test["elbo_gain"] is None and test["marginal_kl_reduction"] is None
+    assert "marginal KL after -13.37 ± 0.05 nats" in test["estimator_failure"]
+    assert train_split["estimator_failure"] is None and train_split["share_closed"] == pytest.approx(0.5)
+    # Below 0 within its Monte Carlo error is no failure: the exact aggregate posterior sits at 0.
+    within = comparison(before, {**after, "test": _report(-0.002, 0.001, -31.0)})["test"]
+    assert within["estimator_failure"] is None and within["share_closed"] == pytest.approx(1.1)
+    validation = {"log_prior_before": -5.0, "log_prior_after": -4.0, "gain": 1.0, "gain_stderr": 0.01, "worse": False}
+    result = {**out, "old_prior": "GaussianPrior", "new_prior": "MixturePrior", "validation": validation}
+    lines, warnings = summary(tmp_path, result)
+    assert lines[0].startswith("train:") and "% closed" in lines[0]
+    assert "ESTIMATOR FAILURE, no gain reported" in lines[1] and "closed" not in lines[1] and "gain -" not in lines[1]
+    assert warnings == []
+
+
+def test_a_fitted_prior_worse_than_the_one_it_replaced_is_reported(compose, trained, tmp_path) -> None:
+    cfg = fit_cfg(compose, trained, tmp_path / "fit", "prior=gaussian", f"prior._target_={__name__}.ShiftedPrior")
+    out_dir, result = fit_main(cfg)
+    v = result["validation"]
+    assert v["worse"] and v["gain"] < -1.0 and v["log_prior_after"] < v["log_prior_before"]
+    assert json.loads((out_dir / "fit.json").read_text())["validation"]["worse"] is True
+    lines, warnings = summary(out_dir, result)
+    assert len(warnings) == 1 and warnings[0].startswith("the fitted prior is worse than the one it replaced")
+    assert f"log p(z) is {-v['gain']:.3f} +- " in warnings[0] and lines[-1] == f"wrote {out_dir}"
+    assert result["impossible"] == []  # worse is a valid result, not an impossible one
+
+
+def test_an_unnormalized_prior_is_flagged_not_reported_as_a_gain(compose, trained, tmp_path) -> None:
+    target = f"{InflatedPrior.__module__}.InflatedPrior"
+    out_dir, result = fit_main(
+        fit_cfg(compose, trained, tmp_path / "fit", "prior=gaussian", f"prior._target_={target}")
+    )
+    for split in ("train", "test"):
+        assert result[split]["estimator_failure"] and result[split]["share_closed"] is None
+    flagged = " ".join(result["impossible"])
+    assert "train ELBO after +" in flagged and "test log p(x) after +" in flagged and "marginal KL after -" in flagged
+    assert "ELBO before" not in flagged  # the model's own Gaussian prior is fine
+    assert json.loads((out_dir / "fit.json").read_text())["impossible"] == result["impossible"]
+
+
+@pytest.mark.slow
+def test_the_cli_exits_2_on_impossible_figures_and_warns_on_a_worse_prior(trained, tmp_path) -> None:
+    def fit(target: str, out: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "priors.fit", f"checkpoint={trained}", "prior=gaussian"]
+        command += [f"prior._target_={target}", f"out_dir={tmp_path / out}", "device=cpu", "surgery.is_samples=10"]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    done = fit(f"{InflatedPrior.__module__}.InflatedPrior", "inflated")
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith("priors.fit: error: the fit's figures are impossible"), done.stderr
+    assert "ESTIMATOR FAILURE" in done.stdout and (tmp_path / "inflated" / "fit.json").is_file()
+    done = fit(f"{__name__}.ShiftedPrior", "shifted")
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 0 and last.startswith("priors.fit: warning: the fitted prior is worse"), done.stderr
