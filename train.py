@@ -35,7 +35,15 @@ from vae.run_dir import (
     write_config,
 )
 from vae.trainer import evaluate, load_checkpoint
-from vae.validation import ConfigError, check_arguments, check_bool, check_choice, check_int, check_sizes, check_text
+from vae.validation import (
+    ConfigError,
+    check_arguments,
+    check_bool,
+    check_choice,
+    check_int,
+    check_sizes,
+    check_targets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +89,6 @@ def resolve_config(cfg: DictConfig) -> dict[str, Any]:
     except OmegaConfBaseException as e:
         message = " ".join(str(e).split("\n")[0].split())
         raise ConfigError(f"{e.full_key or 'the config'} cannot be resolved: {message}") from None
-
-
-def check_targets(node: Any, key: str = "") -> None:
-    """Every `_target_` in the config must import: a typo is one line naming its key, before any work."""
-    if isinstance(node, dict):
-        target = node.get("_target_")
-        if target is not None:
-            name = f"{key}._target_" if key else "_target_"
-            check_text(name, target)
-            try:
-                get_object(target)
-            except Exception as e:  # noqa: BLE001 (Hydra raises ImportError, ValueError, ... for a bad path)
-                cause = " ".join(str(e.__cause__ or e).split())
-                raise ConfigError(f"{name}={target} cannot be imported: {cause}") from None
-        for k, v in node.items():
-            check_targets(v, f"{key}.{k}" if key else str(k))
 
 
 def check_prior(cfg: DictConfig, latent_dim: int) -> None:

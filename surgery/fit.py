@@ -71,12 +71,12 @@ from surgery.run import (
 )
 from vae import build_prior, resolve_device
 from vae.callbacks import consumers, encode
-from vae.checkpoint import load_model, run_dir_of
+from vae.checkpoint import checkpoint_option, load_model, run_dir_of
 from vae.cli import one_line_errors
 from vae.data import derive_seed
 from vae.run_dir import write_config
 from vae.trainer import CHECKPOINT_FORMAT, save_checkpoint
-from vae.validation import ConfigError, check_bool, check_int, check_number
+from vae.validation import ConfigError, check_arguments, check_bool, check_int, check_number, check_targets
 
 log = logging.getLogger(__name__)
 
@@ -368,15 +368,17 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     code 2), `validation.worse` says the fitted prior lost to the one it replaced (the CLI
     warns), and each split's `estimator_failure` a negative marginal-KL estimate.
     """
+    checkpoint = checkpoint_option(cfg)
+    check_bool("debug", cfg.get("debug", False))
+    check_targets(OmegaConf.to_container(cfg.prior, resolve=False), "prior")
     surgery = SurgeryOptions.from_config(cfg.surgery)
-    options = FitOptions(**OmegaConf.to_container(cfg.fit, resolve=True))
+    options = FitOptions(**check_arguments("fit", FitOptions, OmegaConf.to_container(cfg.fit, resolve=True)))
     check_int("seed", cfg.seed, 0)
     seed = int(cfg.seed)
     streams = FitStreams.of(seed, surgery.seed)
     # The surgeries' noise is the evaluation stream: never the stream that initialized the prior.
     surgery = dataclasses.replace(surgery, seed=streams.evaluation)
     device = resolve_device(cfg.device)
-    checkpoint = Path(cfg.checkpoint).expanduser()
     name = str(cfg.prior._target_).rsplit(".", 1)[-1]
     # Where the outputs go is settled before any work: next to the checkpoint only in a run dir of priorlab's.
     out_dir = (
@@ -503,7 +505,7 @@ def summary(out_dir: Path, result: dict[str, Any]) -> tuple[list[str], list[str]
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="fit")
 def main(cfg: DictConfig) -> None:
-    debug = bool(cfg.get("debug"))
+    debug = cfg.get("debug") is True  # `debug=maybe` is refused inside, as a one-line error
     with one_line_errors("priors.fit", debug=debug):
         out_dir, result = fit_main(cfg)
     lines, warnings = summary(out_dir, result)

@@ -50,7 +50,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import yaml
@@ -802,13 +802,17 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
             ll = f.get("test_log_likelihood_gain")
             how = "—" if not f.get("fit") else f"{f['fit']['epochs']}, {f['fit']['seconds']:.0f}"
             fresh = " (fresh binarizations)" if (f.get("fit_options") or {}).get("rebinarize") else ""
+            flags = [
+                *(["worse than the prior it replaced"] if (f.get("validation") or {}).get("worse") else []),
+                *(["impossible figures"] if f.get("impossible") else []),
+            ]
             lines.append(
-                f"| {f['new_prior']}{fresh} | {f['old_prior']} | {tr['marginal_kl_before']:.3f} → "
-                f"{tr['marginal_kl_after']:.3f} | "
-                f"{100 * tr['share_closed']:.1f}% | {te['marginal_kl_before']:.3f} → {te['marginal_kl_after']:.3f} | "
-                f"{100 * te['share_closed']:.1f}% | {tr['elbo_gain']:+.3f} | "
-                f"{tr['identity_gap']:+.3f} ± {tr['identity_gap_stderr']:.3f} | "
-                f"{'—' if ll is None else f'{ll:+.3f}'} | {how} |"
+                f"| {f['new_prior']}{fresh}{''.join(f' ({flag})' for flag in flags)} | {f['old_prior']} | "
+                f"{tr['marginal_kl_before']:.3f} → {tr['marginal_kl_after']:.3f} | {_share(tr)} | "
+                f"{te['marginal_kl_before']:.3f} → {te['marginal_kl_after']:.3f} | {_share(te)} | "
+                f"{_signed(tr.get('elbo_gain'))} | "
+                f"{_signed(tr.get('identity_gap'))} ± {tr['identity_gap_stderr']:.3f} | "
+                f"{_signed(ll)} | {how} |"
             )
         lines.append("")
     if report.paired:
@@ -1076,8 +1080,27 @@ def write_report(report: Report, out: str | Path, headline: str | None = None) -
     return ReportFiles(markdown=markdown, plots=plots, headline=headline_path)
 
 
+def _share(split: dict[str, Any]) -> str:
+    """A split's share of the marginal KL closed, or why there is none (a negative KL estimate)."""
+    if split.get("estimator_failure"):
+        return "estimator failure"
+    share = split.get("share_closed")
+    return "—" if share is None else f"{100 * share:.1f}%"
+
+
+def _signed(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.3f}"
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (`surgery.report: error: ...`, exit 2) instead of the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"surgery.report: error: {message}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m surgery.report",
         description="Tables across seeds, paired differences and plots of the ELBO decomposition of trained runs.",
     )
@@ -1089,6 +1112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also write headline.md: the rows the spec selects, with published figures (see HeadlineSpec)",
     )
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if not args.out.strip() or (out.exists() and not out.is_dir()):
+        parser.error(f"--out must be a directory path, got {args.out!r}{' (a file)' if out.is_file() else ''}")
     try:
         spec = None if args.headline is None else load_headline_spec(args.headline)
         report = build_report(args.paths)

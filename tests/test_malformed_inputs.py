@@ -31,6 +31,10 @@ import train as train_cli
 import vae.run_dir
 from train import train
 
+# 108 inputs composed and run in-process over a tiny checkpoint: seconds on a quiet machine, not the
+# fast tier's budget.
+pytestmark = pytest.mark.slow
+
 #: The smallest run: every case below is refused before it would train, and would be quick if not.
 TINY = (
     "data=digits",
@@ -152,7 +156,7 @@ CASES = [
     case("surgery", "checkpoint={ckpt}", "allow=mypkg.*", option="allow"),
     case("surgery", "checkpoint={ckpt}", "output_dir={file}", option="output_dir"),
     # ---- python -m priors.fit -----------------------------------------------------------------
-    case("fit", option="checkpoint", owner="surgery/fit.py"),
+    case("fit", option="checkpoint"),
     case("fit", "checkpoint=/nonexistent.pt", option="checkpoint"),
     case("fit", "checkpoint=/dev/zero", option="checkpoint"),
     case("fit", "checkpoint={ckpt}", "fit.lr=0", option="fit.lr"),
@@ -167,17 +171,17 @@ CASES = [
     case("fit", "checkpoint={ckpt}", "surgery.split=nope", option="surgery.split"),
     case("fit", "checkpoint={ckpt}", "prior=mixture", "prior.num_components=0", option="num_components"),
     case("fit", "checkpoint={ckpt}", "data_path=/dev/zero", option="data_path"),
-    case("fit", "checkpoint={ckpt}", "prior._target_=nope.Nope", option="prior._target_", owner="surgery/fit.py"),
-    case("fit", "checkpoint={ckpt}", "+fit.foo=1", option="fit", owner="surgery/fit.py"),
-    case("fit", "checkpoint={ckpt}", "debug=maybe", "fit.lr=0", option="debug", owner="surgery/fit.py"),
+    case("fit", "checkpoint={ckpt}", "prior._target_=nope.Nope", option="prior._target_"),
+    case("fit", "checkpoint={ckpt}", "+fit.foo=1", option="fit"),
+    case("fit", "checkpoint={ckpt}", "debug=maybe", "fit.lr=0", option="debug"),
     case("fit", "checkpoint={ckpt}", "allow=mypkg.*", option="allow"),
     # ---- python -m surgery.report -------------------------------------------------------------
     case("report", "/nonexistent/run", option="/nonexistent/run"),
     case("report", "{dir}", option="no run dirs found"),
-    case("report", option="PATH", owner="surgery/report.py"),
-    case("report", "{trained}", "--nope", option="--nope", owner="surgery/report.py"),
-    case("report", "{trained}", "--out", "", option="--out", owner="surgery/report.py"),
-    case("report", "{trained}", "--out", "{file}", option="--out", owner="surgery/report.py"),
+    case("report", option="PATH"),
+    case("report", "{trained}", "--nope", option="--nope"),
+    case("report", "{trained}", "--out", "", option="--out"),
+    case("report", "{trained}", "--out", "{file}", option="--out"),
 ]
 
 

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_object
+
 
 class ConfigError(ValueError):
     """An option has a value priorlab cannot use."""
@@ -122,3 +124,19 @@ def check_arguments(
         for k, p in parameters.items()
         if k not in given and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     }
+
+
+def check_targets(node: Any, key: str = "") -> None:
+    """Every `_target_` in the config must import: a typo is one line naming its key, before any work."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None:
+            name = f"{key}._target_" if key else "_target_"
+            check_text(name, target)
+            try:
+                get_object(target)
+            except Exception as e:  # noqa: BLE001 (Hydra raises ImportError, ValueError, ... for a bad path)
+                cause = " ".join(str(e.__cause__ or e).split())
+                raise ConfigError(f"{name}={target} cannot be imported: {cause}") from None
+        for k, v in node.items():
+            check_targets(v, f"{key}.{k}" if key else str(k))
