@@ -5,6 +5,16 @@
 # (trainer.resume=true in these experiments), so calling the script again continues them.
 #
 #   scripts/gpu_session.sh OUT SECONDS
+#   scripts/gpu_session.sh bench OUT [ARGS]   # issue 28's measurements alone, on the idle GPU
+#
+# `bench` mode: installs the carried wheels if Hydra is missing (carry .whl; the device
+# image has torch but not hydra-core/omegaconf), runs the CUDA tests (at most 90 s), then
+# bench/gpu_bench.py (ARGS passed on; its --budget, 390 s), under 8 minutes in all, into
+# OUT/gpu: bench.log, results.json, summary.md, profile.txt, cuda_tests.log. Nothing else
+# runs beside it, so the timings are the idle GPU's. Without a GPU, `bench OUT --smoke`
+# checks the script in under a minute or two (docs/gpus.md). The device call:
+#
+#   run(command="scripts/gpu_session.sh bench $OUT", carry=[".whl"], timeout_s=600)
 #
 # OUT       where the results go: runs.tgz (every run dir without checkpoints, every log)
 #           and the last.pt of each run named in RETURN_CKPTS, in pieces of at most 15 MB
@@ -28,6 +38,27 @@
 # TESTS         0 skips the CUDA tests and the benchmark.
 # PYTHON        the interpreter (default python3).
 set -u
+if [ "${1:-}" = bench ]; then
+  out=$2/gpu
+  shift 2
+  py=${PYTHON:-python3}
+  mkdir -p "$out"
+  export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+  if ! "$py" -c "import hydra, omegaconf" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  started=$(date +%s)
+  nvidia-smi --query-gpu=name,memory.total,driver_version,utilization.gpu --format=csv,noheader 2>/dev/null
+  if [ "${TESTS:-1}" != 0 ]; then
+    timeout 90 "$py" -m pytest -m cuda -q -p no:cacheprovider tests >"$out/cuda_tests.log" 2>&1
+    echo "CUDA tests: exit $? ($(($(date +%s) - started)) s)"
+    tail -n 5 "$out/cuda_tests.log"
+  fi
+  "$py" bench/gpu_bench.py --out "$out" "$@" 2>&1 | tee "$out/bench.log"
+  echo "total $(($(date +%s) - started)) s"
+  exit 0
+fi
 out=$1
 budget=$2
 started=$(date +%s)

@@ -313,3 +313,176 @@ def test_gradient_where_a_row_chunk_turns_dense_after_sparse_blocks(monkeypatch)
     assert seen  # dense blocks were summed
     torch.testing.assert_close(got, vectorized_reference(z, mu, logvar, idx), rtol=0, atol=1e-9)
     torch.testing.assert_close(zz.grad.double(), z64.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("logvar_mean", [-6.0, 0.0])
+def test_gpu_block_profile_gives_the_same_results_on_the_cpu(monkeypatch, logvar_mean):
+    # A GPU walks the matrix in wide blocks, with no narrow first block and large dense blocks,
+    # and recomputes a block's located entries in pieces; forced here on the CPU (scaled down),
+    # sparse (sharp) and dense (broad), with exclusions and the gradient.
+    gpu_like = densities._BlockProfile(min_block_elements=3000, first_block_groups=None, dense_block_elements=900)
+    monkeypatch.setattr(densities, "_block_profile", lambda device: gpu_like)
+    monkeypatch.setattr(densities, "RECOMPUTE_ELEMENTS", 16)  # pieces of 3 entries of D = 5
+    mu, logvar = posteriors(700, 5, logvar_mean)
+    z, idx = samples(mu, logvar, 50)
+    exclude = torch.where(torch.arange(50) % 3 == 0, torch.full_like(idx, -1), idx)
+    z64 = z.double().requires_grad_()
+    expected = vectorized_reference(z64, mu, logvar, exclude)
+    expected.sum().backward()
+    zz = z.double().requires_grad_()
+    got = gaussian_mixture_logsumexp(zz, mu.double(), logvar.double(), exclude, 16, block_size=64, group=4)
+    got.sum().backward()
+    torch.testing.assert_close(got, expected.detach(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(zz.grad, z64.grad, rtol=1e-9, atol=1e-9)
+
+
+# ---- the one-dimensional marginals: gaussian_mixture_marginals_logsumexp ----------------------
+
+
+def reference_marginals(z, mu, logvar):
+    """Each dimension's mixture by a plain double loop over points and components, in Python floats."""
+    z, mu, logvar = z.double().tolist(), mu.double().tolist(), logvar.double().tolist()
+    out = []
+    for zm in z:
+        row = []
+        for d, zmd in enumerate(zm):
+            terms = [
+                -0.5 * math.log(2 * math.pi * math.exp(lv[d])) - 0.5 * (zmd - mn[d]) ** 2 / math.exp(lv[d])
+                for mn, lv in zip(mu, logvar, strict=True)
+            ]
+            top = max(terms)
+            row.append(top + math.log(sum(math.exp(t - top) for t in terms)))
+        out.append(row)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def vectorized_marginals(z, mu, logvar):
+    """The same with broadcasting, float64, one dimension at a time."""
+    z, mu, logvar = z.double(), mu.double(), logvar.double()
+    cols = []
+    for d in range(z.shape[1]):
+        lv = logvar[:, d]
+        cols.append(
+            torch.logsumexp(-0.5 * (math.log(2 * math.pi) + lv + (z[:, d, None] - mu[:, d]) ** 2 / lv.exp()), -1)
+        )
+    return torch.stack(cols, -1)
+
+
+def marginal_posteriors(n, m, seed=0):
+    """Four kinds of dimension: sharp and spread (log-variances -7..-3, several classes), collapsed
+    (all near N(0, 1): every component counts everywhere), in between, and a mixture of sharp and
+    collapsed components in one dimension; points drawn from the mixture."""
+    g = torch.Generator().manual_seed(seed)
+    mu, logvar = torch.empty(n, 4), torch.empty(n, 4)
+    mu[:, 0], logvar[:, 0] = torch.randn(n, generator=g), -7 + 4 * torch.rand(n, generator=g)
+    mu[:, 1], logvar[:, 1] = 0.01 * torch.randn(n, generator=g), 0.01 * torch.randn(n, generator=g)
+    mu[:, 2], logvar[:, 2] = 0.8 * torch.randn(n, generator=g), -1 + 0.5 * torch.randn(n, generator=g)
+    half = n // 2
+    mu[:, 3], logvar[:, 3] = (
+        2 * torch.randn(n, generator=g),
+        torch.cat([torch.full((half,), -6.0), torch.zeros(n - half)]),
+    )
+    idx = torch.randint(n, (m,), generator=g)
+    z = mu[idx] + torch.exp(0.5 * logvar[idx]) * torch.randn(m, 4, generator=g)
+    return z, mu, logvar
+
+
+def test_marginals_match_double_loop():
+    z, mu, logvar = marginal_posteriors(40, 12)
+    stats = {}
+    got = densities.gaussian_mixture_marginals_logsumexp(
+        z.double(), mu.double(), logvar.double(), method="expand", stats=stats
+    )
+    assert got.dtype == torch.float64 and got.shape == (12, 4)
+    torch.testing.assert_close(got, reference_marginals(z, mu, logvar), rtol=0, atol=1e-11)
+    assert stats["direct"] == 0 and stats["pairs"] > 0  # the expansion did the work
+
+
+def test_marginals_at_scale_skip_most_entries_and_stay_exact():
+    z, mu, logvar = marginal_posteriors(2000, 1000)
+    stats = {}
+    got = densities.gaussian_mixture_marginals_logsumexp(z, mu, logvar, stats=stats)
+    # float32 inputs are taken as the float64 numbers they are
+    assert (got - vectorized_marginals(z, mu, logvar)).abs().max() < 1e-11
+    assert stats["pairs"] < 2000 * 4 * 60  # ~30-40 nodes per component, not 1,000 points
+    assert stats["direct"] < 0.001 * got.numel()
+
+
+def test_marginals_error_stays_within_a_loose_tolerance():
+    # Short expansions: the bound sends what it cannot vouch for to the direct sum, and what it keeps
+    # is within the tolerance (an underestimating bound would let larger errors through).
+    z, mu, logvar = marginal_posteriors(500, 400, seed=1)
+    expected = vectorized_marginals(z, mu, logvar)
+    errors = []
+    for order in (8, 10, 12):
+        stats = {}
+        got = densities.gaussian_mixture_marginals_logsumexp(
+            z, mu, logvar, order=order, tolerance=1e-4, method="expand", stats=stats
+        )
+        errors.append((got - expected).abs().max().item())
+        assert errors[-1] <= 1e-4, order
+        assert stats["direct"] < got.numel()
+    assert max(errors) > 1e-9  # the truncation was visible, so the check above could fail
+
+
+def test_marginals_outliers_and_zero_tolerance_take_the_direct_sum():
+    z, mu, logvar = marginal_posteriors(300, 50, seed=2)
+    z[:3, 0] = torch.tensor([30.0, -45.0, 12.0])  # far beyond every sharp component: tiny sums
+    expected = vectorized_marginals(z, mu, logvar)
+    stats = {}
+    got = densities.gaussian_mixture_marginals_logsumexp(z, mu, logvar, method="expand", stats=stats)
+    # (the outliers' values are ~ -1e4 nats: float64 formulas differ by ~1e-16 of that)
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-11)
+    assert stats["direct"] >= 3
+    stats = {}
+    got = densities.gaussian_mixture_marginals_logsumexp(z, mu, logvar, tolerance=0.0, method="expand", stats=stats)
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-12)
+    assert stats["direct"] == got.numel() and stats["pairs"] > 0
+
+
+def test_marginals_passes_and_too_fine_grids_do_not_change_results(monkeypatch):
+    z, mu, logvar = marginal_posteriors(200, 40, seed=3)
+    expected = vectorized_marginals(z, mu, logvar)
+    monkeypatch.setattr(densities, "_marginal_budgets", lambda device: (2000, 100))  # several passes of each kind
+    stats = {}
+    got = densities.gaussian_mixture_marginals_logsumexp(z, mu, logvar, method="expand", stats=stats)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-11)
+    assert stats["direct"] == 0
+    monkeypatch.setattr(densities, "_NODE_LIMIT", 1)  # every grid too fine: each dimension direct
+    stats = {}
+    got = densities.gaussian_mixture_marginals_logsumexp(z, mu, logvar, stats=stats)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert stats["direct_dims"] == 4
+
+
+def test_marginals_few_points_are_summed_directly():
+    # 6 points against 300 components: the direct sum is cheaper than ~35 nodes per component.
+    z, mu, logvar = marginal_posteriors(300, 6, seed=4)
+    expected = vectorized_marginals(z, mu, logvar)
+    for method in ("auto", "direct"):
+        stats = {}
+        got = densities.gaussian_mixture_marginals_logsumexp(z, mu, logvar, method=method, stats=stats)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+        assert stats["direct"] == got.numel() and stats["pairs"] == 0, method
+    with pytest.raises(ValueError, match="method"):
+        densities.gaussian_mixture_marginals_logsumexp(z, mu, logvar, method="fast")
+
+
+def test_marginals_edge_cases():
+    z, mu, logvar = marginal_posteriors(20, 5)
+    f = densities.gaussian_mixture_marginals_logsumexp
+    assert f(z[:0], mu, logvar).shape == (0, 4)
+    assert torch.isneginf(f(z, mu[:0], logvar[:0])).all()
+    one = f(z, mu[:1], logvar[:1])  # one component: its log density
+    torch.testing.assert_close(one, vectorized_marginals(z, mu[:1], logvar[:1]), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="expects z"):
+        f(z[:, :2], mu, logvar)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_marginals_cuda_match_float64():
+    z, mu, logvar = marginal_posteriors(4000, 3000)
+    got = densities.gaussian_mixture_marginals_logsumexp(z.cuda(), mu.cuda(), logvar.cuda())
+    assert got.is_cuda
+    assert (got.cpu() - vectorized_marginals(z, mu, logvar)).abs().max() < 1e-11

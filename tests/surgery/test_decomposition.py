@@ -16,7 +16,7 @@ from torch import nn
 
 from priors.gaussian import GaussianPrior
 from surgery import SurgeryReport, aggregate_terms, decompose, importance_log_likelihood, terms_by_size
-from surgery.decomposition import upgrade_dict
+from surgery.decomposition import CUDA_IS_BATCH_ELEMENTS, importance_batch_shape, upgrade_dict
 from surgery.text import format_table, table_rows
 from vae.model import VAE
 
@@ -267,6 +267,26 @@ def test_total_correlation_zero_when_q_factorizes():
     assert terms.mutual_info.value > 1.0
     # and the dimension-wise KL then carries the whole marginal KL
     assert terms.dimwise_kl.value == pytest.approx(terms.marginal_kl.value, abs=1e-9)
+
+
+def test_all_samples_by_default_and_tc_plus_remainder_is_the_marginal_kl():
+    # At all M samples (the default) TC + remainder = marginal KL sample by sample, so on average too.
+    g = torch.Generator().manual_seed(5)
+    mu = torch.randn(800, 5, generator=g)
+    logvar = torch.cat([-5 + torch.rand(800, 3, generator=g), 0.01 * torch.randn(800, 2, generator=g)], dim=1)
+    terms = aggregate_terms(mu, logvar, GaussianPrior(5))
+    assert terms.dimwise_samples == terms.n_samples == 800
+    total = terms.total_correlation.value + terms.prior_mismatch_remainder.value
+    assert total == pytest.approx(terms.marginal_kl.value, abs=1e-9)
+    assert terms.total_correlation.value > 0.1  # a case with dependence between dimensions
+
+
+def test_importance_batches_are_wider_on_a_gpu():
+    # The CPU's calls as configured; a GPU's at least CUDA_IS_BATCH_ELEMENTS outputs (launch-bound otherwise).
+    assert importance_batch_shape(5000, 784, 2_000_000, "cpu") == (2551, 1)
+    s, b = importance_batch_shape(5000, 784, 2_000_000, "cuda")
+    assert s == 5000 and b * s * 784 <= CUDA_IS_BATCH_ELEMENTS < (b + 1) * s * 784
+    assert importance_batch_shape(50, 784, 2_000_000, "cpu") == (50, 51)
 
 
 def test_float32_agrees_with_float64_to_1e4_nats():
