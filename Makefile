@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test test-fast lint format bench headline clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
 
+# The fast tier, run after every edit: no subprocess, no training beyond a few steps.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
 # ruff: lint and formatting (configured in pyproject.toml); CI runs it before the tests.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -34,6 +38,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/train_speed.py
+
+# The report of the committed z = 40 runs, and its headline table copied into README.md.
+headline: $(STAMP)
+	$(PY) -m surgery.report results/literature/runs --out results/literature --headline results/literature/headline.yaml
+	$(PY) scripts/headline.py
 
 clean:
 	rm -rf $(VENV) outputs multirun
