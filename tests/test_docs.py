@@ -137,3 +137,14 @@ def test_a_wrong_option_fails_the_check(compose):
 def test_the_report_command_of_the_headline_runs():
     out = subprocess.run([sys.executable, "-m", "surgery.report", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "--headline" in out.stdout
+
+
+def test_every_relative_link_resolves():
+    pages = [*DOCS, ROOT / "results" / "README.md", *sorted((ROOT / "results").glob("*/README.md"))]
+    broken = [
+        f"{page.relative_to(ROOT)} -> {target}"
+        for page in pages
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+        if not target.startswith(("http://", "https://")) and not (page.parent / target).exists()
+    ]
+    assert broken == []
