@@ -56,16 +56,26 @@ def compose_fixture() -> Callable[..., DictConfig]:
     return compose
 
 
+#: The tiny run every test builds on: the 8x8 digits, CPU, no logger, no progress bar.
+TINY = (
+    "data=digits",
+    "logger=none",
+    "device=cpu",
+    "vae.latent_dim=4",
+    "vae.hidden_dims=[32,32]",
+    "trainer.max_epochs=2",
+    "trainer.batch_size=100",
+    "trainer.progress=false",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides() -> tuple[str, ...]:
+    """The overrides of `tiny_cfg`, for module-scoped fixtures that add their own."""
+    return TINY
+
+
 @pytest.fixture
 def tiny_cfg() -> DictConfig:
     """A few quick epochs on the 8x8 digits, CPU, no logger, no progress bar."""
-    return compose(
-        "data=digits",
-        "logger=none",
-        "device=cpu",
-        "vae.latent_dim=4",
-        "vae.hidden_dims=[32,32]",
-        "trainer.max_epochs=2",
-        "trainer.batch_size=100",
-        "trainer.progress=false",
-    )
+    return compose(*TINY)

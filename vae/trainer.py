@@ -108,19 +108,25 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     write_atomically(path, lambda f: torch.save(payload, f))
 
 
+def check_checkpoint_file(path: Path, label: str, missing: str, example: str) -> None:
+    """Refuse a checkpoint path that is missing (with the message `missing`), a directory (naming `label`
+    and suggesting `example`), or not a regular file (a device or FIFO, which torch would read forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise FileNotFoundError(missing) from None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{label} is a directory; give a checkpoint file, e.g. {example}")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{label} is not a regular file (a device, FIFO or socket)")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a priorlab checkpoint with `weights_only=True`, with a clear error for a bad file."""
     path = Path(path)
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
-    if stat.S_ISDIR(mode):
-        raise IsADirectoryError(
-            f"checkpoint {path} is a directory; give a checkpoint file, e.g. {path / 'checkpoints' / 'best.pt'}"
-        )
-    if not stat.S_ISREG(mode):  # a device or FIFO: torch would read it forever
-        raise ValueError(f"checkpoint {path} is not a regular file (a device, FIFO or socket)")
+    check_checkpoint_file(
+        path, f"checkpoint {path}", f"checkpoint {path} does not exist", f"{path / 'checkpoints' / 'best.pt'}"
+    )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
@@ -320,17 +326,10 @@ class Trainer:
                 raise RunDirError(self._no_last_message(found))
             return None
         path = Path(self.resume).expanduser()
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            raise FileNotFoundError(f"trainer.resume={self.resume}: no such checkpoint file") from None
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(
-                f"trainer.resume={self.resume} is a directory; give a checkpoint file, e.g. "
-                f"trainer.resume={path / 'checkpoints' / 'last.pt'}"
-            )
-        if not stat.S_ISREG(mode):
-            raise ValueError(f"trainer.resume={self.resume} is not a regular file (a device, FIFO or socket)")
+        label = f"trainer.resume={self.resume}"
+        check_checkpoint_file(
+            path, label, ": no such checkpoint file", f"trainer.resume={path / 'checkpoints' / 'last.pt'}"
+        )
         return path
 
     def _no_last_message(self, found: list[str]) -> str:

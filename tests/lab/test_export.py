@@ -13,20 +13,10 @@ from vae.trainer import load_checkpoint
 
 
 @pytest.fixture(scope="module")
-def run_dir(compose, tmp_path_factory) -> Path:
+def run_dir(compose, tiny_overrides, tmp_path_factory) -> Path:
     from train import train
 
-    cfg = compose(
-        "data=digits",
-        "logger=none",
-        "device=cpu",
-        "vae.latent_dim=2",
-        "vae.hidden_dims=[16]",
-        "trainer.max_epochs=1",
-        "trainer.max_steps=3",
-        "trainer.progress=false",
-        "surgery.enabled=false",
-    )
+    cfg = compose(*tiny_overrides, "trainer.max_steps=3", "surgery.enabled=false")
     out = tmp_path_factory.mktemp("run")
     train(cfg, run_dir=out)
     return out
