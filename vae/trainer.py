@@ -108,13 +108,13 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     write_atomically(path, lambda f: torch.save(payload, f))
 
 
-def check_checkpoint_file(path: Path, label: str, missing: str, example: str) -> None:
-    """Refuse a checkpoint path that is missing (with the message `missing`), a directory (naming `label`
-    and suggesting `example`), or not a regular file (a device or FIFO, which torch would read forever)."""
+def check_checkpoint_file(path: Path, label: str, example: str) -> None:
+    """Refuse a checkpoint path that is missing, a directory (suggesting `example`), or not a regular
+    file (a device or FIFO, which torch would read forever); every message starts with `label`."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
-        raise FileNotFoundError(missing) from None
+        raise FileNotFoundError(f"{label} does not exist") from None
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(f"{label} is a directory; give a checkpoint file, e.g. {example}")
     if not stat.S_ISREG(mode):
@@ -124,9 +124,7 @@ def check_checkpoint_file(path: Path, label: str, missing: str, example: str) ->
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a priorlab checkpoint with `weights_only=True`, with a clear error for a bad file."""
     path = Path(path)
-    check_checkpoint_file(
-        path, f"checkpoint {path}", f"checkpoint {path} does not exist", f"{path / 'checkpoints' / 'best.pt'}"
-    )
+    check_checkpoint_file(path, f"checkpoint {path}", f"{path / 'checkpoints' / 'best.pt'}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
@@ -327,9 +325,7 @@ class Trainer:
             return None
         path = Path(self.resume).expanduser()
         label = f"trainer.resume={self.resume}"
-        check_checkpoint_file(
-            path, label, ": no such checkpoint file", f"trainer.resume={path / 'checkpoints' / 'last.pt'}"
-        )
+        check_checkpoint_file(path, label, f"trainer.resume={path / 'checkpoints' / 'last.pt'}")
         return path
 
     def _no_last_message(self, found: list[str]) -> str:
