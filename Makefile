@@ -23,7 +23,8 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
 
-# The fast tier, run after every edit: no subprocess, no training beyond a few steps.
+# The fast tier, run after every edit: no process, at most 10 optimizer steps a test
+# (tests/conftest.py fails a test that breaks either rule; docs/development.md).
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(ARGS)
 

@@ -17,13 +17,9 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from surgery.checks import check_run_results
-from surgery.run import SurgeryOptions, check_is_points, run_surgery, save_run_pictures
-from surgery.text import format_table
-from vae import build_model, instantiate, networks, resolve_device
-from vae import data as data_options
-from vae.cli import one_line_errors
-from vae.run_dir import (
+from lab.cli import one_line_errors
+from lab.pictures import save_run_pictures
+from lab.run_dir import (
     LOG_FILE,
     RunDirLock,
     check_fresh,
@@ -34,7 +30,13 @@ from vae.run_dir import (
     resume_changes,
     write_config,
 )
-from vae.trainer import evaluate, load_checkpoint
+from lab.surgery import SurgeryOptions, check_is_points, run_surgery
+from surgery.checks import check_run_results
+from surgery.text import format_table
+from vae import build_model, instantiate, networks, resolve_device
+from vae import data as data_options
+from vae.checkpoint import load_checkpoint
+from vae.trainer import evaluate
 from vae.validation import (
     ConfigError,
     check_arguments,

@@ -309,7 +309,7 @@ def gated_model(device: torch.device, checkpoint: str | None):
     from vae.networks import GatedMLPDecoder, GatedMLPEncoder
 
     if checkpoint:
-        from vae.checkpoint import load_model
+        from lab.checkpoint import load_model
 
         return load_model(checkpoint, device=device)[0].to(device).eval()
     torch.manual_seed(0)

@@ -107,7 +107,7 @@ def main() -> None:
             data.train_epoch(0)
             binarize = time.perf_counter() - t0
             t0 = time.perf_counter()
-            TrainingSetEncodings(trainer.eval_batch_size).on_train_epoch_end(model, data, torch.device(args.device))
+            TrainingSetEncodings(trainer.eval_batch_size).refresh(model, data.split("train"), torch.device(args.device))
             hook = time.perf_counter() - t0
             t0 = time.perf_counter()
             evaluate(model, data.split("val"), trainer.eval_batch_size)

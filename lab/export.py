@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from lab import manifest
+from vae.checkpoint import load_checkpoint
 from vae.files import write_atomically
-from vae.trainer import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS_NAME = "model.pt"

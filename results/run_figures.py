@@ -11,7 +11,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from surgery.report import epochs_trained
+from lab.report import epochs_trained
 
 common = int(sys.argv[1])
 for run in sys.argv[2:]:

@@ -8,7 +8,7 @@ the model is wrong (most often a prior whose log_prob is not normalized, or a pr
 holds the very points it is evaluated on); it is reported as that, never as a result.
 
 `check_run_results` is what `train.py` calls after its final evaluation; `python -m
-priors.fit` applies the same tests to the figures it reports (surgery/fit.py).
+priors.fit` applies the same tests to the figures it reports (lab/fit.py).
 """
 
 from __future__ import annotations

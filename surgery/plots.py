@@ -7,7 +7,6 @@ to select, so importing this module changes nothing global and it is safe in wor
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -141,67 +140,6 @@ def plot_aggregate_posterior_2d(
     fig.colorbar(mesh, ax=axes, shrink=0.85, label="log density (nats; contours 2, 4, 8 below the peak)")
     fig.savefig(path, dpi=110)
     return path
-
-
-def _image_grid(images: Tensor, rows: int, cols: int, shape: tuple[int, int]) -> Tensor:
-    """`[rows * cols, P]` images in [0, 1] tiled into one `[rows * (h + 1), cols * (w + 1)]` picture."""
-    h, w = shape
-    canvas = torch.full((rows * (h + 1) - 1, cols * (w + 1) - 1), 0.3)  # light grey lines between images
-    for i, img in enumerate(images[: rows * cols]):
-        r, c = divmod(i, cols)
-        canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = img.reshape(h, w)
-    return canvas
-
-
-def _save_picture(canvas: Tensor, path: Path, title: str) -> Path:
-    fig = Figure(figsize=(max(3.0, canvas.shape[1] / 28), max(3.0, canvas.shape[0] / 28) + 0.4))
-    ax = fig.subplots()
-    ax.imshow(canvas.numpy(), cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
-
-
-@torch.inference_mode()
-def plot_samples(model, image_shape: tuple[int, int], path: str | Path, n: int = 64, seed: int = 0) -> Path:
-    """`n` draws z ~ p(z) decoded to Bernoulli means, in a square grid."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        z = model.prior.sample(n)
-    images = torch.sigmoid(model.decode(z.to(device))).float().cpu()
-    model.train(was_training)
-    cols = math.ceil(math.sqrt(n))
-    return _save_picture(
-        _image_grid(images, math.ceil(n / cols), cols, image_shape),
-        Path(path),
-        f"{n} samples from the prior ({type(model.prior).__name__}), Bernoulli means",
-    )
-
-
-@torch.inference_mode()
-def plot_reconstructions(model, x: Tensor, image_shape: tuple[int, int], path: str | Path) -> Path:
-    """Inputs (odd rows) above the Bernoulli means decoded from their posterior means (even rows)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    mu, _ = model.encode(x.to(device))
-    recon = torch.sigmoid(model.decode(mu)).float().cpu()
-    model.train(was_training)
-    cols = 8
-    rows = math.ceil(len(x) / cols)
-    pairs = []
-    for r in range(rows):
-        pairs += [x[r * cols : (r + 1) * cols].float().cpu(), recon[r * cols : (r + 1) * cols]]
-    stacked = torch.cat([torch.cat([p, torch.zeros(cols - len(p), p.shape[1])]) for p in pairs])
-    return _save_picture(
-        _image_grid(stacked, 2 * rows, cols, image_shape),
-        Path(path),
-        "test images (rows 1, 3, ...) and their reconstructions (rows 2, 4, ...)",
-    )
 
 
 def plot_by_size(content: dict, path: str | Path) -> Path:

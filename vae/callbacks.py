@@ -1,28 +1,79 @@
-"""Work the trainer does as training goes, outside the model's distributions.
+"""The trainer's callbacks: work done as training goes, outside the loss and the model's distributions.
 
-`TrainingSetEncodings` encodes the training set once per epoch and hands the posteriors to
-every module of the model that consumes them: any module with an `update_encodings(mu,
-logvar)` method and a `needs_encodings` property (the aggregate and exemplar priors). One
-pass serves every consumer.
+The contract (`Callback`): a callback is any object with one or more of the hook methods
+`HOOKS` names; `vae.trainer.Trainer` calls, for each callback in the order given, the hooks
+it has, and skips the others. Every hook gets the trainer, the model, the data and the
+`TrainState`, by keyword or position; `on_validation_end` also gets the epoch's metrics record,
+to which it may add numbers (they go to `metrics.jsonl` and the logger with the trainer's own).
+
+`TrainingSetEncodings`, the default callback (`trainer.callbacks` in conf/trainer/default.yaml),
+encodes the training set and hands the posteriors to every module of the model that consumes
+them (`EncodingConsumer`: a `needs_encodings` property and `update_encodings(mu, logvar)`,
+as the aggregate and exemplar priors have). One pass serves every consumer.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from vae.data import BinarizedData
+    from vae.model import VAE
+    from vae.trainer import Trainer, TrainState
+
+#: The hooks the trainer calls, in the order it calls them in one epoch (`on_fit_start` once
+#: before the first epoch, `on_fit_end` once after the last).
+HOOKS = ("on_fit_start", "on_train_epoch_end", "on_validation_end", "on_fit_end")
+
+
+class Callback(Protocol):
+    """What `Trainer.fit` calls. A callback defines any subset of these methods (at least one).
+
+    Every hook gets `trainer` (its options: `device`, `eval_batch_size`, `run_dir`, ...), the
+    `model` being trained, the `data` and the live `state` (read it, never change it). No hook
+    runs in the autograd graph of a step; a hook that evaluates the model should do so under
+    `torch.no_grad()` and leave `model.training` as it found it.
+    """
+
+    def on_fit_start(self, trainer: Trainer, model: VAE, data: BinarizedData, state: TrainState) -> None:
+        """Once, before the first epoch: after a resumed run's state is restored, before any step."""
+
+    def on_train_epoch_end(self, trainer: Trainer, model: VAE, data: BinarizedData, state: TrainState) -> None:
+        """After every complete epoch's last step, before validation and the checkpoint.
+
+        `state.epoch` is still the 0-based index of the epoch just trained. A run stopped
+        mid-epoch (`max_steps`, `max_seconds`) does not call it for that epoch.
+        """
+
+    def on_validation_end(
+        self, trainer: Trainer, model: VAE, data: BinarizedData, state: TrainState, record: dict[str, Any]
+    ) -> None:
+        """After each validation (once an epoch, and at a mid-epoch stop), before the metrics line
+        and the checkpoint are written. `record` is that metrics line (`record["epoch"]` is
+        1-based; `state.best_epoch` already counts this validation); numbers added to it are
+        written and logged with it."""
+
+    def on_fit_end(self, trainer: Trainer, model: VAE, data: BinarizedData, state: TrainState) -> None:
+        """Once, when training stops normally (epochs, steps, time or patience spent); not after an error."""
+
 
 @runtime_checkable
 class EncodingConsumer(Protocol):
-    @property
-    def needs_encodings(self) -> bool: ...
+    """A module fed the training set's posteriors by `TrainingSetEncodings` (docs/priors.md)."""
 
-    def update_encodings(self, mu: Tensor, logvar: Tensor) -> None: ...
+    @property
+    def needs_encodings(self) -> bool:
+        """True while the module holds no encodings of the current training set (nothing to evaluate with)."""
+
+    def update_encodings(self, mu: Tensor, logvar: Tensor) -> None:
+        """Take the posteriors `[N, D]` of the N training inputs, in training-set order (detached)."""
 
 
 def consumers(model: nn.Module) -> list[EncodingConsumer]:
+    """Every module of `model` (the model itself included) that consumes encodings."""
     return [m for m in model.modules() if isinstance(m, EncodingConsumer)]
 
 
@@ -42,27 +93,43 @@ class TrainingSetEncodings:
     encoder and give the result to the model's consumers: at the start of training when one
     has none yet, and after every complete epoch, before validation and the checkpoint.
 
+    After an epoch it does nothing when the model has no consumer, or when the encoder is
+    frozen (no parameter of it requires a gradient: a prior fitted after training) and every
+    consumer has encodings: they are the frozen encoder's already.
+
     Args:
-        batch_size: inputs per encoder call.
+        batch_size: inputs per encoder call; None: the trainer's `eval_batch_size`.
     """
 
-    def __init__(self, batch_size: int = 1000) -> None:
+    def __init__(self, batch_size: int | None = None) -> None:
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
+            raise TypeError(f"TrainingSetEncodings: batch_size must be a positive integer or None, got {batch_size!r}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"TrainingSetEncodings: batch_size must be a positive integer or None, got {batch_size}")
         self.batch_size = batch_size
 
-    def _refresh(self, model: Any, data: Any, device: torch.device) -> None:
+    def refresh(self, model: nn.Module, x: Tensor, device: torch.device, batch_size: int = 1000) -> None:
+        """Encode the training inputs `x` with `model.encoder` (in eval mode) and give the posteriors to
+        every consumer of `model`; `batch_size` unless this callback has its own."""
         targets = consumers(model)
         if not targets:
             return
         was_training = model.training
         model.eval()
-        mu, logvar = encode(model.encoder, data.split("train"), self.batch_size, device)
-        model.train(was_training)
+        try:
+            mu, logvar = encode(model.encoder, x, self.batch_size or batch_size, device)
+        finally:
+            model.train(was_training)
         for target in targets:
             target.update_encodings(mu, logvar)
 
-    def on_fit_start(self, model: Any, data: Any, device: torch.device) -> None:
+    def on_fit_start(self, trainer: Trainer, model: VAE, data: BinarizedData, state: TrainState) -> None:
         if any(c.needs_encodings for c in consumers(model)):
-            self._refresh(model, data, device)
+            self.refresh(model, data.split("train"), trainer.device, trainer.eval_batch_size)
 
-    def on_train_epoch_end(self, model: Any, data: Any, device: torch.device) -> None:
-        self._refresh(model, data, device)
+    def on_train_epoch_end(self, trainer: Trainer, model: VAE, data: BinarizedData, state: TrainState) -> None:
+        targets = consumers(model)
+        frozen = not any(p.requires_grad for p in model.encoder.parameters())
+        if not targets or (frozen and not any(c.needs_encodings for c in targets)):
+            return
+        self.refresh(model, data.split("train"), trainer.device, trainer.eval_batch_size)

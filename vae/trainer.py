@@ -1,10 +1,11 @@
-"""The training loop shared by every prior.
+"""The training loop shared by every prior, and by the post-hoc fit of a prior (`lab.fit`).
 
 `Trainer.fit` reads top to bottom: per epoch it draws the epoch's binarization and
 order, loops over batches (loss, backward, step), lets the callbacks do the epoch's work
-(`vae.callbacks`: re-encoding the training set for the priors built on it), evaluates on
-the validation split, appends a line to `metrics.jsonl`, and writes
+(`vae.callbacks`: by default re-encoding the training set for the priors built on it),
+evaluates on the validation split, appends a line to `metrics.jsonl`, and writes
 `checkpoints/last.pt` (and `best.pt` when the validation ELBO improved), each atomically.
+Parts of the model named in `freeze` keep their parameters; the optimizer sees only the rest.
 """
 
 from __future__ import annotations
@@ -14,32 +15,44 @@ import json
 import logging
 import math
 import os
-import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
-from torch import Tensor
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from vae.callbacks import TrainingSetEncodings
+from vae.callbacks import HOOKS
+from vae.checkpoint import (
+    CHECKPOINT_FORMAT,
+    METRICS_FILE,
+    RunDirError,
+    check_checkpoint_file,
+    load_checkpoint,
+    run_files,
+    save_checkpoint,
+)
 from vae.data import EVAL_NOISE_SALT, TRAIN_ORDER_SALT, BinarizedData, derive_seed
 from vae.files import WriteError, describe_write_failure, write_atomically
 from vae.loggers import NullLogger
 from vae.model import VAE
-from vae.run_dir import RunDirError, run_files
 from vae.validation import ConfigError, check_bool, check_int, check_number
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
 #: Where a resume keeps the metrics lines of the epochs it trains again (they leave metrics.jsonl).
 SUPERSEDED_METRICS = "metrics_superseded.jsonl"
 DEFAULT_OPTIMIZER = partial(torch.optim.Adam, lr=1e-3)
+#: The callbacks of a trainer built without `callbacks`: the `_target_` nodes of
+#: conf/trainer/default.yaml's `trainer.callbacks`, equal to its resolved value, so a run
+#: started before the option existed resumes with it (`lab.run_dir.resume_changes`). Read only.
+DEFAULT_CALLBACKS: list[dict[str, Any]] = [{"_target_": "vae.callbacks.TrainingSetEncodings"}]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -99,47 +112,6 @@ def evaluate(model: VAE, x: Tensor, batch_size: int = 1000, seed: int = 0) -> Ev
     return EvalResult(elbo=recon - kl, reconstruction=recon, kl=kl)
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same directory, then `os.replace`.
-
-    A failure (a full disk, say) removes the temporary file, leaves `path` as it was and
-    raises `vae.files.WriteError` naming the file and the reason.
-    """
-    write_atomically(path, lambda f: torch.save(payload, f))
-
-
-def check_checkpoint_file(path: Path, label: str, example: str) -> None:
-    """Refuse a checkpoint path that is missing, a directory (suggesting `example`), or not a regular
-    file (a device or FIFO, which torch would read forever); every message starts with `label`."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        raise FileNotFoundError(f"{label} does not exist") from None
-    if stat.S_ISDIR(mode):
-        raise IsADirectoryError(f"{label} is a directory; give a checkpoint file, e.g. {example}")
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{label} is not a regular file (a device, FIFO or socket)")
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a priorlab checkpoint with `weights_only=True`, with a clear error for a bad file."""
-    path = Path(path)
-    check_checkpoint_file(path, f"checkpoint {path}", f"{path / 'checkpoints' / 'best.pt'}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        hint = ""
-        if path.name == "last.pt" and (path.parent / "best.pt").is_file():
-            hint = f"; to continue from the best checkpoint instead, pass trainer.resume={path.parent / 'best.pt'}"
-        raise ValueError(
-            f"{path} is not a readable priorlab checkpoint (truncated or foreign file?): "
-            f"{' '.join(str(e).split())}{hint}"
-        ) from e
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a priorlab checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    return payload
-
-
 class LossWatch:
     """Watches the training loss on its device; `check` reads it (one synchronization) and stops a bad run.
 
@@ -191,6 +163,60 @@ class LossWatch:
         raise NonFiniteLossError(message)
 
 
+def _freeze_names(freeze: Any) -> tuple[str, ...]:
+    """`trainer.freeze` as a tuple of submodule names; `ConfigError` unless it is a list of dotted names."""
+    if freeze is None:
+        return ()
+    if isinstance(freeze, str):
+        raise ConfigError(
+            f"trainer.freeze must be a list of the model's parts, got the string {freeze!r}; "
+            f"write trainer.freeze=[{freeze}]"
+        )
+    if not isinstance(freeze, (Sequence, ListConfig)):
+        raise ConfigError(
+            f"trainer.freeze must be a list of the model's parts (encoder, decoder, prior), got {freeze!r}"
+        )
+    names = []
+    for name in freeze:
+        if not isinstance(name, str) or not name or not all(part.isidentifier() for part in name.split(".")):
+            raise ConfigError(
+                f"trainer.freeze must hold names of the model's parts (encoder, decoder, prior), got {name!r}"
+            )
+        names.append(name)
+    return tuple(names)
+
+
+def _build_callbacks(callbacks: Any) -> list[Any]:
+    """`trainer.callbacks` as callback objects: `_target_` mappings built, each checked to have a hook.
+
+    A public method named `on_...` that is not a hook is refused: a misspelled hook would
+    otherwise never run, silently.
+    """
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, (str, Mapping, DictConfig)) or not isinstance(callbacks, (Sequence, ListConfig)):
+        raise ConfigError(f"trainer.callbacks must be a list of callbacks (_target_ nodes), got {callbacks!r}")
+    built = []
+    for i, entry in enumerate(callbacks):
+        where = f"trainer.callbacks[{i}]"
+        if isinstance(entry, (Mapping, DictConfig)):
+            if "_target_" not in entry:
+                raise ConfigError(f"{where} must be a _target_ node or a callback, got {entry!r}")
+            node = entry if isinstance(entry, DictConfig) else OmegaConf.create(dict(entry))
+            entry = hydra.utils.instantiate(node)
+        kind = type(entry).__qualname__
+        unknown = sorted(n for n in dir(entry) if n.startswith("on_") and n not in HOOKS)
+        if unknown:
+            raise ConfigError(
+                f"{where} ({kind}) has {', '.join(unknown)}, which the trainer never calls; "
+                f"its hooks are {', '.join(HOOKS)}"
+            )
+        if not any(callable(getattr(entry, hook, None)) for hook in HOOKS):
+            raise ConfigError(f"{where} ({kind}) has none of the trainer's hooks ({', '.join(HOOKS)})")
+        built.append(entry)
+    return built
+
+
 def flushes_denormals() -> bool:
     """Whether the CPU flushes denormal floats to zero in this thread now (a float32 probe)."""
     return bool(torch.tensor([1e-39], dtype=torch.float32).mul_(1.0).item() == 0.0)
@@ -218,6 +244,9 @@ class Trainer:
         batch_size: training batch size.
         max_epochs: epochs to train at most.
         max_steps: optimizer steps at most (None: no limit).
+        max_seconds: a wall-clock budget for one call of `fit`, checked after every optimizer
+            step (so at least one step is taken): past it, training stops and validates and
+            checkpoints as at `max_steps` (None: no limit).
         warmup_epochs: the KL weight rises linearly from 0 to 1 over this many epochs.
         patience: stop after this many validations without a better validation ELBO, counted
             only once the KL warm-up has ended (during it the counter is held at 0).
@@ -239,6 +268,14 @@ class Trainer:
             neighbour's in the exemplar prior, otherwise reach the encoder's backward pass as
             denormals, which the CPU computes tens of times slower: measured, a 20% longer
             exemplar epoch and twice as long with fused Adam. Nothing a loss can see changes.
+        callbacks: the callbacks, called in this order (`vae.callbacks.Callback`): objects
+            with one or more of the hooks `vae.callbacks.HOOKS`, or `_target_` mappings that
+            build one. The default is the training-set encodings the aggregate and exemplar
+            priors need (`DEFAULT_CALLBACKS`); `[]` or None: none.
+        freeze: names of the model's submodules (`encoder`, `decoder`, `prior`, or a dotted
+            path such as `prior.flow`) whose parameters stay fixed: while `fit` runs they
+            do not require gradients and are run in eval mode, and the optimizer gets only
+            the other parameters (afterwards their `requires_grad` is as before). None: none.
     """
 
     def __init__(
@@ -258,6 +295,9 @@ class Trainer:
         device: torch.device | str = "cpu",
         seed: int = 0,
         flush_denormal: bool = True,
+        callbacks: Sequence[Any] | None = DEFAULT_CALLBACKS,
+        max_seconds: float | None = None,
+        freeze: Sequence[str] | None = None,
     ) -> None:
         if not callable(optimizer):
             raise ConfigError(f"trainer.optimizer must be a _partial_ optimizer node, got {optimizer!r}")
@@ -284,9 +324,14 @@ class Trainer:
         self.device = torch.device(device)
         self.seed = check_int("seed", seed, 0)
         self.flush_denormal = check_bool("trainer.flush_denormal", flush_denormal)
+        self.max_seconds = (
+            None if max_seconds is None else check_number("trainer.max_seconds", max_seconds, 0, strict=True)
+        )
+        self.freeze = _freeze_names(freeze)
+        self.callbacks = _build_callbacks(callbacks)
         self.last_path = self.run_dir / "checkpoints" / "last.pt"
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / METRICS_FILE
 
     def load_best(self, model: VAE, state: TrainState) -> None:
         """Load best.pt into `model`, after checking that it holds the best validation epoch.
@@ -356,13 +401,57 @@ class Trainer:
                 alone rebuilds its model.
             logger: a `vae.loggers` logger (None: log nothing).
         """
-        with flush_denormals(self.flush_denormal):
-            return self._fit(model, data, run_config, logger)
+        frozen = self._frozen_modules(model)
+        grads = [(p, p.requires_grad) for m in frozen for p in m.parameters()]
+        try:
+            for p, _ in grads:
+                p.requires_grad_(False)
+            with flush_denormals(self.flush_denormal):
+                return self._fit(model, data, run_config, logger, frozen)
+        finally:
+            for p, requires_grad in grads:
+                p.requires_grad_(requires_grad)
 
-    def _fit(self, model: VAE, data: BinarizedData, run_config: dict[str, Any] | None, logger: Any) -> TrainState:
+    def _frozen_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The submodules `freeze` names; `ConfigError` for a name the model lacks."""
+        frozen = []
+        for name in self.freeze:
+            try:
+                frozen.append(model.get_submodule(name))
+            except AttributeError:
+                children = ", ".join(n for n, _ in model.named_children())
+                raise ConfigError(
+                    f"trainer.freeze names {name!r}, which the model does not have (its parts: {children})"
+                ) from None
+        return frozen
+
+    def _trained_parameters(self, model: nn.Module, frozen: list[nn.Module]) -> Any:
+        """What the optimizer gets: every parameter, or without `freeze`'s, in the model's order."""
+        if not frozen:
+            return model.parameters()  # as before `freeze` existed: resumed optimizer states match
+        fixed = {id(p) for m in frozen for p in m.parameters()}
+        params = [p for p in model.parameters() if id(p) not in fixed]
+        if not any(p.requires_grad for p in params):
+            raise ConfigError(f"trainer.freeze={list(self.freeze)} leaves no parameter to train")
+        return params
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(self, *args)
+
+    def _fit(
+        self,
+        model: VAE,
+        data: BinarizedData,
+        run_config: dict[str, Any] | None,
+        logger: Any,
+        frozen: list[nn.Module],
+    ) -> TrainState:
         logger = logger or NullLogger()
         model.to(self.device)
-        optimizer = self.optimizer(model.parameters())
+        optimizer = self.optimizer(self._trained_parameters(model, frozen))
         self._remove_stale_temporaries()
         state = self._maybe_resume(model, optimizer)
         n_train = len(data.grey["train"])
@@ -370,10 +459,11 @@ class Trainer:
         warmup_steps = self.warmup_epochs * steps_per_epoch
         loss_bound = self.max_loss_per_dim * data.data_dim
         val_x = data.split("val")
-        encodings = TrainingSetEncodings(self.eval_batch_size)
-        encodings.on_fit_start(model, data, self.device)
+        deadline = None if self.max_seconds is None else time.perf_counter() + self.max_seconds
+        out_of_time = False
+        self._call("on_fit_start", model, data, state)
 
-        while state.epoch < self.max_epochs and not self._out_of_steps(state):
+        while state.epoch < self.max_epochs and not self._out_of_steps(state) and not out_of_time:
             started = time.perf_counter()
             # The epoch's binarization and order are drawn on the CPU (the same on every device)
             # and moved once: the batches are then sliced on the device, with no copy per step.
@@ -383,6 +473,8 @@ class Trainer:
             ).to(self.device)
 
             model.train()
+            for module in frozen:
+                module.eval()
             # Kept on the device and read at the logging interval: no synchronization per step.
             sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, reconstruction, kl
             watch = LossWatch(self.device, loss_bound, steps_per_epoch, self.last_path)
@@ -395,7 +487,7 @@ class Trainer:
                 dynamic_ncols=True,
             )
             for batch in bar:
-                if self._out_of_steps(state):
+                if self._out_of_steps(state) or out_of_time:
                     break
                 index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
                 x = x_epoch[index]
@@ -410,6 +502,7 @@ class Trainer:
                 state.step += 1
                 state.batch_in_epoch = batch + 1
                 n_seen += len(x)
+                out_of_time = deadline is not None and time.perf_counter() >= deadline
                 with torch.no_grad():
                     sums += torch.stack([loss * len(x), terms.reconstruction.sum(), terms.kl.sum()]).double()
                     watch.update(loss, state.step)
@@ -423,7 +516,7 @@ class Trainer:
 
             epoch_done = state.batch_in_epoch == steps_per_epoch
             if epoch_done:  # a mid-epoch stop keeps the epoch's state, so a resumed run continues it exactly
-                encodings.on_train_epoch_end(model, data, self.device)
+                self._call("on_train_epoch_end", model, data, state)
             val = evaluate(model, val_x, self.eval_batch_size, seed=self.seed)
             improved = val.elbo > state.best_val_elbo
             if improved:
@@ -458,6 +551,7 @@ class Trainer:
                     type(model.prior).__module__,
                     type(model.prior).__name__,
                 )
+            self._call("on_validation_end", model, data, state, record)
             if epoch_done:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             metrics_start = self._append_metrics(record)
@@ -476,6 +570,9 @@ class Trainer:
             if state.bad_evals >= self.patience:
                 log.info("early stopping: no better validation ELBO for %d epochs", self.patience)
                 break
+        if out_of_time:
+            log.info("stopped at step %d: trainer.max_seconds=%g spent", state.step, self.max_seconds)
+        self._call("on_fit_end", model, data, state)
         return state
 
     # ---- pieces of the loop --------------------------------------------------------

@@ -1,6 +1,6 @@
-"""`python -m priors.fit checkpoint=PATH prior=<option>`: fit a prior to a trained VAE (see surgery/fit.py)."""
+"""`python -m priors.fit`: the old name of `python -m lab.fit`, kept as an entry point."""
 
-from surgery.fit import main
+from lab.fit import main
 
 if __name__ == "__main__":
     main()

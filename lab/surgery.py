@@ -1,7 +1,13 @@
-"""Run the surgery on a model and save it: surgery.json, the pictures, the logger's summary and table.
+"""`python -m lab.surgery checkpoint=PATH [split=train] [device=auto] [is_samples=5000]`, and the
+surgery of a model saved with its side effects: surgery.json, the pictures, the logger's summary.
 
-Shared by `python -m surgery` and `train.py`. This is the part with side effects;
-`surgery.decomposition` stays pure.
+`run_surgery` is shared with `train.py`; `surgery.decomposition` stays pure. The command
+rebuilds the model from the checkpoint's stored config (`lab.checkpoint.load_model`: what a
+checkpoint may build, and what it may not choose, is in docs/checkpoints.md), runs the ELBO
+surgery, prints the table and writes surgery.json and the pictures into the checkpoint's run
+directory (`<run dir>/checkpoints/best.pt` -> `<run dir>`), or into `output_dir`, which a
+checkpoint outside a priorlab run directory needs. Options: conf/surgery_cli.yaml.
+`python -m surgery` is the same command under its old name.
 """
 
 from __future__ import annotations
@@ -12,23 +18,25 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lab.checkpoint import checkpoint_option, load_model, output_dir_option
+from lab.cli import CONF_DIR, one_line_errors
+from lab.run_dir import CONFIG_FILE, write_config
 from surgery.decomposition import SurgeryReport, decompose, encode
-from surgery.text import table_rows
+from surgery.text import format_table, table_rows
+from vae import resolve_device
 from vae.data import SPLITS
 from vae.files import write_atomically
 from vae.validation import ConfigError, check_bool, check_choice, check_int
 
 # q(z) beside p(z) for 2-D latents; surgery.report collects these across runs.
 DENSITY_PICTURE = "surgery_aggregate_posterior"
-# What a run generates; surgery.report puts the samples of every run side by side.
-SAMPLES_PICTURE = "samples.png"
 # Written by `python -m priors.fit` into the run dir of a prior fitted after training.
 FIT_JSON = "fit.json"
-RECONSTRUCTIONS_PICTURE = "reconstructions.png"
 
 
 @dataclass(frozen=True)
@@ -185,22 +193,46 @@ def run_surgery(
     return report, files
 
 
-def save_run_pictures(model: Any, data: Any, out_dir: str | Path, logger: Any = None, seed: int = 0) -> dict[str, Path]:
-    """`samples.png` (64 draws from the prior, decoded) and `reconstructions.png` (the first 32
-    test images and their reconstructions) into `out_dir`, and to the logger as images.
-    Nothing for data that are not images (`data.image_shape` None)."""
-    if getattr(data, "image_shape", None) is None:
-        return {}
-    from surgery.plots import plot_reconstructions, plot_samples
+#: Keys of conf/surgery_cli.yaml that are the CLI's own, not surgery options.
+CLI_KEYS = ("checkpoint", "device", "output_dir", "data_path", "allow", "logger", "debug")
 
-    out_dir = Path(out_dir)
-    files = {
-        "samples": plot_samples(model, data.image_shape, out_dir / SAMPLES_PICTURE, seed=seed),
-        "reconstructions": plot_reconstructions(
-            model, data.split("test")[:32], data.image_shape, out_dir / RECONSTRUCTIONS_PICTURE
-        ),
-    }
-    if logger is not None:
-        for name, path in files.items():
-            logger.image(f"pictures/{name}", path)
-    return files
+
+def surgery_main(cfg: DictConfig) -> tuple[SurgeryReport, dict[str, Path]]:
+    """Everything but the printing: check the options, load, decompose, save, log."""
+    check_bool("debug", cfg.get("debug", False))
+    checkpoint = checkpoint_option(cfg)
+    options = SurgeryOptions.from_config(cfg, ignore=CLI_KEYS)
+    device = resolve_device(cfg.device)
+    # Where the outputs go is settled before any work: next to the checkpoint only in a run dir of priorlab's.
+    out_dir = output_dir_option(checkpoint, cfg.get("output_dir"))
+    model, data, run_cfg = load_model(checkpoint, device, allow=cfg.get("allow"), data_path=cfg.get("data_path"))
+    check_is_points(options, data)
+    if not (out_dir / CONFIG_FILE).exists():
+        # An output directory of its own: the checkpoint's config makes it a run dir that
+        # `python -m surgery.report` reads (a checkpoint evaluated apart from its run).
+        write_config(out_dir, run_cfg)
+    logger = hydra.utils.instantiate(
+        cfg.logger,
+        run_dir=out_dir,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+        group=cfg.logger.get("group"),
+        _recursive_=False,
+    )
+    try:
+        report, files = run_surgery(model, data, options, out_dir, logger=logger, device=device)
+    finally:
+        logger.finish()
+    return report, files
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="surgery_cli")
+def main(cfg: DictConfig) -> None:
+    with one_line_errors("surgery", debug=cfg.get("debug") is True):  # debug=maybe: refused in one line
+        report, files = surgery_main(cfg)
+    print(format_table(report))
+    for path in files.values():
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

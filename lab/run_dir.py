@@ -33,10 +33,13 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
+from vae.checkpoint import RunDirError, holds_a_run
+
 #: Config keys (or key prefixes ending in ".") a resumed run may change.
 RESUMABLE_CHANGES: tuple[str, ...] = (
     "trainer.max_epochs",
     "trainer.max_steps",
+    "trainer.max_seconds",
     "trainer.patience",
     "trainer.progress",
     "trainer.log_every_n_steps",
@@ -50,10 +53,6 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "logger.",
     "surgery.",
 )
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used by this run (in use, already holding a run, or a disagreeing resume)."""
 
 
 def missing_dirs(path: str | Path) -> list[Path]:
@@ -237,23 +236,6 @@ def write_config(run_dir: str | Path, config: DictConfig | dict[str, Any]) -> No
     path = Path(run_dir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config if isinstance(config, DictConfig) else OmegaConf.create(config), path, resolve=True)
-
-
-def run_files(run_dir: str | Path) -> list[str]:
-    """What in `run_dir` makes it hold a run, relative to it: `checkpoints/*.pt` and `metrics.jsonl`.
-
-    Nothing else counts: `.hydra/`, `train.log` and `.lock` are what a run leaves before its
-    first epoch ends (a job pre-empted then may start over).
-    """
-    run_dir = Path(run_dir)
-    found = sorted(f"checkpoints/{p.name}" for p in (run_dir / "checkpoints").glob("*.pt"))
-    if (run_dir / "metrics.jsonl").exists():
-        found.append("metrics.jsonl")
-    return found
-
-
-def holds_a_run(run_dir: str | Path) -> bool:
-    return bool(run_files(run_dir))
 
 
 def check_fresh(run_dir: str | Path) -> None:

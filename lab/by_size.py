@@ -21,11 +21,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lab.checkpoint import checkpoint_option, load_model, output_dir_option
+from lab.cli import CONF_DIR, one_line_errors
+from lab.surgery import split_file_name, write_json_dict
 from surgery.decomposition import encode, terms_by_size
-from surgery.run import split_file_name, write_json_dict
 from vae import resolve_device
-from vae.checkpoint import checkpoint_option, load_model, output_dir_option
-from vae.cli import one_line_errors
 from vae.data import SPLITS
 from vae.validation import ConfigError, check_bool, check_choice, check_int
 
@@ -104,7 +104,7 @@ def format_by_size(content: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="by_size")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="by_size")
 def main(cfg: DictConfig) -> None:
     with one_line_errors("surgery.by_size", debug=cfg.get("debug") is True):  # debug=maybe: refused in one line
         content, files = by_size_main(cfg)

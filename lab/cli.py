@@ -5,17 +5,23 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from hydra.errors import InstantiationException
 
+from lab.trust import UntrustedTargetError
 from priors.base import PriorShapeError
+from vae.checkpoint import RunDirError
 from vae.data import DataError
-from vae.run_dir import RunDirError
-from vae.trust import UntrustedTargetError
 from vae.validation import ConfigError
 
 #: Errors whose message says what to fix: exit code 2. Anything else is reported on one line
 #: too, with its type, and exit code 1; `debug=true` shows the traceback of either.
+#: The Hydra config directory of every command, as an absolute path: a command started as
+#: `python -m surgery` (an alias) is not its own module, so a relative path would be resolved
+#: against the wrong package.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
     DataError,

@@ -13,7 +13,7 @@ with the reason, never dropped; a run with one is complete without its checkpoin
 committed without them, a checkpoint evaluated by `python -m surgery output_dir=...`).
 
 Runs whose configs differ only in the seed, in what a resume may change
-(`vae.run_dir.RESUMABLE_CHANGES`: how long and how verbosely to train, the evaluation's
+(`lab.run_dir.RESUMABLE_CHANGES`: how long and how verbosely to train, the evaluation's
 options) and in bookkeeping are seeds of one *row*; how each was evaluated is read from
 its `surgery.json` instead (split, importance samples, points), so runs evaluated
 differently are different rows.
@@ -55,10 +55,11 @@ from typing import Any, NoReturn
 import numpy as np
 import yaml
 
+from lab.pictures import SAMPLES_PICTURE
+from lab.run_dir import RESUMABLE_CHANGES, flatten, format_setting, is_target_default, matches_any
+from lab.surgery import DENSITY_PICTURE, FIT_JSON, log_px_name
 from surgery.decomposition import upgrade_dict
-from surgery.run import DENSITY_PICTURE, FIT_JSON, SAMPLES_PICTURE, log_px_name
 from surgery.text import TERMS
-from vae.run_dir import RESUMABLE_CHANGES, flatten, format_setting, is_target_default, matches_any
 from vae.validation import ConfigError
 
 #: The table's columns: (surgery.json field, column title), in `surgery.text.TERMS`' order.

@@ -11,8 +11,9 @@ Trusted without asking:
 * classes *defined* in priorlab's own packages (`priors`, `vae`, `surgery`), in nflows'
   transforms and distributions and in `torch.optim` that are `torch.nn.Module`s or torch
   optimizers: building one allocates tensors and touches no file;
-* the trainer and logger classes priorlab's trainer records under `trainer` and `logger`
-  (`RECORDED_TARGETS`); a checkpoint's loader never builds those nodes.
+* the trainer, its default callback and the logger classes priorlab's trainer records under
+  `trainer`, `trainer.callbacks[0]` and `logger` (`RECORDED_TARGETS`); a checkpoint's loader
+  never builds those nodes.
 
 Anything else, a user's prior or encoder, is trusted only when the user names it in
 `allow` (`parse_allow`): a list of module or class names, `allow=[mypkg]`,
@@ -22,7 +23,7 @@ A name admits a target only when the target is a class whose defining place
 or a torch optimizer. So the path is never followed through an import:
 `mypkg.torch.load` (a function) and `mypkg.torch.nn.Module` (a class defined in torch)
 are refused under `allow=[mypkg.*]`. Functions are never trusted, not even priorlab's
-own (`surgery.run.write_json` writes a file).
+own (`lab.surgery.write_json` writes a file).
 
 A target is looked up the way Hydra looks it up (import the first name, then attributes,
 importing a submodule where an attribute is missing), so the object checked is the
@@ -50,10 +51,13 @@ TRUSTED_FACTORIES = frozenset({"vae.data.mnist", "vae.data.digits", "vae.data.np
 #: Packages whose `nn.Module` and optimizer classes are trusted (a class must be defined inside one).
 TRUSTED_CLASS_PACKAGES = ("priors", "vae", "surgery", "nflows.transforms", "nflows.distributions", "torch.optim")
 #: priorlab's own top-level packages: never an `allow` name (their classes are trusted already).
-PRIORLAB_PACKAGES = frozenset({"priors", "vae", "surgery", "train", "bench", "scripts", "tests"})
+PRIORLAB_PACKAGES = frozenset({"priors", "vae", "surgery", "lab", "train", "bench", "scripts", "tests"})
 #: Targets the trainer writes into nodes that are recorded, never built, from a checkpoint.
+#: `trainer.callbacks[0]` is the one entry of the default `trainer.callbacks` (conf/trainer/default.yaml);
+#: a checkpoint whose config lists any other callback, or this one elsewhere, is refused.
 RECORDED_TARGETS = {
     "trainer": frozenset({"vae.trainer.Trainer"}),
+    "trainer.callbacks[0]": frozenset({"vae.callbacks.TrainingSetEncodings"}),
     "logger": frozenset({"vae.loggers.NullLogger", "vae.loggers.WandbLogger"}),
 }
 #: Top-level modules an `allow` name may never start with: the standard library (which holds

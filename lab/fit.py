@@ -1,31 +1,44 @@
 """Fit a prior to a trained VAE, with its encoder and decoder frozen, and measure exactly what it wins.
 
-    python -m priors.fit checkpoint=PATH prior=mixture [allow=[mypkg.*]] [out_dir=DIR]
+    python -m priors.fit checkpoint=PATH prior=mixture [allow=[mypkg.*]] [out_dir=DIR] [fit.train_encoder=true]
 
-With the encoder and decoder fixed, the reconstruction and the mutual information cannot
-change, so a new prior changes the ELBO by exactly the change in the marginal KL:
+The fit is the project's one training loop, `vae.trainer.Trainer`, on the same ELBO
+objective, with the encoder and decoder frozen (`trainer.freeze`) and the optimizer over
+the new prior's parameters only. With the networks fixed, the ELBO's gradient for the prior
+is that of the mean log p(z) at z ~ q(z|x_n), and maximizing that is minimizing the
+marginal KL KL(q(z) || p(z)) (they differ by the entropy of q(z), which the prior does not
+touch). The reconstruction and the mutual information cannot change, so a new prior changes
+the ELBO by exactly the change in the marginal KL:
 
     new ELBO = old ELBO + old marginal KL - new marginal KL
 
-Maximizing the average log p(z) over samples z ~ q(z|x_n) of the training set is the same
-as minimizing the marginal KL KL(q(z) || p(z)) (they differ by the entropy of q(z), which
-the prior does not touch). The fit early-stops on the same average over the validation
-split's posteriors. The exact aggregate posterior is the ceiling: it closes 100%.
+The trainer early-stops on the validation ELBO (with the networks frozen, the mean log p(z)
+at its fixed validation draws, up to a constant) and restores the best state. The exact
+aggregate posterior is the ceiling: it closes 100%.
+
+`fit.train_encoder=true` refits the encoder too (only the decoder frozen): then the
+reconstruction and the mutual information move as well, and what holds is each surgery's
+own identity, ELBO = reconstruction - mutual information - marginal KL, so that
+
+    ELBO gain = reconstruction change - mutual-information change + marginal-KL reduction
+
+(fit.json's `accounting` says which identity its `identity_gap` checks).
 
 A prior fitted to the training posteriors is judged optimistically on them (a
 non-parametric one, which holds the training encodings, most of all), so the gain is also
 measured on the test split's surgery and in the test log p(x).
 
-Writes a new run directory (default `<run dir>/fitted/<prior>-<suffix>`): a checkpoint whose
-config names the new prior, surgery.json (train split), surgery_test.json, log_px_test.npy,
-samples.png, reconstructions.png, and fit.json with the before/after comparison, which
+Writes a new run directory (default `<run dir>/fitted/<prior>-<suffix>`; one that already
+holds a run is refused): the trainer's checkpoints (whose config names the new prior) and
+metrics.jsonl, surgery.json (train split), surgery_test.json, log_px_test.npy, samples.png,
+reconstructions.png, and fit.json with the before/after comparison, which
 `python -m surgery.report` shows as "fitted after training" rows. Options: conf/fit.yaml;
 the options, the random streams, what is reported and what is flagged: docs/fitting.md.
 
-Random streams: the new prior's initialization, the fit's batch order and draws, the
-validation draws and the surgeries' noise each come from `seed` through a salt of their own
-(`vae.data.derive_seed`), so no stream replays another: a mixture's initial means are never
-the z at which the surgery evaluates it.
+Random streams: the new prior's initialization, the trainer's batch order and validation
+noise, the steps' draws, the fixed validation draws and the surgeries' noise each come from
+`seed` through a salt of their own (`vae.data.derive_seed`), so no stream replays another:
+a mixture's initial means are never the z at which the surgery evaluates it.
 
 What is flagged rather than reported: a negative marginal-KL estimate (beyond its Monte
 Carlo error) is an estimator failure, so no share closed or ELBO gain is derived from it; a
@@ -44,38 +57,38 @@ import math
 import secrets
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from priors.base import Prior
-from priors.densities import reparameterize
-from surgery.checks import ImpossibleResultError, beyond, impossible_figures, in_unit_interval
-from surgery.decomposition import Estimate, SurgeryReport, decompose
-from surgery.run import (
+from lab.checkpoint import checkpoint_option, load_model, run_dir_of
+from lab.cli import CONF_DIR, one_line_errors
+from lab.pictures import save_run_pictures
+from lab.run_dir import write_config
+from lab.surgery import (
     FIT_JSON,
     SurgeryOptions,
     check_is_points,
     log_px_name,
-    save_run_pictures,
     surgery_json_name,
     write_json,
     write_json_dict,
     write_log_px,
 )
+from priors.base import Prior
+from priors.densities import reparameterize
+from surgery.checks import ImpossibleResultError, beyond, impossible_figures, in_unit_interval
+from surgery.decomposition import Estimate, SurgeryReport, decompose
 from vae import build_prior, resolve_device
-from vae.callbacks import consumers, encode
-from vae.checkpoint import checkpoint_option, load_model, run_dir_of
-from vae.cli import one_line_errors
+from vae.callbacks import TrainingSetEncodings, encode
+from vae.checkpoint import CHECKPOINT_FORMAT, RunDirError, run_files, save_checkpoint
 from vae.data import derive_seed
-from vae.run_dir import write_config
-from vae.trainer import CHECKPOINT_FORMAT, save_checkpoint
+from vae.trainer import Trainer
 from vae.validation import ConfigError, check_arguments, check_bool, check_int, check_number, check_targets
 
 log = logging.getLogger(__name__)
@@ -84,10 +97,24 @@ log = logging.getLogger(__name__)
 # (changing one changes every fit's figures) and apart from vae.data's (7, 100, 200, 300, and the
 # split indices 0-2).
 FIT_INIT_SALT = 400  # the new prior's initialization (the global RNG while it is built)
-FIT_DRAWS_SALT = 410  # the fit's batch order and its z ~ q(z|x_n) (a generator of its own)
-FIT_PRIOR_RNG_SALT = 420  # the global RNG during the fit, for a prior's own draws (a random exemplar subset)
-FIT_VALIDATION_SALT = 430  # the fixed validation draws: early stopping, and the old prior against the new
+FIT_DRAWS_SALT = 410  # the trainer's seed: its batch order and validation noise derive from it
+FIT_PRIOR_RNG_SALT = 420  # the global RNG during the fit: each step's z ~ q(z|x_n), a prior's own draws
+FIT_VALIDATION_SALT = 430  # the fixed validation draws: the old prior (or model) against the new
 FIT_EVALUATION_SALT = 440  # the surgeries before and after the fit, with surgery.seed as a second salt
+
+#: What fit.json's `accounting` says, per mode: the identity its `identity_gap` checks.
+ACCOUNTING = {
+    False: (
+        "encoder and decoder frozen: the reconstruction and the mutual information do not change, so "
+        "elbo_gain = marginal_kl_reduction; identity_gap is their difference"
+    ),
+    True: (
+        "encoder refitted, decoder frozen: the reconstruction and the mutual information change too, so "
+        "elbo_gain = reconstruction change - mutual_info change + marginal_kl_reduction (each surgery's "
+        "ELBO = reconstruction - mutual information - marginal KL); identity_gap is the difference, and "
+        "elbo_gain = marginal_kl_reduction no longer holds"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -113,7 +140,7 @@ class FitStreams:
 
 @dataclass(frozen=True)
 class FitOptions:
-    """How the prior is fitted (the `fit` node of conf/fit.yaml)."""
+    """How the prior is fitted (the `fit` node of conf/fit.yaml): the trainer's options for the fit."""
 
     lr: float
     batch_size: int
@@ -122,6 +149,7 @@ class FitOptions:
     progress: bool
     max_seconds: float | None = None
     rebinarize: bool = False
+    train_encoder: bool = False
 
     def __post_init__(self) -> None:
         check_number("fit.lr", self.lr, 0, strict=True)
@@ -130,15 +158,39 @@ class FitOptions:
         check_int("fit.patience", self.patience, 1)
         check_bool("fit.progress", self.progress)
         check_bool("fit.rebinarize", self.rebinarize)
+        check_bool("fit.train_encoder", self.train_encoder)
         if self.max_seconds is not None:
             check_number("fit.max_seconds", self.max_seconds, 0, strict=True)
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """The parts of the model the fit keeps fixed (`trainer.freeze`)."""
+        return ("decoder",) if self.train_encoder else ("encoder", "decoder")
+
+    def trainer(self, run_dir: str | Path, device: torch.device | str, seed: int, callbacks: list[Any]) -> Trainer:
+        """The trainer that fits: Adam at `lr`, no KL warm-up, the frozen parts fixed."""
+        return Trainer(
+            optimizer=partial(torch.optim.Adam, lr=self.lr),
+            batch_size=self.batch_size,
+            max_epochs=self.max_epochs,
+            patience=self.patience,
+            max_seconds=self.max_seconds,
+            progress=self.progress,
+            run_dir=run_dir,
+            device=device,
+            seed=seed,
+            freeze=self.frozen,
+            callbacks=callbacks,
+        )
 
 
 @dataclass
 class FitHistory:
-    epochs: int
+    epochs: int  # validations (one per epoch, and one at a stop mid-epoch)
     best_epoch: int
-    best_val_log_prior: float  # mean log p(z) over the validation posteriors' fixed samples
+    best_val_log_prior: float | None  # the fitted prior's mean log p(z) on the fixed validation draws (frozen encoder)
+    best_val_elbo: float  # the trainer's validation ELBO at the best epoch
+    steps: int
     seconds: float
     curve: list[dict[str, float]]
 
@@ -161,84 +213,48 @@ def validation_draws(val: Posteriors, seed: int) -> torch.Tensor:
     return reparameterize(*val, generator)
 
 
-def fit_prior(
-    prior: Prior,
-    train: Posteriors | Callable[[int], Posteriors],
-    val: Posteriors,
-    options: FitOptions,
-    seed: int = 0,
-) -> FitHistory:
-    """Maximize the mean log p(z), z ~ q(z|x_n) drawn afresh each step from the training posteriors.
-
-    Early stopping on the mean log p(z) at one fixed draw per validation posterior
-    (`validation_draws`); the best state is restored into `prior` at the end. The
-    posteriors are fixed tensors, so nothing but the prior's own parameters can move.
+class FitCurve:
+    """The fit's callback: one curve entry per validation (epoch, step, train and validation ELBO),
+    with the encoder frozen also the prior's mean log p(z) on the fixed validation draws
+    (`val_log_prior`, added to metrics.jsonl too). A validation figure that is not finite
+    stops the fit.
 
     Args:
-        prior: the prior to fit, in place.
-        train, val: (mu, logvar) of the training and validation posteriors, each `[N, D]`;
-            `train` may instead be a function of the epoch (1, 2, ...) that returns them, for
-            posteriors that change from epoch to epoch (`fit.rebinarize`).
-        options: learning rate, batch size, epochs, patience, progress bar.
-        seed: the fit's seed; the batch order and draws, the validation draws and the global
-            RNG (a prior's own draws) each use a stream of their own derived from it (`FitStreams`).
+        z_val: the fixed validation draws (`validation_draws`); None when the encoder is refitted
+            (the draws of the old encoder's posteriors then measure nothing of the new model).
+        batch_size: draws per prior call.
     """
-    params = [p for p in prior.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError(f"{type(prior).__name__} has no parameters to fit")
-    streams = FitStreams.of(seed)
-    torch.manual_seed(streams.prior_rng)
-    z_val = validation_draws(val, seed)
-    optimizer = torch.optim.Adam(params, lr=options.lr)
-    generators: dict[torch.device, torch.Generator] = {}
-    best = -math.inf
-    best_state = copy.deepcopy(prior.state_dict())
-    best_epoch, bad, curve = 0, 0, []
-    started = time.perf_counter()
-    bar = tqdm(range(1, options.max_epochs + 1), desc=f"fitting {type(prior).__name__}", disable=not options.progress)
-    for epoch in bar:
-        prior.train()
-        mu, logvar = train(epoch) if callable(train) else train
-        if mu.device not in generators:
-            generators[mu.device] = torch.Generator(device=mu.device).manual_seed(streams.draws)
-        generator = generators[mu.device]
-        order = torch.randperm(len(mu), device=mu.device, generator=generator)
-        total = 0.0
-        for index in order.split(options.batch_size):
-            z = reparameterize(mu[index], logvar[index], generator)
-            loss = -prior.log_prob(z, context=index).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(index)
-        prior.eval()
-        train_score = -total / len(mu)
-        val_score = _mean_log_prior(prior, z_val, 4 * options.batch_size)
-        curve.append({"epoch": epoch, "train_log_prior": train_score, "val_log_prior": val_score})
-        bar.set_postfix(train=f"{train_score:.3f}", val=f"{val_score:.3f}")
-        if not options.progress:  # a background job's log still shows where the fit stands
-            log.info("fit epoch %d: train log p(z) %.3f, val log p(z) %.3f", epoch, train_score, val_score)
-        if not math.isfinite(val_score):
+
+    def __init__(self, z_val: torch.Tensor | None, batch_size: int) -> None:
+        self.z_val = z_val
+        self.batch_size = batch_size
+        self.curve: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: Trainer, model: Any, data: Any, state: Any, record: dict[str, Any]) -> None:
+        entry = {k: record[k] for k in ("epoch", "step", "train_elbo", "val_elbo")}
+        if self.z_val is not None:
+            was_training = model.prior.training
+            model.prior.eval()
+            record["val_log_prior"] = entry["val_log_prior"] = _mean_log_prior(model.prior, self.z_val, self.batch_size)
+            model.prior.train(was_training)
+        self.curve.append(entry)
+        bad = [k for k in ("val_elbo", "val_log_prior") if k in entry and not math.isfinite(entry[k])]
+        if bad:
             raise FloatingPointError(
-                f"fitting {type(prior).__name__}: the validation log p(z) became {val_score} at epoch {epoch}"
+                f"fitting {type(model.prior).__name__}: the validation {bad[0].removeprefix('val_')} became "
+                f"{entry[bad[0]]} at epoch {entry['epoch']}"
             )
-        if val_score > best:
-            best, best_epoch, bad = val_score, epoch, 0
-            best_state = copy.deepcopy(prior.state_dict())
-        else:
-            bad += 1
-            if bad >= options.patience:
-                break
-        if options.max_seconds is not None and time.perf_counter() - started > options.max_seconds:
-            break
-    bar.close()
-    prior.load_state_dict(best_state)
-    prior.eval()
-    return FitHistory(len(curve), best_epoch, best, time.perf_counter() - started, curve)
+
+
+def fixed_binarization(data: Any) -> Any:
+    """`data` whose every training epoch is the fixed binarization the surgery decomposes (a shallow copy)."""
+    fixed = copy.copy(data)
+    fixed.dynamic = False
+    return fixed
 
 
 def validation_comparison(old: Prior, new: Prior, z_val: torch.Tensor, batch_size: int) -> dict[str, Any]:
-    """The new prior against the one it replaces on the same fixed validation draws.
+    """The new prior against the one it replaces on the same fixed validation draws (frozen encoder).
 
     The difference of the mean log p(z) is the reduction of the validation split's
     marginal KL (the entropy of q(z) cancels); its standard error is that of the paired
@@ -248,8 +264,40 @@ def validation_comparison(old: Prior, new: Prior, z_val: torch.Tensor, batch_siz
     old_lp, new_lp = _log_prior(old.eval(), z_val, batch_size), _log_prior(new.eval(), z_val, batch_size)
     gain = Estimate.of(new_lp - old_lp)
     return {
+        "measure": "log_prior",
         "log_prior_before": float(old_lp.mean()),
         "log_prior_after": float(new_lp.mean()),
+        "gain": gain.value,
+        "gain_stderr": gain.stderr,
+        "worse": beyond(gain.value, 0.0, gain.stderr, above=False),
+    }
+
+
+@torch.no_grad()
+def _elbo_per_point(model: Any, x: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
+    """One-sample ELBO of every row of `x`, in eval mode, with the noise of `seed` (a forked RNG)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for batch in x.split(batch_size):
+            terms = model.elbo_terms(batch.to(device))
+            out.append((terms.reconstruction - terms.kl).double().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def validation_elbo_comparison(old: Any, new: Any, x: torch.Tensor, batch_size: int, seed: int) -> dict[str, Any]:
+    """The refitted model against the one it replaces (`fit.train_encoder`): the validation ELBO of each,
+    per point with the same noise, and their paired difference; `worse` as in `validation_comparison`."""
+    before, after = _elbo_per_point(old, x, batch_size, seed), _elbo_per_point(new, x, batch_size, seed)
+    gain = Estimate.of(after - before)
+    return {
+        "measure": "elbo",
+        "elbo_before": float(before.mean()),
+        "elbo_after": float(after.mean()),
         "gain": gain.value,
         "gain_stderr": gain.stderr,
         "worse": beyond(gain.value, 0.0, gain.stderr, above=False),
@@ -270,7 +318,14 @@ def estimator_failure(kl: Estimate) -> bool:
 
 def comparison(before: dict[str, SurgeryReport], after: dict[str, SurgeryReport]) -> dict[str, Any]:
     """What the new prior won, per split: marginal KL before and after, the share closed, and the
-    ELBO change against the marginal-KL reduction (equal up to Monte Carlo error).
+    ELBO change against its accounting (`ACCOUNTING`), exact up to Monte Carlo error.
+
+    `identity_gap` is the ELBO gain minus (reconstruction change - mutual-information change +
+    marginal-KL reduction). With the encoder and decoder frozen both surgeries draw the same z
+    through the same networks, so the reconstruction and the mutual information are identical
+    and it is the ELBO gain minus the marginal-KL reduction; either way it is exactly the change
+    in each surgery's own check, avg KL - (MI + marginal KL), whose Monte Carlo error each
+    surgery measures on its samples.
 
     A marginal-KL estimate below 0 beyond its Monte Carlo error (before or after) is an
     estimator failure: the split's `estimator_failure` says which, and its share closed,
@@ -286,10 +341,7 @@ def comparison(before: dict[str, SurgeryReport], after: dict[str, SurgeryReport]
         ]
         reduction = b.marginal_kl.value - a.marginal_kl.value
         gain = a.elbo.value - b.elbo.value
-        # Both surgeries draw from the same evaluation stream through the same frozen networks, so
-        # they draw the same z: the reconstruction and the mutual information are identical and
-        # gain - reduction is exactly the change in each surgery's own check, avg KL - (MI +
-        # marginal KL), whose Monte Carlo error each surgery measures on its samples.
+        moved = (a.reconstruction.value - b.reconstruction.value) - (a.mutual_info.value - b.mutual_info.value)
         stderr = math.hypot(b.identity_gap.stderr, a.identity_gap.stderr)
         share = reduction / b.marginal_kl.value if b.marginal_kl.value > 0 else math.nan
         out[split] = {
@@ -302,8 +354,10 @@ def comparison(before: dict[str, SurgeryReport], after: dict[str, SurgeryReport]
             "elbo_after": a.elbo.value,
             "elbo_gain": None if failed else gain,
             "marginal_kl_reduction": None if failed else reduction,
-            "identity_gap": gain - reduction,
+            "identity_gap": gain - (moved + reduction),
             "identity_gap_stderr": stderr,
+            "reconstruction_before": b.reconstruction.value,
+            "reconstruction_after": a.reconstruction.value,
             "mutual_info_before": b.mutual_info.value,
             "mutual_info_after": a.mutual_info.value,
             "estimator_failure": (
@@ -349,20 +403,8 @@ def impossible_results(before: dict[str, SurgeryReport], after: dict[str, Surger
     return impossible_figures(figures, unit_data)
 
 
-def _training_posteriors(
-    model: Any, data: Any, fixed: Posteriors, options: FitOptions, batch_size: int, device: torch.device
-) -> Posteriors | Callable[[int], Posteriors]:
-    """What the prior is fitted to: the posteriors of the fixed binarization the surgery uses, or
-    with `fit.rebinarize` those of epoch e's draw of the training images (the draws the model
-    trained on, `data.train_epoch`), encoded afresh each epoch: more of the distribution the
-    encoder saw, so less of one binarization's noise to overfit."""
-    if not options.rebinarize:
-        return fixed
-    return lambda epoch: encode(model.encoder, data.train_epoch(epoch), batch_size, device)
-
-
 def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
-    """Load, fit, decompose before and after, save; return the new run dir and fit.json's content.
+    """Load, fit with the trainer, decompose before and after, save; return the new run dir and fit.json's content.
 
     fit.json's `impossible` lists figures no correct model gives (the CLI then exits with
     code 2), `validation.worse` says the fitted prior lost to the one it replaced (the CLI
@@ -386,61 +428,87 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         if cfg.get("out_dir")
         else run_dir_of(checkpoint, "out_dir") / "fitted" / f"{name}-{secrets.token_hex(3)}"
     )
+    found = run_files(out_dir)
+    if found:  # the trainer appends to metrics.jsonl: two fits in one directory would mix their histories
+        raise RunDirError(f"out_dir {out_dir} already holds a run ({', '.join(found)}); give the fit a new out_dir")
     model, data, run_cfg = load_model(checkpoint, device, allow=cfg.get("allow"), data_path=cfg.get("data_path"))
     check_is_points(surgery, data)
     if options.rebinarize and not getattr(data, "dynamic", False):
         raise ConfigError("fit.rebinarize=true needs dynamically binarized data; this checkpoint's are binarized once")
-    for p in list(model.encoder.parameters()) + list(model.decoder.parameters()):
-        p.requires_grad_(False)
+    for part in options.frozen:
+        for p in getattr(model, part).parameters():
+            p.requires_grad_(False)
 
     torch.manual_seed(streams.init)
     prior = build_prior(cfg.prior, model.latent_dim, model.encoder, data.split("train")).to(device)
 
     log.info("surgery before the fit: train and test splits")
     before = _surgeries(model, data, surgery, device)
-    train_post = encode(model.encoder, data.split("train"), surgery.batch_size, device)
     val_post = encode(model.encoder, data.split("val"), surgery.batch_size, device)
-    for consumer in consumers(prior):
-        consumer.update_encodings(*train_post)
-    history = None
-    if any(p.requires_grad for p in prior.parameters()):
-        log.info("fitting %s to %d training posteriors", type(prior).__name__, len(train_post[0]))
-        history = fit_prior(
-            prior,
-            _training_posteriors(model, data, train_post, options, surgery.batch_size, device),
-            val_post,
-            options,
-            seed=seed,
-        )
-        log.info(
-            "fitted: best validation log p(z) %.3f at epoch %d of %d, %.0f s",
-            history.best_val_log_prior,
-            history.best_epoch,
-            history.epochs,
-            history.seconds,
-        )
+    z_val = validation_draws(val_post, seed)
     old_prior = model.prior
-    validation = validation_comparison(old_prior, prior, validation_draws(val_post, seed), 4 * options.batch_size)
+    old_model = copy.deepcopy(model).eval() if options.train_encoder else None
     model.prior = prior
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(run_cfg, resolve=True)
     config["prior"] = OmegaConf.to_container(cfg.prior, resolve=True)
-    # The fitted prior is saved before the surgery after the fit: a crash there loses no fitting.
-    saved = out_dir / "checkpoints" / "best.pt"
-    save_checkpoint(
-        saved,
-        {
-            "format": CHECKPOINT_FORMAT,
-            "model": model.state_dict(),
-            "optimizer": None,
-            "state": None,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": None,
-            "config": config,
-        },
-    )
     write_config(out_dir, config)
+    saved = out_dir / "checkpoints" / "best.pt"
+    encodings = TrainingSetEncodings(surgery.batch_size)
+    history = None
+    if any(p.requires_grad for p in model.parameters()):
+        curve = FitCurve(None if options.train_encoder else z_val, 4 * options.batch_size)
+        trainer = options.trainer(out_dir, device, streams.draws, [encodings, curve])
+        what = "the encoder and " if options.train_encoder else ""
+        log.info("fitting %s%s with the decoder frozen", what, type(prior).__name__)
+        torch.manual_seed(streams.prior_rng)
+        started = time.perf_counter()
+        # The trainer writes the checkpoints as it goes: a crash in the surgery after loses no fitting.
+        state = trainer.fit(model, data if options.rebinarize else fixed_binarization(data), run_config=config)
+        seconds = time.perf_counter() - started
+        trainer.load_best(model, state)
+        history = FitHistory(
+            epochs=len(curve.curve),
+            best_epoch=state.best_epoch,
+            best_val_log_prior=None,
+            best_val_elbo=state.best_val_elbo,
+            steps=state.step,
+            seconds=seconds,
+            curve=curve.curve,
+        )
+    else:  # a prior without parameters (the exact aggregate posterior): built and evaluated, nothing to fit
+        encodings.refresh(model, data.split("train"), device)
+        save_checkpoint(
+            saved,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "model": model.state_dict(),
+                "optimizer": None,
+                "state": None,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": None,
+                "config": config,
+            },
+        )
+    model.eval()
+    if options.train_encoder:
+        validation = validation_elbo_comparison(
+            old_model, model, data.split("val"), surgery.batch_size, streams.validation
+        )
+    else:
+        validation = validation_comparison(old_prior, prior, z_val, 4 * options.batch_size)
+        if history is not None:
+            history.best_val_log_prior = validation["log_prior_after"]
+    if history is not None:
+        log.info(
+            "fitted: best validation ELBO %.3f at epoch %d of %d, %.0f s",
+            history.best_val_elbo,
+            history.best_epoch,
+            history.epochs,
+            history.seconds,
+        )
+
     log.info("saved %s; surgery after the fit: train and test splits", saved)
     after = _surgeries(model, data, surgery, device)
     for split, report in after.items():
@@ -454,11 +522,13 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         "fitted_from": str(cfg.checkpoint),  # as given: no machine path in committed results
         "old_prior": type(old_prior).__name__,
         "new_prior": type(prior).__name__,
+        "accounting": ACCOUNTING[options.train_encoder],
         **comparison(before, after),
         "validation": validation,
         "impossible": impossible_results(before, after, data),
         "fit": None if history is None else {k: v for k, v in asdict(history).items() if k != "curve"},
         "fit_options": asdict(options),
+        "frozen": list(options.frozen),
         "seed": seed,
         "streams": asdict(streams),
         "curve": None if history is None else history.curve,
@@ -469,6 +539,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
 
 def summary(out_dir: Path, result: dict[str, Any]) -> tuple[list[str], list[str]]:
     """What the CLI prints: the result lines (stdout), then the closing warnings (stderr)."""
+    refitted = bool((result.get("fit_options") or {}).get("train_encoder"))
     lines = []
     for split in ("train", "test"):
         r = result[split]
@@ -477,9 +548,17 @@ def summary(out_dir: Path, result: dict[str, Any]) -> tuple[list[str], list[str]
         if r.get("estimator_failure"):
             lines.append(f"{split}: {kl}; {elbo}: ESTIMATOR FAILURE, no gain reported: {r['estimator_failure']}")
             continue
+        if refitted:
+            accounting = (
+                f"reconstruction {r['reconstruction_after'] - r['reconstruction_before']:+.3f}, "
+                f"mutual information {r['mutual_info_after'] - r['mutual_info_before']:+.3f}, "
+                f"marginal-KL reduction {r['marginal_kl_reduction']:+.3f}"
+            )
+        else:
+            accounting = f"marginal-KL reduction {r['marginal_kl_reduction']:+.3f}"
         lines.append(
             f"{split}: {kl} ({100 * r['share_closed']:.1f}% closed); {elbo} "
-            f"(gain {r['elbo_gain']:+.3f}, marginal-KL reduction {r['marginal_kl_reduction']:+.3f}, "
+            f"(gain {r['elbo_gain']:+.3f}, {accounting}, "
             f"difference {r['identity_gap']:+.3f} +- {r['identity_gap_stderr']:.3f})"
         )
     if "test_log_likelihood_gain" in result:
@@ -488,13 +567,26 @@ def summary(out_dir: Path, result: dict[str, Any]) -> tuple[list[str], list[str]
             f"({result['test_log_likelihood_gain']:+.3f})"
         )
     v = result["validation"]
-    lines.append(
-        f"validation log p(z), same draws: {v['log_prior_before']:.3f} ({result['old_prior']}) -> "
-        f"{v['log_prior_after']:.3f} ({result['new_prior']}), {v['gain']:+.3f} +- {v['gain_stderr']:.3f}"
-    )
+    if v.get("measure") == "elbo":
+        lines.append(
+            f"validation ELBO, same noise: {v['elbo_before']:.3f} (the old encoder and {result['old_prior']}) -> "
+            f"{v['elbo_after']:.3f} (the refitted encoder and {result['new_prior']}), "
+            f"{v['gain']:+.3f} +- {v['gain_stderr']:.3f}"
+        )
+    else:
+        lines.append(
+            f"validation log p(z), same draws: {v['log_prior_before']:.3f} ({result['old_prior']}) -> "
+            f"{v['log_prior_after']:.3f} ({result['new_prior']}), {v['gain']:+.3f} +- {v['gain_stderr']:.3f}"
+        )
     lines.append(f"wrote {out_dir}")
     warnings = []
-    if v["worse"]:
+    if v["worse"] and v.get("measure") == "elbo":
+        warnings.append(
+            f"the refitted model is worse than the one it replaced: its mean validation ELBO is "
+            f"{-v['gain']:.3f} +- {v['gain_stderr']:.3f} nats below the old encoder and {result['old_prior']}'s "
+            f"with the same noise; keep the old model"
+        )
+    elif v["worse"]:
         warnings.append(
             f"the fitted prior is worse than the one it replaced: its mean validation log p(z) is "
             f"{-v['gain']:.3f} +- {v['gain_stderr']:.3f} nats below {result['old_prior']}'s on the same draws "
@@ -503,7 +595,7 @@ def summary(out_dir: Path, result: dict[str, Any]) -> tuple[list[str], list[str]
     return lines, warnings
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="fit")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="fit")
 def main(cfg: DictConfig) -> None:
     debug = cfg.get("debug") is True  # `debug=maybe` is refused inside, as a one-line error
     with one_line_errors("priors.fit", debug=debug):
@@ -519,3 +611,7 @@ def main(cfg: DictConfig) -> None:
                 f"not results): {'; '.join(result['impossible'])}. Most likely the prior's log_prob is not "
                 "normalized: check it with `python -m pytest tests/priors/test_prior_contract.py --prior MODULE.CLASS`"
             )
+
+
+if __name__ == "__main__":
+    main()
