@@ -85,7 +85,7 @@ def test_every_data_option_composes(compose, option: str) -> None:
     if option == "digits":
         assert hydra.utils.instantiate(cfg.data).data_dim == 64
     elif option == "npz":
-        assert cfg.data.binarize == "dynamic"  # built in tests/vae/test_npz_data.py, from a generated file
+        assert cfg.data.binarize == "dynamic"  # built in tests/vae/test_data.py, from a generated file
     else:
         assert cfg.data.dynamic is (option != "binarized_mnist_static")
         assert cfg.data.byte_divisor == (255 if option == "binarized_mnist_torchvision" else 256)
@@ -98,7 +98,11 @@ def test_every_trainer_option_instantiates(compose, option: str, tmp_path) -> No
     assert trainer.optimizer.func.__name__ == "Adam"
 
 
-@pytest.mark.parametrize("option", _options("logger"))
+@pytest.mark.parametrize(
+    "option",
+    # wandb starts its service process, even offline
+    [pytest.param(o, marks=pytest.mark.slow) if o == "wandb" else o for o in _options("logger")],
+)
 def test_every_logger_option_instantiates(compose, option: str, tmp_path) -> None:
     cfg = compose(f"logger={option}")
     logger = hydra.utils.instantiate(cfg.logger, run_dir=tmp_path, run_config={"a": 1}, _recursive_=False)
@@ -136,6 +140,7 @@ def test_unknown_option_lists_the_choices(compose) -> None:
         compose("prior=nope")
 
 
+@pytest.mark.slow  # starts train.py
 def test_unknown_option_on_the_command_line_lists_the_choices() -> None:
     proc = subprocess.run([sys.executable, "train.py", "prior=nope"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1

@@ -48,16 +48,7 @@ def test_the_check_sees_an_upward_import(tmp_path):
     assert imported_packages(module) == {"lab"}
 
 
-@pytest.mark.parametrize(
-    "package",
-    [
-        # Open (issue 29): these packages' tests are grouped by topic, not yet one file per module.
-        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="tests not yet one file per module"))
-        if p in ("priors", "vae", "surgery")
-        else p
-        for p in LAYERS
-    ],
-)
+@pytest.mark.parametrize("package", LAYERS)
 def test_every_module_has_its_test_file(package):
     missing = [
         str(path.relative_to(ROOT))

@@ -24,11 +24,11 @@ import pytest
 from hydra._internal.hydra import Hydra
 from hydra.core.global_hydra import GlobalHydra
 
-import surgery.__main__ as surgery_cli
-import surgery.fit as fit_cli
-import surgery.report as report_cli
+import lab.fit as fit_cli
+import lab.report as report_cli
+import lab.run_dir
+import lab.surgery as surgery_cli
 import train as train_cli
-import vae.run_dir
 from train import train
 
 # 108 inputs composed and run in-process over a tiny checkpoint: seconds on a quiet machine, not the
@@ -315,14 +315,14 @@ def test_an_unwritable_run_directory_is_one_line(tmp_path: Path, monkeypatch) ->
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "readonly"
     run.mkdir()
-    real_open = vae.run_dir.os.open
+    real_open = lab.run_dir.os.open
 
     def refusing(path, *args, **kwargs):
         if Path(path).parent == run:
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(vae.run_dir.os, "open", refusing)
+    monkeypatch.setattr(lab.run_dir.os, "open", refusing)
     outcome = run_hydra_main(train_cli.main, "train.py", [*TINY, f"hydra.run.dir={run}"], monkeypatch)
     assert outcome.code == 2 and len(outcome.lines) == 1, outcome.stderr
     assert outcome.lines[0].startswith(f"train.py: error: cannot use {run} as the run directory: Permission denied")

@@ -15,12 +15,12 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from lab.run_dir import RunDirLock
 from priors.base import Prior
 from train import train
-from vae.data import DataError, mnist
+from vae.checkpoint import RunDirError, load_checkpoint
 from vae.model import VAE
-from vae.run_dir import RunDirError, RunDirLock
-from vae.trainer import NonFiniteLossError, load_checkpoint
+from vae.trainer import NonFiniteLossError
 from vae.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,8 @@ TINY = (
     "trainer.progress=false",
     "surgery.enabled=false",
 )
+#: Two optimizer steps per epoch on the 1,397 training digits: tests that need epochs, not steps.
+TWO_STEP_EPOCHS = ("trainer.batch_size=700",)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +53,7 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def finished_run(tiny, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
-    train(tiny("trainer.max_epochs=2"), run_dir=run_dir)
+    train(tiny("trainer.max_steps=2"), run_dir=run_dir)
     return run_dir
 
 
@@ -72,11 +74,11 @@ def test_a_resume_that_changes_the_optimizer_is_refused_and_changes_nothing(tiny
 
 
 def test_a_resume_may_train_longer_and_records_it(tiny, tmp_path):
-    train(tiny("trainer.max_epochs=1"), run_dir=tmp_path)
-    metrics = train(tiny("trainer.max_epochs=2", "trainer.resume=true"), run_dir=tmp_path)
+    train(tiny("trainer.max_epochs=1", *TWO_STEP_EPOCHS), run_dir=tmp_path)
+    metrics = train(tiny("trainer.max_epochs=2", "trainer.resume=true", *TWO_STEP_EPOCHS), run_dir=tmp_path)
     assert metrics["epochs"] == 2
     (record,) = [json.loads(line) for line in (tmp_path / "resumes.jsonl").read_text().splitlines()]
-    assert record["step"] == 14 and record["changed"] == {"trainer.max_epochs": [1, 2]}
+    assert record["step"] == 2 and record["changed"] == {"trainer.max_epochs": [1, 2]}
     stored = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["config"]
     assert stored["trainer"]["max_epochs"] == 2
 
@@ -84,13 +86,13 @@ def test_a_resume_may_train_longer_and_records_it(tiny, tmp_path):
 def test_a_stale_best_checkpoint_is_never_evaluated_as_the_best(tiny, tmp_path):
     # A run continued from a copy of last.pt alone keeps an older best.pt beside it.
     best, last = tmp_path / "checkpoints" / "best.pt", tmp_path / "checkpoints" / "last.pt"
-    train(tiny("trainer.max_epochs=1"), run_dir=tmp_path)
+    train(tiny("trainer.max_epochs=1", *TWO_STEP_EPOCHS), run_dir=tmp_path)
     stale = best.read_bytes()
-    metrics = train(tiny("trainer.max_epochs=3", "trainer.resume=true"), run_dir=tmp_path)
+    metrics = train(tiny("trainer.max_epochs=3", "trainer.resume=true", *TWO_STEP_EPOCHS), run_dir=tmp_path)
     assert metrics["best_epoch"] == 3  # the tiny model still improves, so best.pt moved on
     # last.pt is the best state itself (marked so): the resume writes best.pt from it again.
     best.write_bytes(stale)
-    again = train(tiny("trainer.max_epochs=3", "trainer.resume=true"), run_dir=tmp_path)
+    again = train(tiny("trainer.max_epochs=3", "trainer.resume=true", *TWO_STEP_EPOCHS), run_dir=tmp_path)
     assert again["best_epoch"] == 3 and load_checkpoint(best)["state"]["best_epoch"] == 3
     # last.pt not the best: a stale best.pt is never evaluated as the best.
     payload = load_checkpoint(last)
@@ -98,17 +100,18 @@ def test_a_stale_best_checkpoint_is_never_evaluated_as_the_best(tiny, tmp_path):
     best.write_bytes(stale)
     expected = r"holds epoch 1, but the best validation ELBO was at epoch 3"
     with pytest.raises(ValueError, match=expected):
-        train(tiny("trainer.max_epochs=3", "trainer.resume=true"), run_dir=tmp_path)
+        train(tiny("trainer.max_epochs=3", "trainer.resume=true", *TWO_STEP_EPOCHS), run_dir=tmp_path)
 
 
 def test_a_locked_directory_is_refused(tiny, tmp_path):
     with RunDirLock(tmp_path):
         with pytest.raises(RunDirError, match=rf"in use by another run \(PID {os.getpid()}\)"):
-            train(tiny("trainer.max_epochs=1"), run_dir=tmp_path)
+            train(tiny("trainer.max_steps=2"), run_dir=tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
-    train(tiny("trainer.max_epochs=1"), run_dir=tmp_path)  # released: the lock was never stale
+    train(tiny("trainer.max_steps=2"), run_dir=tmp_path)  # released: the lock was never stale
 
 
+@pytest.mark.slow  # starts train.py
 def test_two_runs_started_together_in_one_directory(tmp_path):
     run_dir = tmp_path / "shared"
     cmd = [sys.executable, "train.py", *TINY, "trainer.max_epochs=3", f"hydra.run.dir={run_dir}"]
@@ -134,33 +137,40 @@ def test_default_run_directories_are_unique(compose):
 # ---- bad input: one clear error before any work ------------------------------------------
 
 
+#: Options train.py refuses before any work, and what the refusal says.
+BAD_OPTIONS = [
+    (["trainer.max_steps=-5"], "trainer.max_steps must be a positive integer or null, got -5"),
+    (["data.n_val=0"], "data.n_val must be a positive integer, got 0"),
+    (["data.n_val=5000"], "leaves fewer than 2 of the 1797 digits for training"),
+    (["surgery.split=nope"], "surgery.split must be one of train, val, test; got 'nope'"),
+    (["surgery.is_samples=-1"], "surgery.is_samples must be a positive integer, or null to skip"),
+    (["surgery.is_samples=0"], "surgery.is_samples must be a positive integer, or null to skip"),
+    (["surgery.is_points=0"], "surgery.is_points must be a positive integer or null, got 0"),
+    (["surgery.is_points=500"], "surgery.is_points=500 but the test split has 200 points"),
+    (["surgery.dimwise_samples=0"], "surgery.dimwise_samples must be a positive integer or null"),
+    (["surgery.n_samples=abc"], "surgery.n_samples must be a positive integer or null, got 'abc'"),
+    (["trainer.eval_batch_size=0"], "trainer.eval_batch_size must be a positive integer"),
+    (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps must be a positive integer"),
+    (["trainer.batch_size=1.5"], "trainer.batch_size must be a positive integer, got 1.5"),
+    (["trainer.optimizer.lr=-1"], "trainer.optimizer: Invalid learning rate: -1"),
+    (["seed=-1"], "seed must be an integer >= 0, got -1"),
+    (["device=gpu"], "device must be auto, cpu, cuda or cuda:N"),
+    (["+foo=1"], "unknown config key(s) foo"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs must be a positive integer, got 0"),
+    (["data.seed=-1"], "data.seed must be an integer >= 0, got -1"),
+    (["data.dynamic=maybe"], "data.dynamic must be true or false, got 'maybe'"),
+    (["debug=maybe"], "debug must be true or false, got 'maybe'"),
+    (["vae.hidden_dims=[0]"], "vae.hidden_dims must be a non-empty list of positive integers"),
+    (["trainer.max_loss_per_dim=-1"], "trainer.max_loss_per_dim must be a number > 0, got -1"),
+]
+#: One case of each group (the trainer, the data, the surgery, the config's keys) runs in the fast
+#: tier; the whole table in the slow one.
+FAST_BAD_OPTIONS = ("trainer.max_steps=-5", "data.n_val=5000", "surgery.split=nope", "+foo=1")
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [
-        (["trainer.max_steps=-5"], "trainer.max_steps must be a positive integer or null, got -5"),
-        (["data.n_val=0"], "data.n_val must be a positive integer, got 0"),
-        (["data.n_val=5000"], "leaves fewer than 2 of the 1797 digits for training"),
-        (["surgery.split=nope"], "surgery.split must be one of train, val, test; got 'nope'"),
-        (["surgery.is_samples=-1"], "surgery.is_samples must be a positive integer, or null to skip"),
-        (["surgery.is_samples=0"], "surgery.is_samples must be a positive integer, or null to skip"),
-        (["surgery.is_points=0"], "surgery.is_points must be a positive integer or null, got 0"),
-        (["surgery.is_points=500"], "surgery.is_points=500 but the test split has 200 points"),
-        (["surgery.dimwise_samples=0"], "surgery.dimwise_samples must be a positive integer or null"),
-        (["surgery.n_samples=abc"], "surgery.n_samples must be a positive integer or null, got 'abc'"),
-        (["trainer.eval_batch_size=0"], "trainer.eval_batch_size must be a positive integer"),
-        (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps must be a positive integer"),
-        (["trainer.batch_size=1.5"], "trainer.batch_size must be a positive integer, got 1.5"),
-        (["trainer.optimizer.lr=-1"], "trainer.optimizer: Invalid learning rate: -1"),
-        (["seed=-1"], "seed must be an integer >= 0, got -1"),
-        (["device=gpu"], "device must be auto, cpu, cuda or cuda:N"),
-        (["+foo=1"], "unknown config key(s) foo"),
-        (["trainer.max_epochs=0"], "trainer.max_epochs must be a positive integer, got 0"),
-        (["data.seed=-1"], "data.seed must be an integer >= 0, got -1"),
-        (["data.dynamic=maybe"], "data.dynamic must be true or false, got 'maybe'"),
-        (["debug=maybe"], "debug must be true or false, got 'maybe'"),
-        (["vae.hidden_dims=[0]"], "vae.hidden_dims must be a non-empty list of positive integers"),
-        (["trainer.max_loss_per_dim=-1"], "trainer.max_loss_per_dim must be a number > 0, got -1"),
-    ],
+    [case if case[0][0] in FAST_BAD_OPTIONS else pytest.param(*case, marks=pytest.mark.slow) for case in BAD_OPTIONS],
 )
 def test_bad_options_fail_before_any_work(tiny, tmp_path, overrides, message):
     run_dir = tmp_path / "run"
@@ -175,24 +185,6 @@ def test_max_loss_per_dim_is_an_option_of_its_own(compose):
     # Documented as trainer.max_loss_per_dim: settable without `+`, its default in the config.
     assert compose().trainer.max_loss_per_dim == 1000.0
     assert compose("trainer.max_loss_per_dim=50").trainer.max_loss_per_dim == 50
-
-
-def test_a_directory_as_data_path_names_it(tmp_path):
-    with pytest.raises(DataError, match=rf"data.path={tmp_path} is a directory; pass a copy of mnist.pkl.gz"):
-        mnist(path=str(tmp_path))
-
-
-def test_a_truncated_last_checkpoint_suggests_the_best_one(tiny, tmp_path):
-    train(tiny("trainer.max_epochs=1"), run_dir=tmp_path)
-    last = tmp_path / "checkpoints" / "last.pt"
-    last.write_bytes(last.read_bytes()[:1000])
-    with pytest.raises(ValueError, match=r"not a readable priorlab checkpoint.*trainer.resume=.*best.pt"):
-        train(tiny("trainer.max_epochs=2", "trainer.resume=true"), run_dir=tmp_path)
-
-
-def test_a_directory_as_checkpoint_is_named_as_such(tmp_path):
-    with pytest.raises(IsADirectoryError, match="is a directory; give a checkpoint file"):
-        load_checkpoint(tmp_path)
 
 
 class ForgotSuperInit(Prior):
@@ -214,18 +206,18 @@ def test_divergence_stops_within_one_logging_interval(tiny, tmp_path, monkeypatc
 
     def diverging(self, x, index=None):
         terms = original(self, x, index)
-        if self.training and diverging.calls >= 10:
+        if self.training and diverging.calls >= 4:
             terms.reconstruction = terms.reconstruction - 5e24
         diverging.calls += self.training
         return terms
 
     diverging.calls = 0
     monkeypatch.setattr(VAE, "elbo_terms", diverging)
-    # checked every 5 steps and at the end of each 14-step epoch: steps 11-14 are one interval
+    # checked every 2 steps and at the end of each 4-step epoch: steps 5-6 (epoch 2) are one interval
     with pytest.raises(
-        NonFiniteLossError, match=r"exceeded 6.4e\+04 nats .* from step 11 \(epoch 1, batch 11\) to step 14:"
+        NonFiniteLossError, match=r"exceeded 6.4e\+04 nats .* from step 5 \(epoch 2, batch 1\) to step 6:"
     ):
-        train(tiny("trainer.max_epochs=5", "trainer.log_every_n_steps=5"), run_dir=tmp_path)
+        train(tiny("trainer.max_epochs=5", "trainer.batch_size=350", "trainer.log_every_n_steps=2"), run_dir=tmp_path)
 
 
 class Unnormalized(Prior):
@@ -241,13 +233,14 @@ class Unnormalized(Prior):
 def test_a_positive_elbo_on_binary_data_warns_about_the_prior(tiny, tmp_path, caplog):
     # Each epoch warns; the run then ends with an error (surgery/checks.py), not with results.
     with caplog.at_level(logging.WARNING, logger="vae.trainer"), pytest.raises(ValueError, match="impossible"):
-        train(tiny("trainer.max_epochs=1", f"prior._target_={__name__}.Unnormalized"), run_dir=tmp_path)
+        train(tiny("trainer.max_steps=2", f"prior._target_={__name__}.Unnormalized"), run_dir=tmp_path)
     assert any("no normalized prior can give" in r.message and "Unnormalized" in r.message for r in caplog.records)
 
 
 # ---- the command line: one line, exit 2; debug=true for the traceback --------------------
 
 
+@pytest.mark.slow  # starts train.py
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -272,6 +265,7 @@ def test_train_cli_prints_one_line(tmp_path, args, expected):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # starts train.py
 def test_debug_true_shows_the_traceback(tmp_path):
     done = subprocess.run(
         [sys.executable, "train.py", *TINY, "surgery.split=nope", "debug=true", f"hydra.run.dir={tmp_path}"],
@@ -283,6 +277,7 @@ def test_debug_true_shows_the_traceback(tmp_path):
     assert done.returncode != 0 and "Traceback" in done.stderr and "surgery.split must be one of" in done.stderr
 
 
+@pytest.mark.slow  # starts train.py
 def test_an_unwritable_run_dir_is_one_line(tmp_path):
     (tmp_path / "checkpoints").write_text("a file where the checkpoints folder goes")
     done = subprocess.run(
@@ -302,17 +297,3 @@ class WrongShape(Prior):
 
     def _sample(self, n):
         return torch.randn(n, self.latent_dim)
-
-
-def test_an_option_added_since_the_checkpoint_resumes_only_at_its_default() -> None:
-    from vae.run_dir import RunDirError, resume_changes
-
-    stored = {"prior": {"_target_": "priors.exemplar.ExemplarPrior", "k": 10}}
-    at_default = {"prior": {"_target_": "priors.exemplar.ExemplarPrior", "k": 10, "gradient": True}}
-    assert resume_changes(stored, at_default, "last.pt") == {"prior.gradient": [None, True]}
-    changed = {"prior": {"_target_": "priors.exemplar.ExemplarPrior", "k": 10, "gradient": False}}
-    with pytest.raises(RunDirError, match=r"prior.gradient: \(absent\) -> False\); .*\(prior.gradient=true on the"):
-        resume_changes(stored, changed, "last.pt")
-    unknown = {"prior": {"_target_": "priors.exemplar.ExemplarPrior", "k": 10, "no_such_option": 1}}
-    with pytest.raises(RunDirError, match="no_such_option"):
-        resume_changes(stored, unknown, "last.pt")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from surgery import report as rep
+from lab import report as rep
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -45,3 +45,20 @@ def test_train_py_with_wandb_offline_leaves_a_wandb_run(tmp_path: Path) -> None:
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("run-*.wandb")), "the offline run holds no data file"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"prior={p.stem}" for p in sorted((ROOT / "conf" / "prior").glob("*.yaml"))]
+    + ["prior._target_=examples.student_t_prior.StudentTPrior"],
+)
+def test_every_prior_trains_one_epoch_through_train_py(override: str, tmp_path: Path) -> None:
+    proc = _run(
+        tmp_path,
+        override,
+        "logger=none",
+        "vae.latent_dim=4",
+        "vae.hidden_dims=[32]",
+        "prior.num_layers=2" if "flow" in override else "seed=0",
+    )
+    assert "test ELBO" in proc.stdout and (tmp_path / "checkpoints" / "best.pt").exists()

@@ -9,17 +9,13 @@ import torch
 
 from lab import export as export_module
 from lab import manifest
-from vae.trainer import load_checkpoint
+from vae.checkpoint import load_checkpoint
 
 
-@pytest.fixture(scope="module")
-def run_dir(compose, tiny_overrides, tmp_path_factory) -> Path:
-    from train import train
-
-    cfg = compose(*tiny_overrides, "trainer.max_steps=3", "surgery.enabled=false")
-    out = tmp_path_factory.mktemp("run")
-    train(cfg, run_dir=out)
-    return out
+@pytest.fixture
+def run_dir(short_run) -> Path:
+    """The session's two-step run (conftest.py): the export only reads it."""
+    return short_run[0]
 
 
 def test_the_export_holds_the_same_weights_and_no_optimizer(run_dir, tmp_path):
@@ -39,7 +35,7 @@ def test_the_export_holds_the_same_weights_and_no_optimizer(run_dir, tmp_path):
 
 
 def test_the_export_loads_and_scores_like_the_checkpoint(run_dir, tmp_path):
-    from vae.checkpoint import load_model
+    from lab.checkpoint import load_model
 
     target = export_module.export(run_dir, dest=tmp_path / "copy", root=tmp_path)
     full, data, _ = load_model(run_dir / "checkpoints" / "best.pt")

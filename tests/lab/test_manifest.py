@@ -23,6 +23,7 @@ def tracked_checkpoints() -> set[str]:
     return set(out.stdout.split())
 
 
+@pytest.mark.slow  # asks git (a process) which checkpoints it tracks
 def test_the_manifest_lists_exactly_the_tracked_checkpoints():
     listed = {e.path for e in ENTRIES}
     tracked = tracked_checkpoints()
@@ -70,7 +71,7 @@ def shared_mnist():
 @pytest.mark.network
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e.path for e in ENTRIES])
 def test_each_committed_checkpoint_loads(entry, shared_mnist):
-    from vae.checkpoint import load_model
+    from lab.checkpoint import load_model
     from vae.data import DataError
 
     try:

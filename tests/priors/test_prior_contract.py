@@ -39,7 +39,7 @@ from torch import nn
 
 from priors.base import Prior
 from priors.gaussian import GaussianPrior
-from vae.callbacks import consumers, encode
+from vae.callbacks import TrainingSetEncodings
 from vae.model import VAE
 from vae.networks import MLPDecoder, MLPEncoder
 
@@ -155,9 +155,7 @@ def build(case: PriorCase, latent_dim: int, seed: int = 0) -> tuple[Prior, VAE, 
     if isinstance(prior, functools.partial):
         prior = prior(encoder=encoder, train_x=train_x)
     model = VAE(encoder, decoder, prior.double(), latent_dim)
-    mu, logvar = encode(encoder, train_x, 100, torch.device("cpu"))
-    for consumer in consumers(model):
-        consumer.update_encodings(mu, logvar)
+    TrainingSetEncodings(batch_size=100).refresh(model, train_x, torch.device("cpu"))  # as the trainer does
     return prior, model, train_x
 
 

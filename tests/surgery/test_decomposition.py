@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -232,9 +229,9 @@ def test_terms_by_size_far_apart_posteriors_give_mi_log_m_at_every_size():
 
 def test_terms_by_size_identical_posteriors_give_the_analytic_kl_at_every_size():
     # q(z) = N(0.5, e^-1) per dimension whatever M: MI 0, marginal KL = KL(N(0.5, e^-1) || N(0, 1)) x 3
-    mu, logvar = torch.full((2000, 3), 0.5, dtype=torch.float64), torch.full((2000, 3), -1.0, dtype=torch.float64)
+    mu, logvar = torch.full((1000, 3), 0.5, dtype=torch.float64), torch.full((1000, 3), -1.0, dtype=torch.float64)
     expected = 3 * 0.5 * (math.exp(-1.0) + 0.25 - 1.0 + 1.0)
-    for terms in terms_by_size(mu, logvar, GaussianPrior(3).double(), [200, 2000]):
+    for terms in terms_by_size(mu, logvar, GaussianPrior(3).double(), [100, 1000]):
         assert terms.mutual_info.value == pytest.approx(0.0, abs=1e-6)
         assert abs(terms.marginal_kl.value - expected) <= 4 * terms.marginal_kl.stderr
 
@@ -291,12 +288,12 @@ def test_importance_batches_are_wider_on_a_gpu():
 
 def test_float32_agrees_with_float64_to_1e4_nats():
     g = torch.Generator().manual_seed(0)
-    mu = 2 * torch.randn(3000, 12, generator=g)
-    logvar = -7 + torch.randn(3000, 12, generator=g)
+    mu = 2 * torch.randn(1000, 12, generator=g)
+    logvar = -7 + torch.randn(1000, 12, generator=g)
     gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
     # the same sample points for both dtypes
     z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g)
-    idx = torch.arange(3000)
+    idx = torch.arange(1000)
     t32 = aggregate_terms(mu, logvar, GaussianPrior(12), z, idx, generator=gen(), dimwise_samples=100)
     t64 = aggregate_terms(
         mu.double(), logvar.double(), GaussianPrior(12).double(), z.double(), idx, generator=gen(), dimwise_samples=100
@@ -493,26 +490,6 @@ def test_surgery_json_round_trip_and_old_files(prior):
     assert SurgeryReport.from_dict(old) == report
     without_flag = {k: v for k, v in old.items() if k != "prior_factorized"}  # the per-dimension KLs decide
     assert upgrade_dict(without_flag)["dimwise_kl"] == saved["dimwise_kl"]
-
-
-def test_surgery_modules_select_no_matplotlib_backend(tmp_path):
-    """Importing the surgery modules leaves matplotlib's backend alone (no matplotlib.use, no pyplot),
-    and the pictures still come out as PNGs."""
-    script = f"""
-import sys, matplotlib, json
-import surgery, surgery.plots, surgery.report, surgery.run, surgery.fit, surgery.text, surgery.__main__
-assert matplotlib.get_backend().lower() == "svg", matplotlib.get_backend()
-from surgery import SurgeryReport
-from surgery.plots import plot_decomposition
-report = SurgeryReport.from_dict(json.loads({json.dumps(json.dumps(_FAKE_JSON))}))
-path = plot_decomposition(report, {str(tmp_path / "d.png")!r})
-assert "matplotlib.pyplot" not in sys.modules
-print(open(path, "rb").read(8).hex())
-"""
-    env = {**os.environ, "MPLBACKEND": "svg", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert bytes.fromhex(done.stdout.strip()) == b"\x89PNG\r\n\x1a\n"
 
 
 _FAKE_JSON = {

@@ -6,7 +6,6 @@ from dataclasses import fields
 
 import pytest
 
-from surgery import report
 from surgery.decomposition import ESTIMATE_FIELDS, Estimate, SurgeryReport
 from surgery.text import TERM, TERMS, format_table, table_rows
 
@@ -51,20 +50,6 @@ def test_terms_are_exactly_the_reports_estimates() -> None:
     assert all(isinstance(getattr(make_report(True), t.name), Estimate) for t in TERMS)
     assert {t.unit for t in TERMS} == {"nats per data point"}
     assert TERM["marginal_kl"].title == "marginal KL" and TERM["marginal_kl"].depth == 2
-
-
-def test_report_columns_follow_the_terms() -> None:
-    assert report.COLUMNS == (
-        ("elbo", "ELBO"),
-        ("reconstruction", "reconstruction"),
-        ("avg_kl", "avg KL"),
-        ("mutual_info", "MI"),
-        ("marginal_kl", "marginal KL"),
-        ("total_correlation", "TC"),
-        ("dimwise_kl", "dim-wise KL"),
-        ("optimal_prior_elbo", "optimal-prior ELBO"),
-        ("log_likelihood", "test log p(x)"),
-    )
 
 
 @pytest.mark.parametrize("factorized", [True, False])

@@ -21,11 +21,11 @@ import torch
 from omegaconf import OmegaConf
 
 import vae.data
-from surgery.__main__ import surgery_main
+from lab.checkpoint import AllocationBudget, BudgetExceeded, CheckpointError, data_options, load_model, run_dir_of
+from lab.surgery import surgery_main
+from lab.trust import UntrustedTargetError, check_trusted, is_trusted, parse_allow, trust_problem
 from train import train
-from vae.checkpoint import AllocationBudget, BudgetExceeded, CheckpointError, data_options, load_model, run_dir_of
 from vae.data import DataError
-from vae.trust import UntrustedTargetError, check_trusted, is_trusted, parse_allow, trust_problem
 from vae.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -264,7 +264,7 @@ def test_a_bare_string_allow_no_longer_trusts_everything(checkpoint, tmp_path):
         ("examples.student_t_prior.StudentTPrior", [], "examples.student_t_prior.StudentTPrior"),
         ("priors.base.torch.load", [], None),  # priorlab's own package, through an import
         ("vae.trainer.torch.save", [], None),
-        ("surgery.run.write_json", [], None),
+        ("lab.surgery.write_json", [], None),
         ("os.system", [], None),
         ("builtins.open", [], None),
         ("builtins.exec", [], None),
@@ -345,12 +345,41 @@ def test_targets_are_checked_in_every_node_not_three(checkpoint, tmp_path, node)
 
 @pytest.mark.parametrize(
     ("target", "own_node"),
-    [("vae.trainer.Trainer", "trainer"), ("vae.loggers.WandbLogger", "logger"), ("vae.data.mnist", "data")],
+    [
+        ("vae.trainer.Trainer", "trainer"),
+        ("vae.callbacks.TrainingSetEncodings", "trainer.callbacks[0]"),
+        ("vae.loggers.WandbLogger", "logger"),
+        ("vae.data.mnist", "data"),
+    ],
 )
 def test_recorded_targets_and_factories_are_trusted_only_where_priorlab_writes_them(target, own_node):
     assert trust_problem(target, (), where=own_node) is None
-    for where in {"prior", "vae.encoder", "trainer.optimizer", "data", "trainer", "logger"} - {own_node}:
+    others = {"prior", "vae.encoder", "trainer.optimizer", "data", "trainer", "logger", "trainer.callbacks[1]"}
+    for where in others - {own_node}:
         assert trust_problem(target, (), where=where) is not None
+
+
+def test_a_new_checkpoint_records_the_default_callback_and_loads_but_no_other_callback(checkpoint, tmp_path):
+    stored = torch.load(checkpoint, weights_only=True)["config"]["trainer"]["callbacks"]
+    assert stored == [{"_target_": "vae.callbacks.TrainingSetEncodings"}]
+    load_model(checkpoint)  # recorded, never built, and trusted where the trainer writes it
+
+    def callbacks(*targets):
+        return lambda c: c["trainer"].__setitem__("callbacks", [{"_target_": t} for t in targets])
+
+    refused = [
+        (("vae.trainer.Trainer",), r"'vae.trainer.Trainer' at trainer.callbacks\[0\]"),
+        (("builtins.open",), r"'builtins.open' at trainer.callbacks\[0\]"),
+        (
+            ("vae.callbacks.TrainingSetEncodings",) * 2,
+            r"'vae.callbacks.TrainingSetEncodings' at trainer.callbacks\[1\]",
+        ),
+        (("mypkg.MyCallback", "vae.callbacks.TrainingSetEncodings"), r"'mypkg.MyCallback' at trainer.callbacks\[0\]"),
+    ]
+    for i, (targets, message) in enumerate(refused):
+        with pytest.raises(UntrustedTargetError, match=message):
+            load_model(tampered(checkpoint, tmp_path / f"{i}.pt", callbacks(*targets)))
+    assert trust_problem("vae.callbacks.TrainingSetEncodings") is not None  # not a module: never built
 
 
 def test_a_nested_target_is_checked_too(checkpoint, tmp_path):
@@ -490,7 +519,7 @@ def test_the_surgery_refuses_a_loose_checkpoint_before_any_work(compose, checkpo
     loose.parent.mkdir(parents=True)
     shutil.copy(checkpoint, loose)
     (tmp_path / "surgery.json").write_text("theirs")
-    monkeypatch.setattr("surgery.__main__.load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    monkeypatch.setattr("lab.surgery.load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
     cfg = compose(f"checkpoint={loose}", "device=cpu", config="surgery_cli")
     with pytest.raises(CheckpointError, match="output_dir=DIR$"):
         surgery_main(cfg)
@@ -500,9 +529,9 @@ def test_the_surgery_refuses_a_loose_checkpoint_before_any_work(compose, checkpo
 
 
 def test_by_size_settles_its_output_before_loading(compose, checkpoint, tmp_path, monkeypatch):
-    from surgery.by_size import by_size_main
+    from lab.by_size import by_size_main
 
-    monkeypatch.setattr("surgery.by_size.load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    monkeypatch.setattr("lab.by_size.load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
     loose = tmp_path / "model.pt"
     shutil.copy(checkpoint, loose)
     with pytest.raises(CheckpointError, match="output_dir=DIR$"):
@@ -580,7 +609,7 @@ def test_an_honest_checkpoint_loads(checkpoint):
         ("torch.optim.Adam", True),
         ("vae.optim.AdamNormGrad", True),
         ("nflows.transforms.MaskedAffineAutoregressiveTransform", True),
-        ("surgery.run.write_json", False),  # priorlab's own, but a function that writes a file
+        ("lab.surgery.write_json", False),  # priorlab's own, but a function that writes a file
         ("vae.trainer.save_checkpoint", False),
         ("priors.base.torch.load", False),  # torch's, reached through priorlab's import
         ("priors.base.torch.nn.Linear", False),

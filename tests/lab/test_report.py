@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from surgery import report as rep
+from lab import report as rep
 from surgery.text import TERMS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -557,3 +557,17 @@ def test_committed_literature_report_is_what_its_runs_give(monkeypatch) -> None:
     committed = (out / "report.md").read_text()
     plots = [Path(line.split("(")[1].rstrip(")")) for line in committed.splitlines() if line.startswith("![")]
     assert committed == rep.render_markdown(report, plots), f"run: {command}"
+
+
+def test_report_columns_follow_the_terms() -> None:
+    assert rep.COLUMNS == (
+        ("elbo", "ELBO"),
+        ("reconstruction", "reconstruction"),
+        ("avg_kl", "avg KL"),
+        ("mutual_info", "MI"),
+        ("marginal_kl", "marginal KL"),
+        ("total_correlation", "TC"),
+        ("dimwise_kl", "dim-wise KL"),
+        ("optimal_prior_elbo", "optimal-prior ELBO"),
+        ("log_likelihood", "test log p(x)"),
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from surgery import by_size
-from surgery import report as rep
-from surgery.__main__ import CLI_KEYS, surgery_main
-from surgery.by_size import by_size_main
-from surgery.run import SurgeryOptions
+from lab import report as rep
+from lab.checkpoint import load_model
+from lab.surgery import CLI_KEYS, SurgeryOptions, surgery_main
 from train import train
 from vae import DeviceError
-from vae.checkpoint import CheckpointError, load_model
 from vae.trainer import evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +43,8 @@ FIELDS = [
 
 @pytest.fixture(scope="module")
 def trained_run(compose, tmp_path_factory):
+    """A run trained for 20 epochs (280 steps), for the slow tests that check numbers; the fast ones
+    take the two-step `short_run` of conftest.py."""
     run_dir = tmp_path_factory.mktemp("run")
     cfg = compose(
         "data=digits",
@@ -66,8 +64,8 @@ def trained_run(compose, tmp_path_factory):
     return run_dir, metrics
 
 
-def test_train_writes_surgery_json_and_pictures(trained_run):
-    run_dir, metrics = trained_run
+def test_train_writes_surgery_json_and_pictures(short_run):
+    run_dir, metrics = short_run
     report = json.loads((run_dir / "surgery.json").read_text())
     for field in FIELDS:
         assert field in report, field
@@ -85,8 +83,8 @@ def test_train_writes_surgery_json_and_pictures(trained_run):
     assert per_point.mean() == pytest.approx(report["log_likelihood"], abs=1e-9)
 
 
-def test_cli_rebuilds_the_model_and_reproduces_the_numbers(compose, trained_run, tmp_path):
-    run_dir, _ = trained_run
+def test_cli_rebuilds_the_model_and_reproduces_the_numbers(compose, short_run, tmp_path):
+    run_dir, _ = short_run
     cfg = compose(
         f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
         "device=cpu",
@@ -141,6 +139,7 @@ def mean_stderr(values):
     return float(values.mean()), float(values.std(unbiased=True) / math.sqrt(values.numel()))
 
 
+@pytest.mark.slow  # needs a trained model: trained_run trains 280 steps
 def test_surgery_json_agrees_with_independent_estimates(trained_run):
     """Every number of surgery.json against a separate computation at independent samples, within
     four standard errors of the difference (exact terms to float32 precision)."""
@@ -181,75 +180,9 @@ def test_surgery_json_agrees_with_independent_estimates(trained_run):
     assert abs(gap) <= 4 * (saved["mutual_info_stderr"] + saved["marginal_kl_stderr"])
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_by_size_cli_writes_each_size_and_the_whole_split_agrees_with_surgery_json(compose, trained_run, tmp_path):
-    run_dir, _ = trained_run
-    cfg = compose(f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"output_dir={tmp_path}", config="by_size")
-    content, files = by_size_main(cfg)
-    rows = content["rows"]
-    assert [r["m"] for r in rows] == [100, 300, 1000, 1397]  # the default sizes, then the whole split
-    for r in rows:
-        assert r["mutual_info"] <= r["log_m"] + 1e-6
-        assert r["marginal_kl"] + r["mutual_info"] == pytest.approx(r["avg_kl_mc"], abs=1e-9)
-    saved = json.loads((run_dir / "surgery.json").read_text())  # all 1,397 points, other samples
-    for name in ("mutual_info", "marginal_kl"):
-        difference = rows[-1][name] - saved[name]
-        assert abs(difference) <= 5 * math.hypot(rows[-1][f"{name}_stderr"], saved[f"{name}_stderr"]), name
-    assert json.loads(files["json"].read_text()) == json.loads(json.dumps(content))
-    assert files["json"] == tmp_path / "by_size.json" and files["plot"].read_bytes()[:4] == b"\x89PNG"
-    assert "1,397" in by_size.format_by_size(content)
-
-
-@pytest.mark.parametrize(
-    ("option", "message"),
-    [("sizes=[100,50]", "strictly increasing"), ("sizes=[2000]", "1..1397"), ("sizes=[1.5]", "integers")],
-)
-def test_by_size_cli_refuses_bad_sizes(compose, trained_run, tmp_path, option, message):
-    run_dir, _ = trained_run
-    cfg = compose(
-        f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"output_dir={tmp_path}", option, config="by_size"
-    )
-    with pytest.raises(ValueError, match=message):  # ConfigError is one
-        by_size_main(cfg)
-
-
-def test_missing_truncated_and_foreign_checkpoints_give_clear_errors(trained_run, tmp_path):
-    run_dir, _ = trained_run
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_model(tmp_path / "nope.pt")
-    good = (run_dir / "checkpoints" / "best.pt").read_bytes()
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(good[: len(good) // 2])
-    with pytest.raises(ValueError, match="not a readable priorlab checkpoint"):
-        load_model(truncated)
-
-    # A pickle that would run code if unpickled: refused, and the code never runs.
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    evil = tmp_path / "evil.pt"
-    with open(evil, "wb") as f:
-        pickle.dump({"format": 1, "model": Evil()}, f, protocol=2)  # torch.save's protocol: no warning
-    with pytest.raises(ValueError, match="not a readable priorlab checkpoint"):
-        load_model(evil)
-    assert not marker.exists()
-
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"weights": torch.zeros(3)}, foreign)
-    with pytest.raises(ValueError, match="not a priorlab checkpoint"):
-        load_model(foreign)
-    no_config = tmp_path / "no_config.pt"
-    torch.save({"format": 1, "model": {}, "config": {}}, no_config)
-    with pytest.raises(CheckpointError, match="no run config"):
-        load_model(no_config)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-def test_cuda_without_a_gpu_says_so(compose, trained_run):
-    run_dir, _ = trained_run
+def test_cuda_without_a_gpu_says_so(compose, short_run):
+    run_dir, _ = short_run
     cfg = compose(f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "device=cuda", config="surgery_cli")
     with pytest.raises(DeviceError, match="no CUDA GPU"):
         surgery_main(cfg)

@@ -1,7 +1,8 @@
-"""`python -m priors.fit`: a prior fitted to a frozen VAE, and the exact accounting of what it wins."""
+"""`python -m priors.fit`: a prior fitted to a frozen VAE with the trainer, and the exact accounting of what it wins."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -12,14 +13,28 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lab import report as rep
+from lab.checkpoint import load_model
+from lab.fit import (
+    FitOptions,
+    FitStreams,
+    _mean_log_prior,
+    comparison,
+    fit_main,
+    fixed_binarization,
+    summary,
+    validation_draws,
+)
 from priors.gaussian import GaussianPrior
 from priors.mixture import MixturePrior
-from surgery import report as rep
 from surgery.decomposition import Estimate
-from surgery.fit import FitOptions, FitStreams, comparison, fit_main, fit_prior, summary
 from tests.surgery.test_checks import InflatedPrior
 from train import train
-from vae.checkpoint import load_model
+from vae.checkpoint import RunDirError
+from vae.data import BinarizedData, digits
+from vae.model import VAE
+from vae.networks import MLPDecoder
+from vae.trainer import load_checkpoint
 from vae.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +70,7 @@ def fit_cfg(compose, checkpoint: Path, out_dir: Path, *overrides: str):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prior", ["mixture", "flow"])
 def test_the_elbo_gain_is_the_marginal_kl_reduction(compose, trained, tmp_path, prior):
     extra = ["prior.num_components=10"] if prior == "mixture" else ["prior.num_layers=2", "prior.hidden_features=16"]
@@ -66,9 +82,21 @@ def test_the_elbo_gain_is_the_marginal_kl_reduction(compose, trained, tmp_path, 
         assert r["elbo_gain"] == pytest.approx(r["elbo_after"] - r["elbo_before"])
     assert result["train"]["marginal_kl_after"] < result["train"]["marginal_kl_before"]  # it fitted something
     assert result["fit"]["epochs"] >= 1 and len(result["curve"]) == result["fit"]["epochs"]
-    # The old prior is compared with the new on the very draws the fit early-stopped on.
+    assert result["fit_options"]["train_encoder"] is False and result["frozen"] == ["encoder", "decoder"]
+    assert (
+        result["accounting"].startswith("encoder and decoder frozen")
+        and "elbo_gain = marginal_kl_reduction" in (result["accounting"])
+    )
+    # The trainer's metrics, with the callback's mean log p(z) on the fixed validation draws.
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["val_log_prior"] for line in lines] == [c["val_log_prior"] for c in result["curve"]]
+    best = max(lines, key=lambda line: line["val_elbo"])
+    assert best["epoch"] == result["fit"]["best_epoch"] and best["val_elbo"] == result["fit"]["best_val_elbo"]
+    # The old prior is compared with the new on the fixed validation draws; the restored best prior scores
+    # there what the curve recorded at its epoch.
     v = result["validation"]
-    assert v["log_prior_after"] == pytest.approx(result["fit"]["best_val_log_prior"], abs=1e-9)
+    assert v["measure"] == "log_prior" and v["log_prior_after"] == result["fit"]["best_val_log_prior"]
+    assert v["log_prior_after"] == pytest.approx(best["val_log_prior"], abs=1e-9)
     assert v["gain"] == pytest.approx(v["log_prior_after"] - v["log_prior_before"]) and not v["worse"]
     assert result["impossible"] == [] and result["train"]["estimator_failure"] is None
     # The new run dir holds a checkpoint of the same networks with the new prior.
@@ -89,10 +117,11 @@ def test_the_elbo_gain_is_the_marginal_kl_reduction(compose, trained, tmp_path, 
         assert (out_dir / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_a_crash_after_the_fit_keeps_the_fitted_prior_and_the_log_shows_the_fit(
     compose, trained, tmp_path, monkeypatch, caplog
 ):
-    import surgery.fit as fit_module
+    import lab.fit as fit_module
 
     calls = []
     surgeries = fit_module._surgeries
@@ -105,14 +134,15 @@ def test_a_crash_after_the_fit_keeps_the_fitted_prior_and_the_log_shows_the_fit(
 
     monkeypatch.setattr(fit_module, "_surgeries", crash_on_the_second)
     cfg = fit_cfg(compose, trained, tmp_path / "fit", "prior=mixture", "prior.num_components=10", "fit.max_epochs=3")
-    with caplog.at_level("INFO", logger="surgery.fit"), pytest.raises(RuntimeError, match="killed"):
+    with caplog.at_level("INFO"), pytest.raises(RuntimeError, match="killed"):
         fit_main(cfg)
     model, _, config = load_model(tmp_path / "fit" / "checkpoints" / "best.pt")
     assert isinstance(model.prior, MixturePrior) and config.prior._target_.endswith("MixturePrior")
-    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit epoch")]
-    assert len(epochs) == 3 and epochs[0].startswith("fit epoch 1: train log p(z)")
+    epochs = [r.getMessage() for r in caplog.records if r.name == "vae.trainer" and r.getMessage().startswith("epoch")]
+    assert len(epochs) == 3 and epochs[0].startswith("epoch 1: train ELBO")
 
 
+@pytest.mark.slow
 def test_the_exact_aggregate_posterior_closes_everything_without_fitting(compose, trained, tmp_path):
     _, result = fit_main(fit_cfg(compose, trained, tmp_path / "fit", "prior=aggregate"))
     assert result["fit"] is None
@@ -121,51 +151,105 @@ def test_the_exact_aggregate_posterior_closes_everything_without_fitting(compose
     assert abs(r["identity_gap"]) <= 3 * r["identity_gap_stderr"] + 1e-9
 
 
-def test_fit_prior_recovers_an_analytic_aggregate_posterior():
-    # Every posterior is N(m, s^2 I): q(z) is that Gaussian, and a one-component mixture can be it.
+class ConstantEncoder(torch.nn.Module):
+    """Every input's posterior is N(m, s^2 I): the aggregate posterior q(z) is that Gaussian."""
+
+    def __init__(self, mu: torch.Tensor, logvar: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mu", mu)
+        self.register_buffer("logvar", logvar)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mu.expand(len(x), -1), self.logvar.expand(len(x), -1)
+
+
+@pytest.mark.slow  # 600 steps
+def test_the_trainer_with_the_networks_frozen_fits_the_prior_to_q_z(tmp_path):
+    # With the encoder and decoder frozen, the ELBO's gradient for the prior is that of the mean log p(z):
+    # a one-component mixture trained on the ELBO becomes q(z) = N(m, s^2 I).
     torch.manual_seed(0)
     m, log_s2 = torch.tensor([1.5, -2.0]), torch.tensor([-0.5, 0.3])
-    posteriors = (m.expand(10_000, 2).clone(), log_s2.expand(10_000, 2).clone())
-    prior = MixturePrior(2, num_components=1)
-    history = fit_prior(
-        prior,
-        posteriors,
-        (m.expand(5000, 2).clone(), log_s2.expand(5000, 2).clone()),
-        FitOptions(lr=0.02, batch_size=1000, max_epochs=100, patience=15, progress=False),
-    )
-    torch.testing.assert_close(prior.means[0].detach(), m, atol=0.05, rtol=0)
-    torch.testing.assert_close(prior.logvars[0].detach(), log_s2, atol=0.1, rtol=0)
+    grey = {"train": torch.rand(50_000, 4), "val": torch.rand(5000, 4), "test": torch.rand(10, 4)}
+    data = BinarizedData(grey, dynamic=False)  # the inputs do not matter: every posterior is the same
+    model = VAE(ConstantEncoder(m, log_s2), MLPDecoder(4, 2, [4]), MixturePrior(2, num_components=1), 2)
+    decoder = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    options = FitOptions(lr=0.02, batch_size=1000, max_epochs=12, patience=12, progress=False)  # 600 steps
+    trainer = options.trainer(tmp_path, "cpu", seed=FitStreams.of(0).draws, callbacks=[])
+    trainer.load_best(model, trainer.fit(model, data))
+    torch.testing.assert_close(model.prior.means[0].detach(), m, atol=0.05, rtol=0)
+    torch.testing.assert_close(model.prior.logvars[0].detach(), log_s2, atol=0.1, rtol=0)
     entropy = 0.5 * (2 * math.log(2 * math.pi * math.e) + float(log_s2.sum()))
-    assert history.best_val_log_prior == pytest.approx(-entropy, abs=0.05)  # E_q log p = -H(q) at p = q
+    z_val = validation_draws((m.expand(5000, 2), log_s2.expand(5000, 2)), 0)
+    assert _mean_log_prior(model.prior.eval(), z_val, 1000) == pytest.approx(-entropy, abs=0.05)  # E_q log p = -H(q)
+    for key, value in model.decoder.state_dict().items():
+        assert torch.equal(value, decoder[key]), key  # frozen
 
 
-def test_fit_prior_stops_at_its_time_budget_with_the_best_state():
-    torch.manual_seed(0)
-    posteriors = (torch.randn(2000, 2), torch.zeros(2000, 2))
-    prior = MixturePrior(2, num_components=4)
-    options = FitOptions(lr=0.01, batch_size=500, max_epochs=10_000, patience=10_000, progress=False, max_seconds=1e-9)
-    history = fit_prior(prior, posteriors, posteriors, options)
-    assert history.epochs == 1 and history.best_epoch == 1  # one epoch, then the budget is spent
+def test_fit_options_check_themselves_and_freeze_the_networks():
     with pytest.raises(ConfigError, match="fit.max_seconds"):
         FitOptions(lr=0.01, batch_size=1, max_epochs=1, patience=1, progress=False, max_seconds=0)
+    with pytest.raises(ConfigError, match="fit.train_encoder must be true or false"):
+        FitOptions(lr=0.01, batch_size=1, max_epochs=1, patience=1, progress=False, train_encoder="yes")
+    options = FitOptions(lr=0.01, batch_size=7, max_epochs=3, patience=2, progress=False, max_seconds=5.0)
+    trainer = options.trainer("out", "cpu", seed=1, callbacks=[])
+    assert trainer.freeze == ("encoder", "decoder") and trainer.max_seconds == 5.0 and trainer.warmup_epochs == 0
+    assert (trainer.batch_size, trainer.max_epochs, trainer.patience, trainer.seed) == (7, 3, 2, 1)
+    assert dataclasses.replace(options, train_encoder=True).frozen == ("decoder",)
 
 
-def test_fit_prior_takes_each_epochs_posteriors_from_a_function():
-    torch.manual_seed(0)
-    m = torch.tensor([1.5, -2.0])
-    epochs = []
-
-    def posteriors(epoch):  # a fresh draw around m each epoch, like a fresh binarization
-        epochs.append(epoch)
-        return m + 0.1 * torch.randn(4000, 2), torch.full((4000, 2), -1.0)
-
-    prior = MixturePrior(2, num_components=1)
-    options = FitOptions(lr=0.02, batch_size=1000, max_epochs=60, patience=60, progress=False)
-    history = fit_prior(prior, posteriors, posteriors(0), options)
-    assert epochs[1:] == list(range(1, history.epochs + 1))  # once an epoch, numbered from 1
-    torch.testing.assert_close(prior.means[0].detach(), m, atol=0.05, rtol=0)
+def test_without_rebinarize_every_epoch_trains_on_the_surgerys_binarization():
+    data = digits()
+    fixed = fixed_binarization(data)
+    assert torch.equal(fixed.train_epoch(3), data.split("train")) and data.dynamic  # the original is unchanged
+    assert not torch.equal(data.train_epoch(3), data.split("train"))
 
 
+@pytest.mark.slow
+def test_an_out_dir_that_holds_a_run_is_refused_before_any_work(compose, trained, tmp_path, monkeypatch):
+    import lab.fit as fit_module
+
+    (tmp_path / "fit").mkdir()
+    (tmp_path / "fit" / "metrics.jsonl").write_text("")
+    monkeypatch.setattr(fit_module, "load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    with pytest.raises(RunDirError, match=r"out_dir .*fit already holds a run \(metrics.jsonl\)"):
+        fit_main(fit_cfg(compose, trained, tmp_path / "fit"))
+
+
+@pytest.mark.slow
+def test_train_encoder_refits_the_encoder_and_keeps_the_surgerys_identity(compose, trained, tmp_path):
+    cfg = fit_cfg(
+        compose, trained, tmp_path / "fit", "prior=mixture", "prior.num_components=10", "fit.train_encoder=true"
+    )
+    out_dir, result = fit_main(cfg)
+    assert result["fit_options"]["train_encoder"] is True and result["frozen"] == ["decoder"]
+    assert "reconstruction change - mutual_info change + marginal_kl_reduction" in result["accounting"]
+    old, _, _ = load_model(trained)
+    new, _, _ = load_model(out_dir / "checkpoints" / "best.pt")
+    new_state = new.state_dict()
+    moved = {
+        k.split(".")[0] for k, v in old.state_dict().items() if k in new_state and not torch.equal(new_state[k], v)
+    }
+    assert moved == {"encoder"} and isinstance(new.prior, MixturePrior)  # the decoder stayed
+    for split in ("train", "test"):
+        r = result[split]
+        assert r["mutual_info_after"] != r["mutual_info_before"]  # the encoder moved
+        explained = (
+            (r["reconstruction_after"] - r["reconstruction_before"])
+            - (r["mutual_info_after"] - r["mutual_info_before"])
+            + r["marginal_kl_reduction"]
+        )
+        assert r["identity_gap"] == pytest.approx(r["elbo_gain"] - explained, abs=1e-12)
+        assert abs(r["identity_gap"]) <= 3 * r["identity_gap_stderr"] + 1e-9, r
+    v = result["validation"]
+    assert v["measure"] == "elbo" and v["gain"] == pytest.approx(v["elbo_after"] - v["elbo_before"])
+    assert result["fit"]["best_val_log_prior"] is None and "val_log_prior" not in result["curve"][0]
+    lines, _ = summary(out_dir, result)
+    assert "reconstruction" in lines[0] and lines[-2].startswith("validation ELBO, same noise:")
+    checkpoint = load_checkpoint(out_dir / "checkpoints" / "best.pt")
+    assert checkpoint["config"]["prior"]["_target_"].endswith("MixturePrior")
+
+
+@pytest.mark.slow
 def test_rebinarize_fits_to_fresh_draws_and_keeps_the_identity(compose, trained, tmp_path):
     cfg = fit_cfg(compose, trained, tmp_path / "fit", "prior=mixture", "prior.num_components=10", "fit.rebinarize=true")
     out_dir, result = fit_main(cfg)
@@ -183,6 +267,7 @@ def test_rebinarize_fits_to_fresh_draws_and_keeps_the_identity(compose, trained,
     assert result["train"]["marginal_kl_after"] < result["train"]["marginal_kl_before"]
 
 
+@pytest.mark.slow
 def test_rebinarize_refuses_data_binarized_once(compose, tiny_cfg, tmp_path):
     tiny_cfg.data.dynamic = False
     tiny_cfg.trainer.max_epochs = 1
@@ -193,6 +278,7 @@ def test_rebinarize_refuses_data_binarized_once(compose, tiny_cfg, tmp_path):
         fit_main(fit_cfg(compose, checkpoint, tmp_path / "fit", "fit.rebinarize=true"))
 
 
+@pytest.mark.slow
 def test_a_users_prior_fits_and_the_report_shows_it(compose, trained, tmp_path):
     # The new prior comes from the command line (trusted); prior=gaussian is a node without extra keys.
     cfg = fit_cfg(
@@ -212,6 +298,7 @@ def test_a_users_prior_fits_and_the_report_shows_it(compose, trained, tmp_path):
     assert "fitted after training=true" in fitted.settings  # its own row, never averaged with trained runs
 
 
+@pytest.mark.slow
 def test_bad_fit_options_are_one_line(trained, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "priors.fit", f"checkpoint={trained}", "fit.lr=-1", f"out_dir={tmp_path}"],
@@ -239,13 +326,14 @@ def test_fit_streams_are_apart() -> None:
     assert FitStreams.of(1).init != streams.init
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("streams", ["apart", "one seed for all, the old defect"])
 def test_the_new_priors_initialization_is_not_the_surgery_noise(compose, trained, tmp_path, monkeypatch, streams):
     """The z every surgery draws (its noise eps = (z - mu) / sigma) against a fitted mixture's initial
     means: uncorrelated with the defaults. With every stream seeded alike, as before, the means were
     the first surgery noise itself, which this measurement catches (its power)."""
+    import lab.fit as fit_module
     import surgery.decomposition as decomposition
-    import surgery.fit as fit_module
 
     k = 200
     noise: list[torch.Tensor] = []
@@ -285,6 +373,7 @@ def _report(kl: float, kl_stderr: float, elbo: float) -> SimpleNamespace:
     return SimpleNamespace(
         marginal_kl=Estimate(kl, kl_stderr),
         elbo=Estimate(elbo, 0.05),
+        reconstruction=Estimate(-20.0, 0.05),
         identity_gap=Estimate(0.0, 0.01),
         mutual_info=Estimate(2.0, 0.001),
         log_likelihood=None,
@@ -311,6 +400,7 @@ def test_a_negative_marginal_kl_is_an_estimator_failure_not_a_gain(tmp_path) -> 
     assert warnings == []
 
 
+@pytest.mark.slow
 def test_a_fitted_prior_worse_than_the_one_it_replaced_is_reported(compose, trained, tmp_path) -> None:
     cfg = fit_cfg(compose, trained, tmp_path / "fit", "prior=gaussian", f"prior._target_={__name__}.ShiftedPrior")
     out_dir, result = fit_main(cfg)
@@ -323,6 +413,7 @@ def test_a_fitted_prior_worse_than_the_one_it_replaced_is_reported(compose, trai
     assert result["impossible"] == []  # worse is a valid result, not an impossible one
 
 
+@pytest.mark.slow
 def test_an_unnormalized_prior_is_flagged_not_reported_as_a_gain(compose, trained, tmp_path) -> None:
     target = f"{InflatedPrior.__module__}.InflatedPrior"
     out_dir, result = fit_main(
