@@ -6,12 +6,16 @@ binarization, the same batch order, the same loss. The trainer's epoch also does
 run needs (a validation pass over 10,000 images, metrics.jsonl, two atomic checkpoints);
 those are counted in its time. Runs alternate so drift on a shared machine hits both.
 
-    python bench/train_speed.py [--repeats 3] [--threads N]
+    python bench/train_speed.py [--repeats 3] [--threads N] [--compile]
+
+`--compile` also trains two epochs with `trainer.compile=true` per repeat and prints its
+second (steady) epoch against an eager trainer's, and what the first epoch paid to compile.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -59,10 +63,23 @@ def trainer_epoch(data, seed: int) -> float:
         return time.perf_counter() - start
 
 
+def compiled_epochs(data, seed: int, compile: bool) -> tuple[float, float]:
+    """Seconds of the first and second epoch of a trainer run with `compile` (from metrics.jsonl)."""
+    model = make_model(seed)
+    torch._dynamo.reset()
+    with tempfile.TemporaryDirectory() as run_dir:
+        Trainer(max_epochs=2, batch_size=100, progress=False, run_dir=run_dir, seed=seed, compile=compile).fit(
+            model, data
+        )
+        lines = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    return lines[0]["seconds"], lines[1]["seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true", help="also time trainer.compile=true against eager")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,6 +96,22 @@ def main() -> None:
     for name, stat in (("fastest", min), ("median", statistics.median)):
         b, f = stat(bare), stat(framework)
         print(f"{name} epoch: bare loop {b:.2f} s, trainer {f:.2f} s, ratio trainer/bare {f / b:.3f} (target <= 1.10)")
+    if args.compile:
+        eager, compiled = [], []
+        for r in range(args.repeats):
+            eager.append(compiled_epochs(data, r, compile=False))
+            compiled.append(compiled_epochs(data, r, compile=True))
+            print(
+                f"repeat {r + 1}: epochs 1, 2 eager {eager[-1][0]:.2f}, {eager[-1][1]:.2f} s; "
+                f"compiled {compiled[-1][0]:.2f}, {compiled[-1][1]:.2f} s",
+                flush=True,
+            )
+        e, c = min(x[1] for x in eager), min(x[1] for x in compiled)
+        paid = min(x[0] - x[1] for x in compiled) - min(x[0] - x[1] for x in eager)
+        print(
+            f"fastest steady epoch: eager {e:.2f} s, compiled {c:.2f} s, ratio compiled/eager {c / e:.3f}; "
+            f"compilation about {paid:.1f} s in the first epoch"
+        )
 
 
 if __name__ == "__main__":

@@ -461,7 +461,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         curve = FitCurve(None if options.train_encoder else z_val, 4 * options.batch_size)
         trainer = options.trainer(out_dir, device, streams.draws, [encodings, curve])
         what = "the encoder and " if options.train_encoder else ""
-        log.info("fitting %s%s with the decoder frozen", what, type(prior).__name__)
+        log.info("fitting %s%s with the %s frozen", what, type(prior).__name__, " and the ".join(options.frozen))
         torch.manual_seed(streams.prior_rng)
         started = time.perf_counter()
         # The trainer writes the checkpoints as it goes: a crash in the surgery after loses no fitting.

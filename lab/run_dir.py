@@ -48,6 +48,7 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "data.path",
     "data.cache_dir",
     "device",
+    "trainer.compile",  # the same step, compiled or not: equal to floating-point rounding
     "trainer.flush_denormal",  # like the device: how the arithmetic is done, not what is trained
     "debug",
     "logger.",

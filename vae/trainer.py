@@ -163,6 +163,21 @@ class LossWatch:
         raise NonFiniteLossError(message)
 
 
+def batch_loss(model: VAE, x: Tensor, index: Tensor, kl_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The training loss of one batch (the negative KL-weighted ELBO, averaged), and the sums of its
+    reconstruction and KL terms. `kl_weight` is a 0-d tensor, so a compiled copy of this function
+    serves every step of the warm-up without recompiling."""
+    terms = model.elbo_terms(x, index)
+    loss = -(terms.reconstruction - kl_weight * terms.kl).mean()
+    return loss, terms.reconstruction.sum(), terms.kl.sum()
+
+
+def _compile_option(value: Any) -> bool | str:
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise ConfigError(f"trainer.compile must be auto, true or false, got {value!r}")
+
+
 def _freeze_names(freeze: Any) -> tuple[str, ...]:
     """`trainer.freeze` as a tuple of submodule names; `ConfigError` unless it is a list of dotted names."""
     if freeze is None:
@@ -276,6 +291,11 @@ class Trainer:
             path such as `prior.flow`) whose parameters stay fixed: while `fit` runs they
             do not require gradients and are run in eval mode, and the optimizer gets only
             the other parameters (afterwards their `requires_grad` is as before). None: none.
+        compile: run each batch's loss, and its backward pass, through `torch.compile`
+            (`batch_loss`): true, false, or auto, which compiles on a CUDA device (where a step
+            of small kernels is launch-bound) and not on a CPU (bench/train_speed.py
+            measures both). The compiled step matches the eager one to floating-point
+            rounding; the first steps pay the compilation.
     """
 
     def __init__(
@@ -298,6 +318,7 @@ class Trainer:
         callbacks: Sequence[Any] | None = DEFAULT_CALLBACKS,
         max_seconds: float | None = None,
         freeze: Sequence[str] | None = None,
+        compile: bool | str = "auto",
     ) -> None:
         if not callable(optimizer):
             raise ConfigError(f"trainer.optimizer must be a _partial_ optimizer node, got {optimizer!r}")
@@ -328,10 +349,16 @@ class Trainer:
             None if max_seconds is None else check_number("trainer.max_seconds", max_seconds, 0, strict=True)
         )
         self.freeze = _freeze_names(freeze)
+        self.compile = _compile_option(compile)
         self.callbacks = _build_callbacks(callbacks)
         self.last_path = self.run_dir / "checkpoints" / "last.pt"
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
         self.metrics_path = self.run_dir / METRICS_FILE
+
+    @property
+    def compiles(self) -> bool:
+        """Whether `fit` compiles the training step (`compile`, with auto settled by the device)."""
+        return self.device.type == "cuda" if self.compile == "auto" else bool(self.compile)
 
     def load_best(self, model: VAE, state: TrainState) -> None:
         """Load best.pt into `model`, after checking that it holds the best validation epoch.
@@ -462,6 +489,12 @@ class Trainer:
         deadline = None if self.max_seconds is None else time.perf_counter() + self.max_seconds
         out_of_time = False
         self._call("on_fit_start", model, data, state)
+        # Static shapes (an epoch's smaller last batch compiles once more), and the random draws
+        # of eager torch: a compiled run draws the same noise as an eager one, so both resume alike.
+        step_loss = (
+            torch.compile(batch_loss, dynamic=False, options={"fallback_random": True}) if self.compiles else batch_loss
+        )
+        kl_weight_t = torch.zeros((), device=self.device)
 
         while state.epoch < self.max_epochs and not self._out_of_steps(state) and not out_of_time:
             started = time.perf_counter()
@@ -493,8 +526,7 @@ class Trainer:
                 x = x_epoch[index]
                 kl_weight = self._kl_weight(state.step + 1, warmup_steps)
 
-                terms = model.elbo_terms(x, index)
-                loss = -(terms.reconstruction - kl_weight * terms.kl).mean()
+                loss, recon_sum, kl_sum = step_loss(model, x, index, kl_weight_t.fill_(kl_weight))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -504,7 +536,7 @@ class Trainer:
                 n_seen += len(x)
                 out_of_time = deadline is not None and time.perf_counter() >= deadline
                 with torch.no_grad():
-                    sums += torch.stack([loss * len(x), terms.reconstruction.sum(), terms.kl.sum()]).double()
+                    sums += torch.stack([loss * len(x), recon_sum, kl_sum]).double()
                     watch.update(loss, state.step)
                 if state.step % self.log_every_n_steps == 0:
                     watch.check(bar)

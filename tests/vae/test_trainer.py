@@ -578,3 +578,35 @@ def test_aggregate_prior_is_the_surgerys_q_after_training(compose, tmp_path: Pat
     torch.testing.assert_close(best["prior.mu"], mu)
     torch.testing.assert_close(best["prior.logvar"], logvar)
     assert abs(metrics["surgery"]["marginal_kl"]) < 1e-5
+
+
+@pytest.mark.parametrize("value", ["maybe", 1, None])
+def test_compile_takes_auto_true_or_false(value: Any, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="trainer.compile must be auto, true or false"):
+        _trainer(tmp_path, compile=value)
+
+
+def test_compile_auto_compiles_on_cuda_only(tmp_path: Path) -> None:
+    assert not _trainer(tmp_path, compile="auto", device="cpu").compiles
+    assert _trainer(tmp_path, compile="auto", device="cuda").compiles  # the device is only named, not used
+    assert _trainer(tmp_path, compile=True, device="cpu").compiles
+    assert not _trainer(tmp_path, compile=False, device="cuda").compiles
+
+
+@pytest.mark.slow  # compiling the step takes tens of seconds on a CPU
+def test_the_compiled_step_matches_the_eager_one(tiny_cfg, data, tmp_path) -> None:
+    """Two epochs through the warm-up (a new KL weight every step), compiled and eager, from the
+    same start: the same weights and metrics to float32 rounding."""
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model, state = _fit(tiny_cfg, data, tmp_path / str(compiled), compile=compiled, warmup_epochs=2)
+        lines = [json.loads(line) for line in open(tmp_path / str(compiled) / "metrics.jsonl")]
+        runs[compiled] = (model.state_dict(), lines, state)
+    (eager, eager_lines, eager_state), (comp, comp_lines, comp_state) = runs[False], runs[True]
+    assert comp_state.step == eager_state.step == 4
+    for name, value in eager.items():
+        torch.testing.assert_close(comp[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(eager_lines, comp_lines, strict=True):
+        for key in ("train_loss", "train_elbo", "val_elbo"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5)
