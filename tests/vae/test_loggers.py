@@ -1,0 +1,36 @@
+"""`vae.loggers`: the no-op logger takes every call the trainer and the surgery make; the wandb
+logger writes an offline run under the run directory, with the run's config and what was logged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vae.loggers import NullLogger, WandbLogger
+
+
+def test_the_null_logger_takes_every_call_and_keeps_nothing(tmp_path: Path) -> None:
+    logger = NullLogger(run_dir=tmp_path, run_config={"a": 1}, project="p", mode="offline")
+    logger.log({"train/loss": 1.0}, step=1)
+    logger.summary({"val_elbo": -90.0})
+    logger.table("t", ["term", "nats"], [["elbo", -90.0]])
+    logger.image("pictures/samples", tmp_path / "missing.png")
+    logger.finish(exit_code=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # wandb starts its service process
+def test_the_wandb_logger_writes_an_offline_run_in_the_run_dir(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(run_dir=tmp_path, run_config={"prior": {"_target_": "x.Y"}, "seed": 3}, name="unit")
+    for step in (1, 2):
+        logger.log({"train/loss": 10.0 / step}, step=step)
+    logger.summary({"val_elbo": -90.5})
+    assert logger.run.config["seed"] == 3 and logger.run.config["prior"]["_target_"] == "x.Y"
+    assert logger.run.summary["val_elbo"] == -90.5
+    logger.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = list(runs[0].glob("run-*.wandb"))  # the offline run's records, for `wandb sync`
+    assert len(records) == 1 and records[0].stat().st_size > 0
