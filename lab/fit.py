@@ -262,11 +262,17 @@ def validation_comparison(old: Prior, new: Prior, z_val: torch.Tensor, batch_siz
     of those standard errors.
     """
     old_lp, new_lp = _log_prior(old.eval(), z_val, batch_size), _log_prior(new.eval(), z_val, batch_size)
-    gain = Estimate.of(new_lp - old_lp)
+    return _paired_comparison("log_prior", old_lp, new_lp)
+
+
+def _paired_comparison(measure: str, before: torch.Tensor, after: torch.Tensor) -> dict[str, Any]:
+    """fit.json's `validation`: the means of `measure` per draw before and after, their paired
+    difference ± its standard error, and `worse` beyond IMPOSSIBLE_Z of those errors below 0."""
+    gain = Estimate.of(after - before)
     return {
-        "measure": "log_prior",
-        "log_prior_before": float(old_lp.mean()),
-        "log_prior_after": float(new_lp.mean()),
+        "measure": measure,
+        f"{measure}_before": float(before.mean()),
+        f"{measure}_after": float(after.mean()),
         "gain": gain.value,
         "gain_stderr": gain.stderr,
         "worse": beyond(gain.value, 0.0, gain.stderr, above=False),
@@ -292,16 +298,9 @@ def _elbo_per_point(model: Any, x: torch.Tensor, batch_size: int, seed: int) -> 
 def validation_elbo_comparison(old: Any, new: Any, x: torch.Tensor, batch_size: int, seed: int) -> dict[str, Any]:
     """The refitted model against the one it replaces (`fit.train_encoder`): the validation ELBO of each,
     per point with the same noise, and their paired difference; `worse` as in `validation_comparison`."""
-    before, after = _elbo_per_point(old, x, batch_size, seed), _elbo_per_point(new, x, batch_size, seed)
-    gain = Estimate.of(after - before)
-    return {
-        "measure": "elbo",
-        "elbo_before": float(before.mean()),
-        "elbo_after": float(after.mean()),
-        "gain": gain.value,
-        "gain_stderr": gain.stderr,
-        "worse": beyond(gain.value, 0.0, gain.stderr, above=False),
-    }
+    return _paired_comparison(
+        "elbo", _elbo_per_point(old, x, batch_size, seed), _elbo_per_point(new, x, batch_size, seed)
+    )
 
 
 def _surgeries(model: Any, data: Any, options: SurgeryOptions, device: torch.device) -> dict[str, SurgeryReport]:

@@ -159,6 +159,18 @@ def compose_fixture() -> Callable[..., DictConfig]:
 
 
 #: The tiny run every test builds on: the 8x8 digits, CPU, no logger, no progress bar.
+#: The smallest model on the digits, with the surgery off: tests of the run machinery, where
+#: what is trained does not matter (test_reliability, test_trust, test_data).
+MINIMAL = (
+    "data=digits",
+    "logger=none",
+    "device=cpu",
+    "vae.latent_dim=2",
+    "vae.hidden_dims=[16]",
+    "trainer.progress=false",
+    "surgery.enabled=false",
+)
+
 TINY = (
     "data=digits",
     "logger=none",

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from lab.run_dir import RunDirLock
 from priors.base import Prior
+from tests.conftest import MINIMAL
 from train import train
 from vae.checkpoint import RunDirError, load_checkpoint
 from vae.model import VAE
@@ -24,23 +25,14 @@ from vae.trainer import NonFiniteLossError
 from vae.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = (
-    "data=digits",
-    "logger=none",
-    "device=cpu",
-    "vae.latent_dim=2",
-    "vae.hidden_dims=[16]",
-    "trainer.progress=false",
-    "surgery.enabled=false",
-)
 #: Two optimizer steps per epoch on the 1,397 training digits: tests that need epochs, not steps.
 TWO_STEP_EPOCHS = ("trainer.batch_size=700",)
 
 
 @pytest.fixture(scope="session")
 def tiny(compose) -> Callable[..., DictConfig]:
-    """`compose(*TINY, *overrides)`: a small, quick run on the 8x8 digits."""
-    return lambda *overrides: compose(*TINY, *overrides)
+    """`compose(*MINIMAL, *overrides)`: a small, quick run on the 8x8 digits."""
+    return lambda *overrides: compose(*MINIMAL, *overrides)
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
@@ -114,7 +106,7 @@ def test_a_locked_directory_is_refused(tiny, tmp_path):
 @pytest.mark.slow  # starts train.py
 def test_two_runs_started_together_in_one_directory(tmp_path):
     run_dir = tmp_path / "shared"
-    cmd = [sys.executable, "train.py", *TINY, "trainer.max_epochs=3", f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "train.py", *MINIMAL, "trainer.max_epochs=3", f"hydra.run.dir={run_dir}"]
     procs = [
         subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]
@@ -252,7 +244,7 @@ def test_a_positive_elbo_on_binary_data_warns_about_the_prior(tiny, tmp_path, ca
 )
 def test_train_cli_prints_one_line(tmp_path, args, expected):
     done = subprocess.run(
-        [sys.executable, "train.py", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}", *args],
+        [sys.executable, "train.py", *MINIMAL, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -268,7 +260,7 @@ def test_train_cli_prints_one_line(tmp_path, args, expected):
 @pytest.mark.slow  # starts train.py
 def test_debug_true_shows_the_traceback(tmp_path):
     done = subprocess.run(
-        [sys.executable, "train.py", *TINY, "surgery.split=nope", "debug=true", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "train.py", *MINIMAL, "surgery.split=nope", "debug=true", f"hydra.run.dir={tmp_path}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -281,7 +273,7 @@ def test_debug_true_shows_the_traceback(tmp_path):
 def test_an_unwritable_run_dir_is_one_line(tmp_path):
     (tmp_path / "checkpoints").write_text("a file where the checkpoints folder goes")
     done = subprocess.run(
-        [sys.executable, "train.py", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "train.py", *MINIMAL, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -24,6 +24,7 @@ import vae.data
 from lab.checkpoint import AllocationBudget, BudgetExceeded, CheckpointError, data_options, load_model, run_dir_of
 from lab.surgery import surgery_main
 from lab.trust import UntrustedTargetError, check_trusted, is_trusted, parse_allow, trust_problem
+from tests.conftest import MINIMAL
 from train import train
 from vae.data import DataError
 from vae.validation import ConfigError
@@ -48,14 +49,8 @@ def test_the_crafted_node_really_writes_a_file_when_instantiated(tmp_path):
 
 def train_tiny(compose, run_dir: Path, *overrides: str) -> Path:
     cfg = compose(
-        "data=digits",
-        "logger=none",
-        "device=cpu",
-        "vae.latent_dim=2",
-        "vae.hidden_dims=[16]",
+        *MINIMAL,
         "trainer.max_steps=2",
-        "trainer.progress=false",
-        "surgery.enabled=false",
         *overrides,
     )
     train(cfg, run_dir=run_dir)

@@ -43,6 +43,18 @@ def _loop_exemplar(z: torch.Tensor, means: torch.Tensor, logvar: torch.Tensor, m
     return top + math.log(sum(math.exp(t - top) for t in terms)) - math.log(len(terms))
 
 
+def _leave_one_out_matches_the_loop(p, z: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Training-mode log p(z_i) at 5 points of the prior over 8 exemplars, each point leaving its
+    own out, against the double loop over `means`; returns them (for a backward pass)."""
+    index = torch.tensor([0, 7, 3, 3, 1])
+    p.train()
+    loo = p.log_prob(z, context=index)
+    for i in range(5):
+        others = [m for m in range(8) if m != int(index[i])]
+        assert abs(loo[i].item() - _loop_exemplar(z[i], means, p.logvar, others)) < 1e-10
+    return loo
+
+
 @pytest.mark.parametrize("variance", ["scalar", "per_dim"])
 def test_exemplar_all_matches_double_loop_with_leave_one_out_and_gradients(variance: str) -> None:
     p, encoder, train_x = _exemplar("all", variance=variance)
@@ -51,12 +63,7 @@ def test_exemplar_all_matches_double_loop_with_leave_one_out_and_gradients(varia
             p.logvar.copy_(torch.tensor([-0.3, 0.4]))
     means = encoder(train_x)[0].detach()
     z = torch.randn(5, 2, dtype=F64)
-    index = torch.tensor([0, 7, 3, 3, 1])
-    p.train()
-    loo = p.log_prob(z, context=index)
-    for i in range(5):
-        others = [m for m in range(8) if m != int(index[i])]
-        assert abs(loo[i].item() - _loop_exemplar(z[i], means, p.logvar, others)) < 1e-10
+    loo = _leave_one_out_matches_the_loop(p, z, means)
     loo.sum().backward()  # the exemplar means are in the graph: the encoder gets gradients
     assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in encoder.parameters())
     assert p.logvar.grad is not None and p.logvar.grad.abs().sum() > 0
@@ -101,12 +108,7 @@ def test_exemplar_without_gradient_uses_the_stale_cache_and_leaves_the_encoder_a
         for q in encoder.parameters():
             q.add_(0.5)
     z = torch.randn(5, 2, dtype=F64)
-    index = torch.tensor([0, 7, 3, 3, 1])
-    p.train()
-    loo = p.log_prob(z, context=index)
-    for i in range(5):
-        others = [m for m in range(8) if m != int(index[i])]
-        assert abs(loo[i].item() - _loop_exemplar(z[i], stale, p.logvar, others)) < 1e-10
+    loo = _leave_one_out_matches_the_loop(p, z, stale)
     loo.sum().backward()
     assert all(q.grad is None for q in encoder.parameters())
     assert p.logvar.grad is not None and p.logvar.grad.abs().sum() > 0

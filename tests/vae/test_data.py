@@ -15,6 +15,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from tests.conftest import MINIMAL
 from train import train
 from vae import data as data_mod
 from vae.data import (
@@ -156,14 +157,8 @@ def test_train_ties_the_training_stream_to_the_run_seed(compose, tmp_path: Path,
 
     monkeypatch.setattr(BinarizedData, "train_epoch", recording)
     cfg = compose(
-        "data=digits",
-        "logger=none",
-        "device=cpu",
-        "vae.latent_dim=2",
-        "vae.hidden_dims=[16]",
+        *MINIMAL,
         "trainer.max_steps=2",
-        "trainer.progress=false",
-        "surgery.enabled=false",
         "seed=3",
     )
     train(cfg, run_dir=tmp_path)
