@@ -912,10 +912,15 @@ _DIRECT_COST = 3
 
 
 def _marginal_budgets(device: torch.device) -> tuple[int, int]:
-    """(pairs per pass, evaluated entries per pass): cache-sized on a CPU, large on a GPU."""
+    """(pairs per pass, evaluated entries per pass): small on a CPU, large on a GPU.
+
+    A CPU's 2^19 pairs and 2^21 entries hold the working set at M = N = 50,000, D = 40 to
+    ~360 MB (2^20 and 2^22 took ~620 MB, the largest stage of a default run's surgery:
+    results/memory/README.md), at no measurable cost in time.
+    """
     if device.type == "cuda":
         return 1 << 24, 1 << 25
-    return 1 << 20, 1 << 22
+    return 1 << 19, 1 << 21
 
 
 def gaussian_mixture_marginals_logsumexp(
@@ -941,7 +946,7 @@ def gaussian_mixture_marginals_logsumexp(
     M x N entries per dimension. Not differentiable.
 
     Memory: O((M + N) D) float64 for the inputs, classes and result; per pass at most
-    2^20 pairs (~100 bytes each) and 2^22 evaluated (point, class) entries on a CPU (2^24
+    2^19 pairs (~200 bytes each) and 2^21 evaluated (point, class) entries on a CPU (2^24
     and 2^25 on a GPU); nodes x (order + 4) float64 (~30 bytes x points' spread / node
     spacing: a few MB). Host synchronizations: a handful per pass of dimensions, none in
     the loops over pairs and terms.

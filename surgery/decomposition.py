@@ -35,6 +35,7 @@ from priors.densities import (
     gaussian_mixture_marginals_logsumexp,
     reparameterize,
 )
+from surgery.memory import pin_mmap_threshold
 from vae.callbacks import encode as encode_in_batches
 
 # ---- results ---------------------------------------------------------------------------
@@ -290,7 +291,8 @@ def aggregate_terms(
 
     Returns:
         `AggregateTerms`. Memory: O((M + N) D) plus the kernels' blocks (see
-        `gaussian_mixture_logsumexp` and `gaussian_mixture_marginals_logsumexp`).
+        `gaussian_mixture_logsumexp` and `gaussian_mixture_marginals_logsumexp`); freed
+        blocks leave the process (`surgery.memory.pin_mmap_threshold`).
 
     References:
         Hoffman & Johnson, "ELBO surgery", 2016; Chen et al., "Isolating sources of
@@ -299,6 +301,7 @@ def aggregate_terms(
     n = mu.shape[0]
     if n == 0:
         raise ValueError("aggregate_terms needs at least one posterior")
+    pin_mmap_threshold()
     generator = generator or torch.Generator(device=mu.device).manual_seed(0)
     kernel = {"chunk_size": chunk_size, "block_size": block_size}
     started = time.perf_counter()
@@ -437,11 +440,13 @@ def importance_log_likelihood(
             shape, so a GPU run draws other samples than a CPU run of the same seed.
 
     Returns:
-        `[B]` float64 log-likelihoods, in nats.
+        `[B]` float64 log-likelihoods, in nats. Memory: one decoder call's tensors, which
+        leave the process when freed (`surgery.memory.pin_mmap_threshold`).
 
     References:
         Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders", 2016 (the K = 5000 protocol).
     """
+    pin_mmap_threshold()
     device = next(model.parameters()).device
     generator = generator or torch.Generator(device=device).manual_seed(0)
     s, b = importance_batch_shape(n_samples, x.shape[1], batch_elements, device)

@@ -34,3 +34,18 @@ def test_the_wandb_logger_writes_an_offline_run_in_the_run_dir(tmp_path: Path, m
     assert len(runs) == 1
     records = list(runs[0].glob("run-*.wandb"))  # the offline run's records, for `wandb sync`
     assert len(records) == 1 and records[0].stat().st_size > 0
+
+
+def test_wandb_settings_pass_keys_through_and_name_a_bad_one() -> None:
+    from omegaconf import OmegaConf
+
+    from vae.loggers import wandb_settings
+    from vae.validation import ConfigError
+
+    assert wandb_settings(OmegaConf.create({"x_disable_stats": True})).x_disable_stats is True
+    assert wandb_settings({"console": False}).console == "off"  # YAML 1.1 reads `off` as false
+    assert wandb_settings(None).x_disable_stats is False  # wandb's own default
+    with pytest.raises(ConfigError, match=r"logger\.settings\.no_such_key"):
+        wandb_settings({"no_such_key": 1})
+    with pytest.raises(ConfigError, match="logger.settings must be a mapping"):
+        wandb_settings(["console"])
