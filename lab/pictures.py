@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
+
+from surgery.plots import new_figure
 
 SAMPLES_PICTURE = "samples.png"
 RECONSTRUCTIONS_PICTURE = "reconstructions.png"
@@ -30,7 +31,7 @@ def _image_grid(images: Tensor, rows: int, cols: int, shape: tuple[int, int]) ->
 
 
 def _save_picture(canvas: Tensor, path: Path, title: str) -> Path:
-    fig = Figure(figsize=(max(3.0, canvas.shape[1] / 28), max(3.0, canvas.shape[0] / 28) + 0.4))
+    fig = new_figure(max(3.0, canvas.shape[1] / 28), max(3.0, canvas.shape[0] / 28) + 0.4)
     ax = fig.subplots()
     ax.imshow(canvas.numpy(), cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_title(title, fontsize=9)

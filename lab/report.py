@@ -59,6 +59,7 @@ from lab.pictures import SAMPLES_PICTURE
 from lab.run_dir import RESUMABLE_CHANGES, flatten, format_setting, is_target_default, matches_any
 from lab.surgery import DENSITY_PICTURE, FIT_JSON, log_px_name
 from surgery.decomposition import upgrade_dict
+from surgery.plots import new_figure
 from surgery.text import TERMS
 from vae.validation import ConfigError
 
@@ -875,10 +876,8 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in workers
-
-    return Figure(figsize=(width, height), layout="constrained")
+def _figure(width: float, height: float) -> Any:
+    return new_figure(width, height, layout="constrained")
 
 
 def plot_average_kl_split(report: Report, path: Path) -> Path:

@@ -8,20 +8,31 @@ to select, so importing this module changes nothing global and it is safe in wor
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from priors.base import Prior
 from priors.densities import DiagonalGaussianMixture, reparameterize
 from surgery.decomposition import SurgeryReport
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def new_figure(width: float, height: float, **options: Any) -> Figure:
+    """A matplotlib Figure (no pyplot, no backend), matplotlib imported on first use: a command
+    that draws nothing does not pay its import (about half a second)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), **options)
+
 
 def plot_decomposition(report: SurgeryReport, path: str | Path) -> Path:
     """Bars of the KL terms (left) and of the bounds (right), with one-standard-error whiskers."""
     path = Path(path)
-    fig = Figure(figsize=(11, 4))
+    fig = new_figure(11, 4)
     ax_kl, ax_bound = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     if report.dimwise_kl is not None:
         third = ("dim-wise KL", report.dimwise_kl)
@@ -113,7 +124,7 @@ def plot_aggregate_posterior_2d(
     # on a linear scale a broad prior is invisible beside q(z)'s sharp peaks.
     vmax = float(max(log_q.max(), log_p.max()))
     vmin = vmax - LOG_DENSITY_RANGE
-    fig = Figure(figsize=(10, 4.6))
+    fig = new_figure(10, 4.6)
     axes = fig.subplots(1, 2, sharex=True, sharey=True)
     for ax, dens, title in [
         (axes[0], log_q, "aggregate posterior q(z)"),
@@ -147,7 +158,7 @@ def plot_by_size(content: dict, path: str | Path) -> Path:
     path = Path(path)
     rows = content["rows"]
     m = [r["m"] for r in rows]
-    fig = Figure(figsize=(7, 4.5))
+    fig = new_figure(7, 4.5)
     ax = fig.subplots()
     third = "dimension-wise KL" if content["prior_factorized"] else "remainder"
     for name, label, color in [

@@ -72,7 +72,7 @@ def figures(monkeypatch) -> list[Figure]:
         def tight_layout(self, *args, **kwargs) -> None:
             pass
 
-    monkeypatch.setattr(plots, "Figure", Kept)
+    monkeypatch.setattr(plots, "new_figure", lambda width, height, **options: Kept(figsize=(width, height), **options))
     return made
 
 
