@@ -26,7 +26,7 @@ test: $(STAMP)
 # The fast tier, run after every edit: no process, at most 10 optimizer steps a test
 # (tests/conftest.py fails a test that breaks either rule; docs/development.md).
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PY) -m pytest -m "not slow" -n auto $(ARGS)
 
 # ruff: lint and formatting (configured in pyproject.toml); CI runs it before the tests.
 lint: $(STAMP)

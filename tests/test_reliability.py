@@ -49,6 +49,7 @@ def finished_run(tiny, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_a_fresh_run_into_a_used_directory_is_refused_and_changes_nothing(tiny, finished_run):
     before = snapshot(finished_run)
     with pytest.raises(RunDirError, match=r"already holds a run.*trainer.resume=true.*another directory"):
@@ -65,6 +66,7 @@ def test_a_resume_that_changes_the_optimizer_is_refused_and_changes_nothing(tiny
     assert snapshot(finished_run) == before
 
 
+@pytest.mark.slow
 def test_a_resume_may_train_longer_and_records_it(tiny, tmp_path):
     train(tiny("trainer.max_epochs=1", *TWO_STEP_EPOCHS), run_dir=tmp_path)
     metrics = train(tiny("trainer.max_epochs=2", "trainer.resume=true", *TWO_STEP_EPOCHS), run_dir=tmp_path)
@@ -75,6 +77,7 @@ def test_a_resume_may_train_longer_and_records_it(tiny, tmp_path):
     assert stored["trainer"]["max_epochs"] == 2
 
 
+@pytest.mark.slow
 def test_a_stale_best_checkpoint_is_never_evaluated_as_the_best(tiny, tmp_path):
     # A run continued from a copy of last.pt alone keeps an older best.pt beside it.
     best, last = tmp_path / "checkpoints" / "best.pt", tmp_path / "checkpoints" / "last.pt"
@@ -95,6 +98,7 @@ def test_a_stale_best_checkpoint_is_never_evaluated_as_the_best(tiny, tmp_path):
         train(tiny("trainer.max_epochs=3", "trainer.resume=true", *TWO_STEP_EPOCHS), run_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_a_locked_directory_is_refused(tiny, tmp_path):
     with RunDirLock(tmp_path):
         with pytest.raises(RunDirError, match=rf"in use by another run \(PID {os.getpid()}\)"):

@@ -19,6 +19,7 @@ def test_default_sizes_are_one_and_three_per_decade_then_the_whole_split() -> No
     assert default_sizes(40) == [40]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_each_size_is_written_and_the_whole_split_agrees_with_surgery_json(compose, short_run, tmp_path):
     run_dir, _ = short_run

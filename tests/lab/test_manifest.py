@@ -31,6 +31,7 @@ def test_the_manifest_lists_exactly_the_tracked_checkpoints():
     assert listed - tracked == set(), "manifest lines whose file git does not track"
 
 
+@pytest.mark.slow
 def test_every_listed_file_matches_its_checksum_and_size():
     assert ENTRIES, "the manifest is empty"
     assert manifest.problems(ROOT, ENTRIES) == []

@@ -213,6 +213,7 @@ def test_incomplete_runs_are_listed_with_their_reason(sweep) -> None:
     assert "Complete runs: 12; incomplete: 3." in md
 
 
+@pytest.mark.slow
 def test_cli_writes_table_and_pngs(sweep, tmp_path: Path, capsys) -> None:
     root, _ = sweep
     out = tmp_path / "report"
@@ -405,6 +406,7 @@ source: "Published: a table."
 """
 
 
+@pytest.mark.slow
 def test_headline_selects_rows_and_shows_seeds_and_published_figures(three_priors: Path, tmp_path: Path) -> None:
     for run in three_priors.iterdir():  # the runs on byte / 255; one more run on other levels
         config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
@@ -455,6 +457,7 @@ def test_headline_where_matches_a_key_an_older_config_lacks_at_its_default(three
     assert rep.headline_rows(report, rep.HeadlineSpec(where={"data.byte_divisor": 255})) == []
 
 
+@pytest.mark.slow
 def test_samples_of_each_row_side_by_side(tmp_path: Path) -> None:
     make_run(tmp_path / "g", "gaussian", 10, 0, samples=True)
     make_run(tmp_path / "v", "vampprior", 10, 0, samples=True)
@@ -466,6 +469,7 @@ def test_samples_of_each_row_side_by_side(tmp_path: Path) -> None:
     assert [p.name for p in files.plots].count("samples.png") == 1
 
 
+@pytest.mark.slow
 def test_learning_curves_and_the_slope_of_a_run_still_going(tmp_path: Path) -> None:
     make_run(tmp_path / "done", "gaussian", 10, 0)
     running = tmp_path / "running"

@@ -188,6 +188,7 @@ def test_cuda_without_a_gpu_says_so(compose, short_run):
         surgery_main(cfg)
 
 
+@pytest.mark.slow
 def test_surgery_can_be_disabled_in_training(compose, tmp_path):
     cfg = compose(
         "data=digits",

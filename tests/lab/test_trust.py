@@ -283,6 +283,7 @@ def test_the_refusal_proposes_only_the_narrowest_safe_name(mypkg, target, allow,
         parse_allow([proposed])  # what it proposes is itself a valid allow
 
 
+@pytest.mark.slow
 def test_a_users_class_needs_allow_and_loads_with_its_name_or_package(compose, mypkg, tmp_path):
     user = train_tiny(compose, tmp_path / "run", "prior._target_=mypkg.priors.MyPrior")
     purge_mypkg()
@@ -296,6 +297,7 @@ def test_a_users_class_needs_allow_and_loads_with_its_name_or_package(compose, m
         assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_the_example_prior_loads_with_allow(compose, tmp_path):
     user = train_tiny(compose, tmp_path / "run", "prior._target_=examples.student_t_prior.StudentTPrior")
     with pytest.raises(UntrustedTargetError, match=r"allow=\[examples\.student_t_prior\.StudentTPrior\]"):
@@ -413,6 +415,7 @@ def test_an_interpolation_anywhere_is_refused_before_omegaconf_sees_it(checkpoin
     assert "hunter2" not in str(refused.value)
 
 
+@pytest.mark.slow
 def test_a_config_nested_100000_levels_deep_is_refused_fast(checkpoint, tmp_path):
     deep: dict = {"leaf": 1}
     deeper: list = [1]

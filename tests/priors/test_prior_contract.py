@@ -81,7 +81,9 @@ class PriorCase:
     make: Callable[[int], Any]  # latent_dim -> a prior, or a partial one to complete with encoder and train_x
 
 
+@functools.cache
 def _config_case(compose: Callable[..., Any], name: str) -> PriorCase:
+    """conf/prior/<name>.yaml as a case, composed once per session (each case runs in many tests)."""
     cfg = compose(f"prior={name}", "logger=none").prior
     for key, value in SMALL.items():
         if key in cfg:
@@ -467,6 +469,7 @@ def test_heavy_tails_are_accepted(dim: int, points: int, df: float, scale: float
     assert_normalized(prior, dim, normalization_half(prior), points, f"Student-t df={df}")
 
 
+@pytest.mark.slow
 def test_the_sampled_integral_matches_the_exact_one() -> None:
     """Against closed forms: a 2-D Laplace density's integral is 1 (its mass beyond 1e6 is 0 in
     float64), a 2-D Cauchy density's over the box is (2 atan(ZMAX / s) / pi)^2."""
@@ -517,6 +520,7 @@ def test_a_log_prob_off_by_1e_4_fails_where_the_grid_cannot_judge(
     assert abs(reported - math.exp(offset)) < MAX_TOLERANCE, reported
 
 
+@pytest.mark.slow
 def test_a_prior_too_sharp_for_the_check_fails_as_unjudged(monkeypatch: pytest.MonkeyPatch) -> None:
     """A cusp far sharper than the grid's step, and a budget of two batches: the check says it cannot
     judge, instead of passing on a loose tolerance."""

@@ -137,6 +137,7 @@ def test_a_callback_without_a_hook_or_with_a_misspelled_one_is_refused(tmp_path,
         Trainer(run_dir=tmp_path, callbacks=[callback])
 
 
+@pytest.mark.slow
 def test_a_users_callback_from_the_hydra_config_is_called_and_recorded(compose, tiny_overrides, tmp_path) -> None:
     callbacks = f"[{{_target_:vae.callbacks.TrainingSetEncodings}},{{_target_:{__name__}.Recorder,name:mine}}]"
     cfg = compose(*tiny_overrides, "trainer.batch_size=700", "surgery.enabled=false", f"trainer.callbacks={callbacks}")

@@ -36,6 +36,7 @@ def test_the_wandb_logger_writes_an_offline_run_in_the_run_dir(tmp_path: Path, m
     assert len(records) == 1 and records[0].stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_wandb_settings_pass_keys_through_and_name_a_bad_one() -> None:
     from omegaconf import OmegaConf
 

@@ -86,6 +86,7 @@ def outside_package(tmp_path, monkeypatch):
     sys.modules.pop("mynets", None)
 
 
+@pytest.mark.slow
 def test_an_encoder_from_outside_the_packages_plugs_in(compose, outside_package, tmp_path) -> None:
     cfg = compose(
         "data=digits",
