@@ -135,6 +135,21 @@ def small_gaussian_mixture_log_prob(
 # Components that share their variances (the exemplar prior's sigma^2) take the product
 # z . prec mu + c_n with D columns instead of 2D, the z^2 term being the same for every n.
 #
+# Components in index order scatter a point's neighbours over most groups (the exemplar
+# prior's 50,000 means: ~1,400 within the margin of a point touch half of the groups), so
+# nearly every block is dense. For calls of many points (`_worth_ordering`) the constants are
+# therefore put in spatial order (`spatial_order`, a PCA tree's leaves of `group`
+# components): a point's neighbours then fill a few groups, and a located block is computed
+# densely over the union of its row chunk's candidate groups only (`_union_columns`) where
+# that is cheaper than recomputing its entries one by one and the float64 product is accurate
+# enough (`UNION_DENSE_TOLERANCE`). Entries outside the union are below the margin, as for the
+# located path. Since the blocks then come in spatial order, each row's threshold starts from
+# a floor, the best of one entry per group (`_Components.row_floor`), rather than from the
+# maximum of the blocks before; a row chunk that reaches most groups through those entries
+# (`_Components.reach`: broad posteriors) is computed densely without locating. Leave-one-out
+# indices are mapped to the ordered columns (`_Components.local_exclude`); results and
+# gradients do not depend on the order beyond rounding.
+#
 # The locating product's own error only has to be small next to the margin for the
 # selection to be right. Per chunk of points a worst-case bound on it, (2D + 1) eps
 # max_n [sum_d prec_nd (max|z| + |mu_nd|)^2 + |c_n|], is checked; where it exceeds half
@@ -143,6 +158,94 @@ def small_gaussian_mixture_log_prob(
 
 
 DEFAULT_GROUP = 32
+
+#: Components from which the kernel's constants are put in spatial order (`spatial_order`):
+#: below it the walk is cheap whatever the order.
+ORDER_MIN_COMPONENTS = 8192
+#: Points of one call from which the kernel runs on spatially ordered constants. Ordering
+#: 50,000 x 40 components costs about what the unordered kernel spends on a few hundred
+#: points; a training batch (M = 100, leaving itself out) ran 5-30% slower on them.
+ORDER_MIN_ROWS = 1024
+#: Components sampled by `_worth_ordering` to tell broad ones apart, and the fraction of the
+#: sampled entries within the margin above which they count as broad.
+ORDER_SAMPLE = 2048
+ORDER_MAX_REACH = 0.5
+#: Power iterations per segment for its principal direction in `spatial_order`.
+ORDER_ITERATIONS = 8
+#: float64 values of a row chunk's entries against the groups' representatives formed at once
+#: (`_Components.row_floor`).
+FLOOR_ELEMENTS = 1 << 20
+#: Rows of a row chunk sampled for `_Components.reach`.
+REACH_ROWS = 64
+
+
+def spatial_order(points: Tensor, group: int = DEFAULT_GROUP, iterations: int = ORDER_ITERATIONS) -> Tensor:
+    """A permutation that puts nearby points next to each other: the leaves of a PCA tree, in order.
+
+    Each segment (at first all N points) is split at a multiple of `group` near its median
+    along its top principal direction (from `iterations` power iterations, started from a
+    fixed random stream), recursively, until segments hold at most `group` points. So every
+    aligned run of `group` positions is one leaf, and a point's nearby components fall into
+    few of them. All segments of a level are processed at once, padded to the longest: about
+    11 levels of a few batched products for 50,000 points.
+
+    Deterministic for given points, dtype and device. The order only affects speed.
+
+    Args:
+        points: `[N, D]`, in the metric that matters (the caller scales by the precisions).
+        group: leaf size.
+        iterations: power iterations per split.
+
+    Returns:
+        `[N]` int64: position -> index of the point placed there.
+    """
+    n, d = points.shape
+    device = points.device
+    x = torch.cat([points.detach().float(), points.new_zeros(1, d, dtype=torch.float32)])  # row n: padding
+    generator = torch.Generator(device=device).manual_seed(0)
+    perm = torch.arange(n, device=device)
+    sizes = torch.tensor([n], device=device)
+    while n > group and int(sizes.max()) > group:  # one host read per level
+        nseg, width = sizes.shape[0], int(sizes.max())
+        starts = torch.cumsum(sizes, 0) - sizes
+        offsets = torch.arange(width, device=device)
+        inside = offsets < sizes[:, None]  # [nseg, width]
+        source = torch.where(inside, perm.take((starts[:, None] + offsets).clamp(max=n - 1)), n)
+        xs = x.index_select(0, source.reshape(-1)).view(nseg, width, d)  # padding rows are 0
+        # Each segment's covariance (padding adds nothing), then its top eigenvector.
+        mean = xs.sum(1, keepdim=True) / sizes[:, None, None]  # [nseg, 1, D]
+        cov = torch.bmm(xs.transpose(1, 2), xs) - sizes[:, None, None] * mean.transpose(1, 2) * mean
+        v = torch.randn(nseg, d, 1, generator=generator, device=device)
+        for _ in range(iterations):
+            v = torch.bmm(cov, v)
+            v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        p = torch.bmm(xs, v).squeeze(-1).masked_fill(~inside, math.inf)  # padding sorts last
+        within = torch.sort(p, dim=1, stable=True).indices
+        perm = source.gather(1, within).masked_select(inside)  # each segment's first sizes[i] entries, in segment order
+        left = torch.where(sizes > group, (sizes + group - 1) // group // 2 * group, sizes)
+        sizes = torch.stack([left, sizes - left], 1).reshape(-1)
+        sizes = sizes[sizes > 0]
+    return perm
+
+
+def _worth_ordering(z: Tensor, mu: Tensor, logvar: Tensor) -> bool:
+    """Whether `spatial_order` pays for a kernel of the points `z` against the components.
+
+    For many points against many components, unless they are broad: where, for a sample of
+    `REACH_ROWS` points against a sample of `ORDER_SAMPLE` components, most entries lie within
+    the margin of the point's best, every block is dense whatever the order.
+    """
+    m, n = z.shape[0], mu.shape[0]
+    if n < ORDER_MIN_COMPONENTS or m < ORDER_MIN_ROWS:
+        return False
+    zs = z[:: -(-m // REACH_ROWS)].detach().double()
+    step = -(-n // ORDER_SAMPLE)
+    ms, ls = mu[::step].detach().double().to(z.device), logvar[::step].detach().double().to(z.device)
+    prec = torch.exp(-ls)
+    c = -0.5 * (ls.sum(-1) + (ms.square() * prec).sum(-1))
+    lp = zs.square() @ (-0.5 * prec).T + zs @ (ms * prec).T + c  # [rows, sample], log N up to a constant
+    within = lp >= lp.amax(-1, keepdim=True) - refine_margin(n)
+    return float(within.double().mean()) <= ORDER_MAX_REACH
 
 
 def refine_margin(n_components: int) -> float:
@@ -190,11 +293,32 @@ class _Components:
     row term is -1/2 sum_d prec_d z_d^2, which halves the products.
     """
 
-    def __init__(self, mu: Tensor, logvar: Tensor, group: int, dtype: torch.dtype) -> None:
+    def __init__(self, mu: Tensor, logvar: Tensor, group: int, dtype: torch.dtype, order: bool = False) -> None:
         n, d = mu.shape
         pad = (-n) % group
-        mu64 = torch.cat([mu.detach().double(), mu.new_zeros(pad, d, dtype=torch.float64)])
-        shared = _shared_row(logvar.detach())
+        mu, logvar = mu.detach(), logvar.detach()
+        shared = _shared_row(logvar)
+        # position -> component (`order`) and component -> position (`position`); None: index order.
+        self.order: Tensor | None = None
+        self.position: Tensor | None = None
+        # One column per group (the component nearest the group's centroid), ordered constants only.
+        self.representatives: Tensor | None = None
+        if order and n > group:
+            # Spatial order: a point's nearby components fill few groups, so the locating pass
+            # finds few candidate groups. Distances scaled by the (typical) precisions.
+            scale = torch.exp(-0.5 * (shared if shared is not None else logvar.mean(0)))
+            self.order = spatial_order(mu * scale, group)
+            self.position = torch.empty_like(self.order)
+            self.position[self.order] = torch.arange(n, device=mu.device)
+            mu = mu[self.order]
+            if shared is None:
+                logvar = logvar[self.order]
+            full = n // group * group
+            leaves = (mu[:full] * scale).float().view(-1, group, d)
+            central = (leaves - leaves.mean(1, keepdim=True)).square().sum(-1).argmin(1)
+            self.representatives = torch.arange(0, n, group, device=mu.device)  # a partial last group: its first
+            self.representatives[: full // group] += central
+        mu64 = torch.cat([mu.double(), mu.new_zeros(pad, d, dtype=torch.float64)])
         if shared is not None:  # the [D] constants once, not N times
             prec_row = torch.exp(-shared.double())
             self.shared_prec = prec_row
@@ -203,7 +327,7 @@ class _Components:
             quad = mu64.square() @ prec_row  # sum_d prec mu^2
             self.bound_b = (mu64.abs() @ prec_row)[:n]
         else:
-            logvar64 = logvar.detach().double()
+            logvar64 = logvar.double()
             self.shared_prec = None
             prec64 = torch.cat([torch.exp(-logvar64), logvar64.new_zeros(pad, d)])
             h64 = -0.5 * (d * LOG_2PI + logvar64.sum(-1))
@@ -221,6 +345,50 @@ class _Components:
         # For the locating error bound: sum_d prec (t + |mu|)^2 + |c| = t^2 A + 2 t B + C.
         self.bound_a = prec64[:n].sum(-1)
         self.bound_c = quad[:n] + c64[:n].abs()
+        self.representatives_y64 = None if self.representatives is None else self.y64[self.representatives]
+
+    def row_floor(self, x64: Tensor, exclude: Tensor | None) -> Tensor | None:
+        """`[M]` float64: a lower bound on each row's largest entry (without the row term), or None.
+
+        The best of one entry per group (`representatives`), by the float64 product; a row's
+        excluded column counts nothing. With ordered constants the blocks come in spatial
+        order, so the maximum over the blocks before a block can be far below the row's own:
+        the floor lets every block locate against the row's whole neighbourhood instead.
+        """
+        if self.representatives_y64 is None:
+            return None
+        floor = x64.new_full((x64.shape[0],), -math.inf)
+        piece = max(1, FLOOR_ELEMENTS // max(x64.shape[0], 1))  # at most FLOOR_ELEMENTS values live
+        for start in range(0, self.representatives.shape[0], piece):
+            values = x64 @ self.representatives_y64[start : start + piece].T  # [M, piece]
+            if exclude is not None:
+                values.masked_fill_(self.representatives[start : start + piece] == exclude[:, None], -math.inf)
+            floor = torch.maximum(floor, values.amax(-1))
+        return floor
+
+    def reach(self, x64: Tensor, exclude: Tensor | None, margin: float) -> float:
+        """The fraction of groups within `margin` of some of a sample of the rows (ordered constants).
+
+        Measured through the representatives on `REACH_ROWS` rows (every k-th), against each
+        row's floor: an estimate, from below, of the union of a row chunk's candidate groups,
+        which tells broad rows (every entry counts) apart cheaply.
+        """
+        step = -(-x64.shape[0] // REACH_ROWS)
+        rows, ex = x64[::step], None if exclude is None else exclude[::step]
+        values = rows @ self.representatives_y64.T  # [rows, groups]
+        if ex is not None:
+            values.masked_fill_(self.representatives == ex[:, None], -math.inf)
+        return float((values >= values.amax(-1, keepdim=True) - margin).any(0).double().mean())
+
+    def local_exclude(self, exclude: Tensor | None) -> Tensor | None:
+        """Leave-one-out indices (component numbers; negative: none) as columns of these constants.
+
+        An index outside [0, N) leaves nothing out (it matched only padding columns before).
+        """
+        if exclude is None or self.position is None:
+            return exclude
+        valid = (exclude >= 0) & (exclude < self.n)
+        return torch.where(valid, self.position[exclude.clamp(0, self.n - 1)], -1)
 
     def features(self, z: Tensor) -> Tensor:
         """The points' side of the product, `[M, 2D + 1]` (`[M, D + 1]` with shared variances): y's
@@ -234,15 +402,20 @@ class _Components:
             return z64.new_zeros(z64.shape[0])
         return -0.5 * (z64.square() @ self.shared_prec)
 
-    def weighted_sums(self, e: Tensor, span: tuple[int, int], total: Tensor) -> Tensor:
+    def weighted_sums(self, e: Tensor, span: tuple[int, int] | Tensor, total: Tensor) -> Tensor:
         """`[M, K + 1]` float64: e @ y over the components `span`, and `total`, e's row sums.
 
         With e = the exponentiated entries of a dense block, these are all the backward pass
         needs of it (`gradient_from_sums`): sum_n e_mn prec_n and sum_n e_mn prec_n mu_n.
-        The product runs in e's dtype (z's, for float32 points): a dense block's components
-        are broad, none sharp enough for float32 rounding of the weights to matter to a
-        gradient. `total` is the pass's own float64 row sum of the block.
+        `span` is a range (n0, n1) of columns or, for a block over a union of candidate
+        groups, their indices. The product over a range runs in e's dtype (z's, for float32
+        points): such a block's components are broad, none sharp enough for float32 rounding
+        of the weights to matter to a gradient. Over gathered columns (which may be sharper)
+        it runs in float64. `total` is the pass's own float64 row sum of the block.
         """
+        if isinstance(span, Tensor):
+            y = self.y64.index_select(0, span)[:, :-1]
+            return torch.cat([e.double() @ y, total[:, None]], dim=-1)
         y = (self.y if e.dtype == self.y.dtype else self.y64)[span[0] : span[1], :-1]
         return torch.cat([(e @ y).double(), total[:, None]], dim=-1)
 
@@ -263,14 +436,15 @@ class _Entries:
     Dense (`dense=True`): every row of the chunk (`rows`) against the block's components
     `span` = (n0, n1), exponentiated: log N(z[row_start + rows[k]]; n0 + j) =
     log(values[k, j]) + shift[k], with `values` in [0, 1] (the logsumexp's own scratch, in
-    a buffer the next block reuses) and `total` their row sums.
+    a buffer the next block reuses) and `total` their row sums. Or, over a union of
+    candidate groups, `span` = the `[Nb]` int64 columns: column j is component span[j].
     """
 
     row_start: int
     rows: Tensor  # [K] int64, local to the row chunk
     values: Tensor  # [K, G] float64, or [K, Nb] exponentiated
     cols: Tensor | None = None  # [K, G] int64, sparse only
-    span: tuple[int, int] | None = None  # dense only
+    span: tuple[int, int] | Tensor | None = None  # dense only
     shift: Tensor | None = None  # [K] float64, dense only
     total: Tensor | None = None  # [K] float64, dense only
 
@@ -315,6 +489,31 @@ def _block_profile(device: torch.device) -> _BlockProfile:
     return dataclasses.replace(_CPU_BLOCKS, dense_block_elements=DENSE_BLOCK_ELEMENTS)
 
 
+#: A located block's entries are computed densely over the union of its candidate groups (a
+#: float64 product, `_union_columns`) instead of one by one where that union (all the chunk's
+#: rows) has fewer than this many entries per entry of the rows' own candidate groups, which
+#: bound the located entries: a located entry gathers and reduces D-vectors, a dense one is a
+#: share of a matrix product and an exp (on the exemplar prior's case, D = 40, a CPU: 8, 32
+#: and "always" within ~10% of each other; 1, "never", ~2x slower).
+SPARSE_ENTRY_COST = 8.0
+
+#: Nats: the float64 matrix product's worst-case rounding error (the locating bound in float64)
+#: up to which a block's union of candidate groups may replace its exact recomputation; above it
+#: (very sharp components) the entries stay on the direct formula.
+UNION_DENSE_TOLERANCE = 1e-9
+
+#: With spatially ordered components a block says little about the rest of its row chunk (the
+#: candidates of nearby points crowd into a few blocks): only a block with more than this
+#: fraction of candidate (group, point) pairs makes the rest of the chunk dense without locating.
+#: The other blocks above `dense_fraction` are computed densely over their candidate groups.
+REST_DENSE_FRACTION = 0.9
+
+#: With ordered components, a row chunk whose rows reach more than this fraction of the groups
+#: through the groups' representatives (`_Components.reach`) is computed densely throughout,
+#: without locating: most groups would be candidates anyway (broad posteriors).
+DENSE_REACH = 0.5
+
+
 def _mixture_pass(
     z: Tensor,
     comps: _Components,
@@ -326,19 +525,24 @@ def _mixture_pass(
 ) -> Tensor:
     """Walk the M x N matrix in blocks of `block_size x chunk_size`; return the float64 logsumexp `[M]`.
 
-    `visit`, if given, sees every block's exact entries (the backward pass uses them); a
-    dense block's exponentiated values live in a buffer the next block reuses.
+    `exclude` holds columns of `comps` (`_Components.local_exclude`). `visit`, if given, sees
+    every block's exact entries (the backward pass uses them); a dense block's exponentiated
+    values live in a buffer the next block reuses.
     Memory: one `block_size x chunk_size` block in z's dtype (widened to the device's
     `_BlockProfile.min_block_elements`: 2^27 on a GPU) plus the exactly recomputed entries,
     at most `dense_fraction` of the block (their `[D]` float64 differences formed in pieces
     of `RECOMPUTE_ELEMENTS`), or one dense float64 block of at most as many entries as the
     located block and at most the profile's dense block (`DENSE_BLOCK_ELEMENTS` on a CPU).
 
-    A row chunk's first block is `FIRST_BLOCK_GROUPS` groups wide on a CPU. Once a block of the chunk
-    is dense, the chunk's remaining blocks are computed densely without locating, in blocks
-    small enough to stay in cache while they are summed. Whether a block is computed densely
-    or sparsely changes the cost, never the result; the walk is deterministic, so the
-    backward pass can repeat it.
+    A row chunk's first block is `FIRST_BLOCK_GROUPS` groups wide on a CPU. Each located block
+    is then computed one of three ways: its located entries one by one (the direct formula);
+    densely over the union of its candidate groups, where that is cheaper and the float64
+    product is accurate enough (`SPARSE_ENTRY_COST`, `UNION_DENSE_TOLERANCE`), or where more
+    than `dense_fraction` of it qualifies but the components are spatially ordered; or, where
+    more than `dense_fraction` qualifies (`REST_DENSE_FRACTION` for ordered components), densely
+    along with the rest of the chunk, without locating, in blocks small enough to stay in cache
+    while they are summed. Every way gives the same result to rounding: the entries left out are
+    below the margin. The walk is deterministic, so the backward pass can repeat it.
     """
     m, d = z.shape
     group = comps.group
@@ -353,8 +557,13 @@ def _mixture_pass(
     first_width = block_size if profile.first_block_groups is None else profile.first_block_groups * group
     dense_elements = max(profile.dense_block_elements, 1)
     dense_width = max(group, min(block_size, dense_elements // rows_per_chunk // group * group))
-    # Which chunks the float32 product cannot locate: one host read for all of them.
-    locate64 = [bound > margin / 2 for bound in _locating_error_bounds(z, comps, chunk_size)]
+    rest_fraction = dense_fraction if comps.order is None else max(dense_fraction, REST_DENSE_FRACTION)
+    # Which chunks the float32 product cannot locate, and which the float64 product computes to
+    # `UNION_DENSE_TOLERANCE`: one host read for all of them.
+    bounds = _locating_error_bounds(z, comps, chunk_size)
+    locate64 = [bound > margin / 2 for bound in bounds]
+    to64 = torch.finfo(torch.float64).eps / torch.finfo(z.dtype).eps
+    union_ok = [bound * to64 <= UNION_DENSE_TOLERANCE for bound in bounds]
     out = torch.empty(m, dtype=torch.float64, device=z.device)
     for r0 in range(0, m, chunk_size):
         zc = z[r0 : r0 + chunk_size].detach()
@@ -362,7 +571,7 @@ def _mixture_pass(
         z64 = zc.double()
         row64 = comps.row_term(z64)  # [mc]: the products below leave it out
         y = comps.y64 if locate64[r0 // chunk_size] else comps.y
-        xt = comps.features(z64 if y is comps.y64 else zc)[:, :-1].T  # [2D or D, mc]
+        xt = comps.features(z64 if y is comps.y64 else zc).T.contiguous()  # [2D + 1 or D + 1, mc]
         row = row64.to(y.dtype)
         ex = None
         if exclude is not None:
@@ -373,52 +582,66 @@ def _mixture_pass(
         # fresh multi-MiB tensor per block costs more (page faults) than the arithmetic.
         approx_buf: Tensor | None = None
         dense_buf: Tensor | None = None
-        x64 = None
+        x64 = None if comps.representatives is None else comps.features(z64)
+        floor = None
         dense = False
+        if x64 is not None:
+            dense = comps.reach(x64, ex, margin) > DENSE_REACH  # broad rows: the chunk densely, without locating
+            floor = None if dense else comps.row_floor(x64, ex).to(y.dtype)
         n0 = 0
         while n0 < comps.n_padded and not (dense and n0 >= comps.n):  # dense blocks skip the padding
             width = dense_width if dense else (min(block_size, first_width) if n0 == 0 else block_size)
             n1 = min(n0 + width, comps.n_padded)
+            columns = None  # the block's candidate groups' columns, where they are computed densely
             if not dense:
                 if approx_buf is None:
                     approx_buf = torch.empty(block_size * mc, dtype=y.dtype, device=z.device)
                 # Components along the first axis, so the group maximum reduces over a
-                # non-innermost axis (vectorized along the points). The row term is left out.
-                approx = torch.addmm(
-                    y[n0:n1, -1:], y[n0:n1, :-1], xt, out=approx_buf[: (n1 - n0) * mc].view(n1 - n0, mc)
-                )
+                # non-innermost axis (vectorized along the points). The row term is left out;
+                # c_n is the product's last column: a broadcast bias would be copied into the
+                # block first (beta = 0 with the block as input copies nothing).
+                approx = approx_buf[: (n1 - n0) * mc].view(n1 - n0, mc)
+                approx = torch.addmm(approx, y[n0:n1], xt, beta=0, out=approx)
                 if ex is not None:
                     _exclude_in_block(approx, ex - n0, components_first=True)
                 grouped = approx.view(-1, group, mc)
                 group_max = grouped.amax(1)  # [ng, mc]
-                threshold = torch.maximum(running.to(approx.dtype) - row, group_max.amax(0)) - margin  # [mc]
-                cand_groups, cand_rows = (group_max >= threshold).nonzero().unbind(-1)
-                dense = cand_groups.shape[0] * group > dense_fraction * approx.numel()
-                if not dense:
+                top = torch.maximum(running.to(approx.dtype) - row, group_max.amax(0))
+                threshold = (top if floor is None else torch.maximum(top, floor)) - margin  # [mc]
+                candidate = group_max >= threshold
+                cand_groups, cand_rows = candidate.nonzero().unbind(-1)
+                pairs = cand_groups.shape[0] * group
+                if pairs > dense_fraction * approx.numel():
+                    dense = pairs > rest_fraction * approx.numel()
+                    if not dense:
+                        columns = _union_columns(candidate, n0, group, comps.n)
+                elif union_ok[r0 // chunk_size] and pairs:
+                    # The union's entries against the candidate groups' (which bound the located ones).
+                    union = int(candidate.any(1).sum()) * group * mc
+                    if union < SPARSE_ENTRY_COST * pairs:
+                        columns = _union_columns(candidate, n0, group, comps.n)
+                if not dense and columns is None:
                     near = grouped[cand_groups, :, cand_rows] >= threshold[cand_rows][:, None]  # [K, G]
                     k, j = near.nonzero().unbind(-1)
                     rows = cand_rows[k]
                     cols = (n0 + cand_groups[k] * group + j)[:, None]  # [K', 1]
                     dense = rows.shape[0] > dense_fraction * approx.numel()
-            if dense:
-                n1 = min(n1, n0 + dense_width)  # a located block found dense: its rest comes next
+            if dense or columns is not None:
                 if dense_buf is None:
                     dense_buf = torch.empty(mc * dense_width, dtype=torch.float64, device=z.device)
-                    x64 = comps.features(z64)
-                # c_n is the product's last column (no broadcast bias to copy in); padding
-                # columns (c = -inf) stay out of it. Without the row term.
-                nr = min(n1, comps.n)
-                values = torch.mm(x64, comps.y64[n0:nr].T, out=dense_buf[: mc * (nr - n0)].view(mc, nr - n0))
-                if ex is not None:
-                    _exclude_in_block(values, ex - n0, components_first=False)
-                top = values.amax(-1)
-                shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-                total = values.sub_(shift[:, None]).exp_().sum(-1)
-                shift = shift + row64
-                running = torch.logaddexp(running, shift + total.log())
-                if visit is not None:
-                    every_row = torch.arange(mc, device=z.device)
-                    visit(_Entries(r0, every_row, values, span=(n0, nr), shift=shift, total=total))
+                    x64 = comps.features(z64) if x64 is None else x64
+                if dense:
+                    n1 = min(n1, n0 + dense_width)  # a located block found dense: its rest comes next
+                    pieces = [(n0, min(n1, comps.n))]
+                else:
+                    pieces = list(columns.split(dense_width)) if columns.numel() else []
+                for span in pieces:
+                    values, shift, total = _dense_entries(x64, comps, span, ex, dense_buf)
+                    shift = shift + row64
+                    running = torch.logaddexp(running, shift + total.log())
+                    if visit is not None:
+                        every_row = torch.arange(mc, device=z.device)
+                        visit(_Entries(r0, every_row, values, span=span, shift=shift, total=total))
             else:
                 values = _exact_entries(z64, comps, rows, cols)  # [K', 1]
                 if ex is not None:
@@ -429,6 +652,45 @@ def _mixture_pass(
             n0 = n1
         out[r0 : r0 + mc] = running
     return out
+
+
+def _union_columns(candidate: Tensor, n0: int, group: int, n: int) -> Tensor:
+    """The columns, ascending, of every group some row of a block (first column `n0`) may need.
+
+    `candidate`: `[groups, rows]` bool, a group's candidacy per row. Padding columns (from
+    `n` on, all in the last group) are left out.
+    """
+    groups = candidate.any(1).nonzero().squeeze(1)
+    columns = (n0 + groups[:, None] * group + torch.arange(group, device=candidate.device)).reshape(-1)
+    return columns[columns < n]
+
+
+def _dense_entries(
+    x64: Tensor, comps: _Components, span: tuple[int, int] | Tensor, ex: Tensor | None, buf: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every row of a chunk against the components `span` (a range, or columns), by the float64 product.
+
+    Returns (values, shift, total): values = exp(entry - shift) in `buf` (without the row term),
+    total their row sums. The excluded column `ex` of a row (if among them) counts nothing.
+    """
+    m = x64.shape[0]
+    if isinstance(span, Tensor):
+        y = comps.y64.index_select(0, span)
+        local = None
+        if ex is not None:
+            at = torch.searchsorted(span, ex).clamp(max=span.shape[0] - 1)
+            local = torch.where(span[at] == ex, at, -1)
+    else:
+        y = comps.y64[span[0] : span[1]]
+        local = None if ex is None else ex - span[0]
+    # c_n is the product's last column (no broadcast bias to copy in). Without the row term.
+    values = torch.mm(x64, y.T, out=buf[: m * y.shape[0]].view(m, y.shape[0]))
+    if local is not None:
+        _exclude_in_block(values, local, components_first=False)
+    top = values.amax(-1)
+    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = values.sub_(shift[:, None]).exp_().sum(-1)
+    return values, shift, total
 
 
 #: float64 values of the direct formula's temporaries ([entries, D]) computed at once: a GPU's
@@ -511,7 +773,8 @@ class _DenseSums:
         self.ref: Tensor | None = None
 
     def add(self, e: _Entries, comps: _Components, dtype: torch.dtype) -> None:
-        part = comps.weighted_sums(e.values.to(dtype), e.span, e.total)
+        values = e.values if isinstance(e.span, Tensor) else e.values.to(dtype)  # gathered columns: float64
+        part = comps.weighted_sums(values, e.span, e.total)
         if self.sums is None:
             self.sums, self.ref = part, e.shift
             return
@@ -618,7 +881,11 @@ def gaussian_mixture_logsumexp(
     same components many times (a training loop against N posteriors) holds them in a
     `DiagonalGaussianMixture`, which computes them once (`bench/mixture_kernel.py`: M = 100
     against N = 50,000, D = 40, forward and backward in ~7 ms on 2 CPU cores for trained
-    posteriors, ~25 ms for broad ones, where every entry counts).
+    posteriors, ~25 ms for broad ones, where every entry counts). For many points against
+    many components (`_worth_ordering`: M >= `ORDER_MIN_ROWS`, N >= `ORDER_MIN_COMPONENTS`,
+    unless the components are broad) the constants are put in spatial order first
+    (`spatial_order`, ~0.15 s for 50,000 x 40 on one core), so that a point's candidates fill
+    few groups (see the comment above `refine_margin`).
 
     Differentiable w.r.t. `z`, exactly (from the kept entries and the dense blocks' sums, or
     recomputed block by block). If `mu` or `logvar` require gradients a plain chunked direct
@@ -676,7 +943,7 @@ def gaussian_mixture_logsumexp(
         return _mixture_logsumexp_direct(z, mu, logvar, exclude, chunk_size).to(out_dtype or z.dtype)
     if mu.shape[1] == 1 and not (torch.is_grad_enabled() and z.requires_grad):
         return _mixture_logsumexp_1d(z, mu, logvar, exclude, chunk_size * block_size).to(out_dtype or z.dtype)
-    comps = _Components(mu, logvar, group, z.dtype)
+    comps = _Components(mu, logvar, group, z.dtype, order=_worth_ordering(z, mu, logvar))
     return _kernel(z, comps, exclude, chunk_size, block_size, dense_fraction, out_dtype or z.dtype)
 
 
@@ -690,6 +957,7 @@ def _kernel(
     out_dtype: torch.dtype,
 ) -> Tensor:
     block_size = -(-block_size // comps.group) * comps.group
+    exclude = comps.local_exclude(exclude)
     with exact_float32_matmul(z.device):
         return _MixtureLogSumExp.apply(z, comps, exclude, chunk_size, block_size, dense_fraction, out_dtype)
 
@@ -745,7 +1013,9 @@ class DiagonalGaussianMixture:
       products, differentiable in everything (`small_gaussian_mixture_log_prob`);
     * many fixed, equally weighted components (N posteriors): the exact kernel
       (`gaussian_mixture_logsumexp`'s), whose float64 constants this object computes once,
-      on first use per dtype, and keeps. Build a new mixture when the components change.
+      on first use per dtype, and keeps: in index order for calls of few points (a training
+      batch), in spatial order for calls of many (`ORDER_MIN_ROWS`: the surgery's log q(z),
+      importance sampling's draws). Build a new mixture when the components change.
 
     Args:
         mu: means `[K, D]`.
@@ -775,7 +1045,7 @@ class DiagonalGaussianMixture:
         self.mu, self.logvar, self.log_weights = mu, logvar, log_weights
         self.small_components = small_components
         self.chunk_size, self.block_size = chunk_size, block_size
-        self._constants: dict[torch.dtype, _Components] = {}
+        self._constants: dict[tuple[torch.dtype, bool], _Components] = {}  # by dtype and order
 
     @property
     def num_components(self) -> int:
@@ -814,14 +1084,23 @@ class DiagonalGaussianMixture:
                 mu, logvar = self.mu.detach().to(z), self.logvar.detach().to(z)
                 lse = _mixture_logsumexp_1d(flat, mu, logvar, flat_ex, self.chunk_size * self.block_size)
             else:
-                comps = self._constants.get(z.dtype)
-                if comps is None:
-                    comps = self._constants[z.dtype] = _Components(
-                        self.mu.to(z.device), self.logvar.to(z.device), DEFAULT_GROUP, z.dtype
-                    )
+                comps = self._kernel_constants(flat)
                 lse = _kernel(flat, comps, flat_ex, self.chunk_size, self.block_size, 0.25, torch.float64)
             lse = lse.double().reshape(z.shape[:-1])
         return (lse - self._log_normalizer(exclude, lse)).to(out_dtype or z.dtype)
+
+    def _kernel_constants(self, z: Tensor) -> _Components:
+        """The kernel's constants for the points `z`'s dtype, built on first use and kept: in
+        spatial order (`spatial_order`) for a call of many points (`_worth_ordering`), in index
+        order for a few (a training batch, whose points lie everywhere, gains nothing from the
+        order) or against broad components."""
+        order = _worth_ordering(z, self.mu, self.logvar)
+        comps = self._constants.get((z.dtype, order))
+        if comps is None:
+            comps = self._constants[(z.dtype, order)] = _Components(
+                self.mu.to(z.device), self.logvar.to(z.device), DEFAULT_GROUP, z.dtype, order=order
+            )
+        return comps
 
     def _log_normalizer(self, exclude: Tensor | None, like: Tensor) -> Tensor | float:
         k = self.num_components

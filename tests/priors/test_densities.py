@@ -206,6 +206,7 @@ def test_gradcheck_float64(monkeypatch, saved_bytes, shared):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saved_bytes", [densities.SAVED_ENTRIES_BYTES, 0], ids=["kept", "recomputed"])
 def test_gradient_float32_matches_autograd_reference(monkeypatch, saved_bytes):
     monkeypatch.setattr(densities, "SAVED_ENTRIES_BYTES", saved_bytes)
@@ -320,12 +321,23 @@ def test_gpu_block_profile_gives_the_same_results_on_the_cpu(monkeypatch, logvar
     # A GPU walks the matrix in wide blocks, with no narrow first block and large dense blocks,
     # and recomputes a block's located entries in pieces; forced here on the CPU (scaled down),
     # sparse (sharp) and dense (broad), with exclusions and the gradient.
-    gpu_like = densities._BlockProfile(min_block_elements=3000, first_block_groups=None, dense_block_elements=900)
-    monkeypatch.setattr(densities, "_block_profile", lambda device: gpu_like)
+    use_gpu_like_blocks(monkeypatch)
     monkeypatch.setattr(densities, "RECOMPUTE_ELEMENTS", 16)  # pieces of 3 entries of D = 5
     mu, logvar = posteriors(700, 5, logvar_mean)
     z, idx = samples(mu, logvar, 50)
     exclude = torch.where(torch.arange(50) % 3 == 0, torch.full_like(idx, -1), idx)
+    assert_small_blocks_match_reference(z, mu, logvar, exclude)
+
+
+def use_gpu_like_blocks(monkeypatch):
+    """A GPU's block profile, scaled down for the CPU: wide blocks, no narrow first one."""
+    gpu_like = densities._BlockProfile(min_block_elements=3000, first_block_groups=None, dense_block_elements=900)
+    monkeypatch.setattr(densities, "_block_profile", lambda device: gpu_like)
+
+
+def assert_small_blocks_match_reference(z, mu, logvar, exclude):
+    """The kernel in small blocks (chunks of 16, blocks of 64, groups of 4) against the
+    float64 reference: values to 1e-10 and the gradient to 1e-9."""
     z64 = z.double().requires_grad_()
     expected = vectorized_reference(z64, mu, logvar, exclude)
     expected.sum().backward()
@@ -511,3 +523,193 @@ def test_small_mixture_float32_agrees_with_float64_for_sharp_components() -> Non
         dim=-1,
     )
     assert (naive.double() - exact).abs().max() > 1e-3  # the case is hard enough to matter
+
+
+# ---- spatially ordered constants: spatial_order, the candidate groups' union -----------------
+
+
+@pytest.fixture
+def ordered(monkeypatch):
+    """Small mixtures run on spatially ordered constants (`_worth_ordering` at any size and breadth)."""
+    monkeypatch.setattr(densities, "ORDER_MIN_COMPONENTS", 64)
+    monkeypatch.setattr(densities, "ORDER_MIN_ROWS", 1)
+    monkeypatch.setattr(densities, "ORDER_MAX_REACH", 1.0)
+
+
+def clustered(n_clusters, per_cluster, d, logvar, m, seed=0):
+    """Well separated clusters of components, interleaved in index order (component i in cluster
+    i % n_clusters), with a shared log-variance; the points are drawn around cluster 0 only, as
+    an importance sampler's draws for one test point are."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 12.0 * torch.randn(n_clusters, d, generator=g)
+    mu = centres.repeat(per_cluster, 1) + 0.5 * torch.randn(n_clusters * per_cluster, d, generator=g)
+    logvar = torch.full((1, d), logvar).expand(mu.shape[0], d)
+    z = centres[0] + 0.7 * torch.randn(m, d, generator=g)
+    return z, mu, logvar
+
+
+def counting_paths(monkeypatch):
+    """Counts the entries computed densely over a range, over gathered columns, and one by one."""
+    seen = {"range": 0, "union": 0, "sparse": 0}
+    dense, exact = densities._dense_entries, densities._exact_entries
+
+    def dense_spy(x64, comps, span, ex, buf):
+        width = span.shape[0] if isinstance(span, torch.Tensor) else span[1] - span[0]
+        seen["union" if isinstance(span, torch.Tensor) else "range"] += x64.shape[0] * width
+        return dense(x64, comps, span, ex, buf)
+
+    def exact_spy(z64, comps, rows, cols):
+        seen["sparse"] += rows.shape[0]
+        return exact(z64, comps, rows, cols)
+
+    monkeypatch.setattr(densities, "_dense_entries", dense_spy)
+    monkeypatch.setattr(densities, "_exact_entries", exact_spy)
+    return seen
+
+
+def test_spatial_order_is_a_deterministic_permutation_into_compact_groups():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 5, generator=g) * torch.tensor([4.0, 2.0, 1.0, 1.0, 0.5])
+    order = densities.spatial_order(x, group=16)
+    assert torch.equal(order.sort().values, torch.arange(1000))
+    assert torch.equal(densities.spatial_order(x, group=16), order)
+
+    def spread(points):  # mean squared distance to the group's centroid, over full groups of 16
+        groups = points[: len(points) // 16 * 16].view(-1, 16, points.shape[1])
+        return (groups - groups.mean(1, keepdim=True)).square().sum(-1).mean()
+
+    assert spread(x[order]) < 0.25 * spread(x)
+    assert torch.equal(densities.spatial_order(x[:10], group=16), torch.arange(10))
+    assert densities.spatial_order(x[:0], group=16).shape == (0,)
+    same = densities.spatial_order(torch.zeros(100, 3), group=8)  # no direction to split along
+    assert torch.equal(same.sort().values, torch.arange(100))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own variances", "shared variances"])
+@pytest.mark.parametrize("logvar_mean", [-4.0, 0.0])
+def test_ordered_constants_match_the_reference_with_exclusions(ordered, shared, logvar_mean):
+    mu, logvar = (shared_posteriors if shared else posteriors)(600, 5, logvar_mean)
+    z, idx = samples(mu, logvar, 100)
+    # leave-one-out, nothing left out, and an index past N (leaves nothing out, as unordered)
+    exclude = torch.where(torch.arange(100) % 3 == 0, torch.full_like(idx, -1), idx)
+    exclude[1] = 600 + 3
+    z64 = z.double().requires_grad_()
+    expected = vectorized_reference(z64, mu, logvar, torch.where(exclude < 600, exclude, -1))
+    expected.sum().backward()
+    expected = expected.detach()
+    comps = densities._Components(mu, logvar, 8, torch.float32, order=True)
+    assert comps.order is not None and not torch.equal(comps.order, torch.arange(600))
+    for zz, m, lv, tol in ((z, mu, logvar, 1e-9), (z.double(), mu.double(), logvar.double(), 1e-10)):
+        zz = zz.clone().requires_grad_()
+        got = gaussian_mixture_logsumexp(zz, m, lv, exclude, 64, block_size=128, group=8, out_dtype=torch.float64)
+        got.sum().backward()
+        torch.testing.assert_close(got, expected, rtol=0, atol=tol)
+        grad_tol = 1e-4 if zz.dtype == torch.float32 else 1e-9
+        torch.testing.assert_close(zz.grad.double(), z64.grad, rtol=grad_tol, atol=grad_tol)
+    mixture = DiagonalGaussianMixture(mu, logvar, small_components=0, chunk_size=64, block_size=128)
+    got = mixture.log_prob(z, exclude=idx, out_dtype=torch.float64)
+    torch.testing.assert_close(got, vectorized_reference(z, mu, logvar, idx) - math.log(599), rtol=0, atol=1e-9)
+    assert [key[1] for key in mixture._constants] == [True]
+
+
+def test_ordering_changes_the_path_not_the_result(monkeypatch):
+    # Interleaved clusters: in index order every group holds components near the points and
+    # every block is dense; ordered, the points' cluster fills a few groups, computed densely
+    # over their union alone.
+    z, mu, logvar = clustered(16, 64, 4, -1.0, 200)
+    exclude = torch.arange(200) * 5  # components of several clusters, in and out of the points' own
+    expected = vectorized_reference(z, mu, logvar, exclude)
+    results, entries = {}, {}
+    for order in (False, True):
+        seen = counting_paths(monkeypatch)
+        comps = densities._Components(mu, logvar, 16, torch.float32, order=order)
+        results[order] = densities._kernel(z, comps, exclude, 64, 256, 0.25, torch.float64)
+        entries[order] = dict(seen)
+        torch.testing.assert_close(results[order], expected, rtol=0, atol=1e-9)
+    assert entries[False]["union"] == 0 and entries[False]["range"] == 200 * 1024
+    assert entries[True]["range"] == 0 and 0 < entries[True]["union"] <= 200 * 1024 // 8
+
+
+@pytest.mark.parametrize("saved_bytes", [densities.SAVED_ENTRIES_BYTES, 0], ids=["kept", "recomputed"])
+def test_gradient_through_ordered_constants_and_union_blocks(monkeypatch, saved_bytes):
+    # The backward pass works on the permuted constants (kept entries and the union blocks'
+    # sums, or the walk repeated): against autograd through the float64 reference.
+    monkeypatch.setattr(densities, "SAVED_ENTRIES_BYTES", saved_bytes)
+    z, mu, logvar = clustered(8, 32, 3, -1.0, 40, seed=1)
+    exclude = torch.where(torch.arange(40) % 2 == 0, torch.arange(40) * 8, -1)  # in the points' cluster
+    z64 = z.double().requires_grad_()
+    vectorized_reference(z64, mu, logvar, exclude).sum().backward()
+    seen = counting_paths(monkeypatch)
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+        zz = z.to(dtype).requires_grad_()
+        comps = densities._Components(mu.to(dtype), logvar.to(dtype), 8, dtype, order=True)
+        densities._kernel(zz, comps, exclude, 16, 64, 0.25, torch.float64).sum().backward()
+        torch.testing.assert_close(zz.grad.double(), z64.grad, rtol=tol, atol=tol)
+    assert seen["union"] > 0
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own variances", "shared variances"])
+def test_union_and_sparse_recomputation_agree(monkeypatch, shared):
+    # The same located blocks recomputed one entry at a time and densely over the union of
+    # their candidate groups, with and without the order; and very sharp components, whose
+    # float64 product is not accurate enough, never take the union.
+    monkeypatch.setattr(densities, "DENSE_REACH", 1.0)  # scattered points: no chunk taken for broad
+    mu, logvar = (shared_posteriors if shared else posteriors)(600, 4, -4.0)
+    z, idx = samples(mu, logvar, 100)
+    expected = vectorized_reference(z, mu, logvar, idx)
+    for cost in (0.0, math.inf):
+        monkeypatch.setattr(densities, "SPARSE_ENTRY_COST", cost)
+        for order in (False, True):
+            seen = counting_paths(monkeypatch)
+            comps = densities._Components(mu, logvar, 8, torch.float32, order=order)
+            got = densities._kernel(z, comps, idx, 32, 128, 0.25, torch.float64)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+            assert (seen["union"] > 0) == (cost > 0) and seen["range"] == 0
+    sharp_mu, sharp_logvar = (shared_posteriors if shared else posteriors)(600, 4, -9.0)
+    z, idx = samples(sharp_mu, sharp_logvar, 50)
+    seen = counting_paths(monkeypatch)
+    comps = densities._Components(sharp_mu, sharp_logvar, 8, torch.float32, order=True)
+    got = densities._kernel(z, comps, idx, 32, 128, 0.25, torch.float64)
+    torch.testing.assert_close(got, vectorized_reference(z, sharp_mu, sharp_logvar, idx), rtol=0, atol=1e-9)
+    assert seen["union"] == 0 and seen["sparse"] > 0
+
+
+def test_mixture_orders_for_many_points_against_narrow_components_only(monkeypatch):
+    monkeypatch.setattr(densities, "ORDER_MIN_COMPONENTS", 64)
+    monkeypatch.setattr(densities, "ORDER_MIN_ROWS", 100)
+    z, mu, logvar = clustered(8, 64, 4, -1.0, 300)
+    mixture = DiagonalGaussianMixture(mu, logvar, small_components=0)
+    few = mixture.log_prob(z[:50], out_dtype=torch.float64)
+    assert list(mixture._constants) == [(torch.float32, False)]
+    many = mixture.log_prob(z, out_dtype=torch.float64)
+    assert sorted(key[1] for key in mixture._constants) == [False, True]
+    expected = vectorized_reference(z, mu, logvar) - math.log(512)
+    torch.testing.assert_close(few, expected[:50], rtol=0, atol=1e-9)
+    torch.testing.assert_close(many, expected, rtol=0, atol=1e-9)
+    # Broad components (every entry within the margin): no order, whatever the number of points.
+    broad = DiagonalGaussianMixture(0.1 * mu, logvar + 4.0, small_components=0)
+    got = broad.log_prob(z, out_dtype=torch.float64)
+    assert list(broad._constants) == [(torch.float32, False)]
+    expected = vectorized_reference(z, 0.1 * mu, logvar + 4.0) - math.log(512)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+
+
+def test_gpu_block_profile_with_ordered_constants_on_the_cpu(ordered, monkeypatch):
+    # A GPU's wide blocks (no narrow first block) over ordered constants: unions, exclusions
+    # and the gradient, forced on the CPU (scaled down).
+    use_gpu_like_blocks(monkeypatch)
+    seen = counting_paths(monkeypatch)
+    z, mu, logvar = clustered(8, 40, 5, -1.0, 50, seed=2)
+    exclude = torch.where(torch.arange(50) % 3 == 0, -1, torch.arange(50) * 8)
+    assert_small_blocks_match_reference(z, mu, logvar, exclude)
+    assert seen["union"] > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_ordered_constants_match_float64(ordered):
+    z, mu, logvar = clustered(50, 100, 40, -0.6, 1000)
+    exclude = torch.arange(1000) * 5
+    expected = vectorized_reference(z, mu, logvar, exclude)
+    got = gaussian_mixture_logsumexp(z.cuda(), mu.cuda(), logvar.cuda(), exclude.cuda(), out_dtype=torch.float64)
+    assert (got.cpu() - expected).abs().max() < 1e-9
