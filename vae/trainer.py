@@ -495,8 +495,19 @@ class Trainer:
             torch.compile(batch_loss, dynamic=False, options={"fallback_random": True}) if self.compiles else batch_loss
         )
         kl_weight_t = torch.zeros((), device=self.device)
+        if self._stopped_early(state):  # a resumed run that had stopped: nothing to train
+            log.info(
+                "early stopping: the run had stopped at epoch %d (best %d); a larger trainer.patience continues it",
+                state.epoch,
+                state.best_epoch,
+            )
 
-        while state.epoch < self.max_epochs and not self._out_of_steps(state) and not out_of_time:
+        while (
+            state.epoch < self.max_epochs
+            and not self._out_of_steps(state)
+            and not out_of_time
+            and not self._stopped_early(state)
+        ):
             started = time.perf_counter()
             # The epoch's binarization and order are drawn on the CPU (the same on every device)
             # and moved once: the batches are then sliced on the device, with no copy per step.
@@ -599,9 +610,8 @@ class Trainer:
 
             payload = self._checkpoint(model, optimizer, state, run_config or {}, improved)
             self._save_checkpoints(payload, improved, record["epoch"], metrics_start)
-            if state.bad_evals >= self.patience:
+            if self._stopped_early(state):
                 log.info("early stopping: no better validation ELBO for %d epochs", self.patience)
-                break
         if out_of_time:
             log.info("stopped at step %d: trainer.max_seconds=%g spent", state.step, self.max_seconds)
         self._call("on_fit_end", model, data, state)
@@ -613,6 +623,11 @@ class Trainer:
     def _kl_weight(step: int, warmup_steps: float) -> float:
         """The KL weight of optimizer step `step` (1-based): linear from 0 to 1 over the warm-up."""
         return min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+
+    def _stopped_early(self, state: TrainState) -> bool:
+        """Whether `patience` validations in a row brought no better ELBO (saved in the state, so
+        a resumed run that had stopped stays stopped)."""
+        return state.bad_evals >= self.patience
 
     def _out_of_steps(self, state: TrainState) -> bool:
         return self.max_steps is not None and state.step >= self.max_steps

@@ -157,6 +157,16 @@ def test_early_stopping_honours_patience(tiny_cfg, data, tmp_path) -> None:
     assert state.epoch == 3 and state.best_epoch == 1
 
 
+def test_a_resumed_run_that_stopped_early_trains_nothing_more(tiny_cfg, data, tmp_path) -> None:
+    lr0 = partial(torch.optim.Adam, lr=0.0)
+    _fit(tiny_cfg, data, tmp_path, max_epochs=10, patience=2, optimizer=lr0)
+    lines = len(_lines(tmp_path))
+    _, state = _fit(tiny_cfg, data, tmp_path, max_epochs=10, patience=2, optimizer=lr0, resume=True)
+    assert state.epoch == 3 and len(_lines(tmp_path)) == lines  # no epoch trained, none logged
+    _, state = _fit(tiny_cfg, data, tmp_path, max_epochs=10, patience=3, optimizer=lr0, resume=True)
+    assert state.epoch == 4  # a larger patience goes on
+
+
 @pytest.mark.slow
 def test_patience_is_held_during_warmup(tiny_cfg, data, tmp_path) -> None:
     # lr=0: no validation after the first is better; the counter starts once the KL weight is 1
