@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from nflows.distributions import StandardNormal
@@ -22,7 +24,10 @@ LayerFactory = Callable[..., Transform]
 
 
 class FlowPrior(Prior):
-    """p(z) = N(f(z); 0, I) |det df/dz| for an invertible autoregressive f, with exact sampling.
+    """p(z) = p_0(f(z)) |det df/dz| for an invertible autoregressive f, with exact sampling.
+
+    The base p_0 is N(0, I) by default, or any prior (`base`): a flow over a mixture or a
+    VampPrior, whose parameters train with the flow's.
 
     f is `num_layers` autoregressive layers with a `ReversePermutation` between
     consecutive ones (so every dimension gets conditioned on every other). Each layer is
@@ -47,6 +52,11 @@ class FlowPrior(Prior):
         layer: a callable `layer(features=..., hidden_features=...) -> Transform`; None: MAF
             with `num_blocks` residual blocks.
         num_blocks: residual blocks per MADE of the default MAF layer.
+        base: None (N(0, I)), a `Prior` over the same D, or a callable building one (a Hydra
+            `_partial_` node, conf/prior/flow_vampprior.yaml), called with `latent_dim=D` and,
+            where its signature takes them, `encoder=` and `train_x=`.
+        encoder, train_x: passed on to a `base` that needs the model (a VampPrior); the flow
+            node is then `_partial_` itself, so that `vae.build_model` completes it with them.
 
     References:
         Papamakarios, Pavlakou & Murray, "Masked Autoregressive Flow for Density
@@ -61,6 +71,9 @@ class FlowPrior(Prior):
         hidden_features: int = 128,
         layer: LayerFactory | None = None,
         num_blocks: int = 2,
+        base: Prior | Callable[..., Prior] | None = None,
+        encoder: Any = None,
+        train_x: Tensor | None = None,
     ) -> None:
         super().__init__(latent_dim)
         if int(num_layers) != num_layers or num_layers <= 0:
@@ -83,17 +96,49 @@ class FlowPrior(Prior):
                 raise TypeError(f"FlowPrior: layer built a {type(t).__name__}, not an nflows Transform")
             transforms.append(t)
         self.flow = Flow(CompositeTransform(transforms), StandardNormal([self.latent_dim]))
+        self.base = _build_base(base, self.latent_dim, encoder=encoder, train_x=train_x)
 
     def _log_prob(self, z: Tensor) -> Tensor:
         flat = z.reshape(-1, self.latent_dim)
-        return self.flow.log_prob(flat).reshape(z.shape[:-1])
+        if self.base is None:
+            return self.flow.log_prob(flat).reshape(z.shape[:-1])
+        noise, log_det = self.flow._transform(flat)
+        return (self.base.log_prob(noise) + log_det).reshape(z.shape[:-1])
 
     def _sample(self, n: int) -> Tensor:
-        # nflows' StandardNormal draws float32 noise whatever the module's dtype; draw our own.
-        ref = next(self.flow.parameters())
-        noise = torch.randn(n, self.latent_dim, device=ref.device, dtype=ref.dtype)
+        if self.base is None:
+            # nflows' StandardNormal draws float32 noise whatever the module's dtype; draw our own.
+            ref = next(self.flow.parameters())
+            noise = torch.randn(n, self.latent_dim, device=ref.device, dtype=ref.dtype)
+        else:
+            noise = self.base.sample(n)
         z, _ = self.flow._transform.inverse(noise)
         return z
 
     def extra_repr(self) -> str:
         return f"latent_dim={self.latent_dim}, num_layers={self.num_layers}"
+
+
+def _build_base(base: Prior | Callable[..., Prior] | None, latent_dim: int, **model: Any) -> Prior | None:
+    """The flow's base prior: `base` itself, or built by it with `latent_dim` (and the model's
+    `encoder` / `train_x` where it takes them and they were given)."""
+    if base is None or isinstance(base, Prior):
+        built = base
+    elif callable(base):
+        accepted = inspect.signature(base).parameters
+        missing = [
+            k for k in model if k in accepted and model[k] is None and accepted[k].default is inspect.Parameter.empty
+        ]
+        if missing:
+            raise ValueError(
+                f"FlowPrior: the base needs the model ({', '.join(missing)}): mark the flow's config node "
+                "`_partial_: true`, so that vae.build_model completes it (conf/prior/flow_vampprior.yaml)"
+            )
+        built = base(latent_dim=latent_dim, **{k: v for k, v in model.items() if k in accepted and v is not None})
+    else:
+        raise TypeError(f"FlowPrior: base must be a Prior or a callable building one, got {type(base).__name__}")
+    if built is not None and not isinstance(built, Prior):
+        raise TypeError(f"FlowPrior: base built a {type(built).__name__}, not a priors.base.Prior")
+    if built is not None and built.latent_dim != latent_dim:
+        raise ValueError(f"FlowPrior: the base is over {built.latent_dim} dimensions, the flow over {latent_dim}")
+    return built

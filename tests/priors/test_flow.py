@@ -12,14 +12,16 @@ from nflows.transforms import MaskedPiecewiseRationalQuadraticAutoregressiveTran
 
 from priors.flow import FlowPrior
 from priors.gaussian import GaussianPrior
+from priors.mixture import MixturePrior
+from priors.vampprior import VampPrior
 
 F64 = torch.float64
 
 
-def random_flow(latent_dim: int = 3, seed: int = 0) -> FlowPrior:
+def random_flow(latent_dim: int = 3, seed: int = 0, base=None) -> FlowPrior:
     """A MAF prior in float64 moved away from its near-identity initialization."""
     torch.manual_seed(seed)
-    flow = FlowPrior(latent_dim, num_layers=2, hidden_features=8).double()
+    flow = FlowPrior(latent_dim, num_layers=2, hidden_features=8, base=base).double()
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -50,6 +52,51 @@ def test_samples_are_the_inverse_transform_of_noise_in_the_modules_dtype() -> No
     torch.testing.assert_close(flow.flow._transform(z)[0], noise, rtol=0, atol=1e-9)
 
 
+def test_a_base_prior_takes_the_standard_normals_place() -> None:
+    # The density is the base's at f(z) times |det df/dz| (autograd Jacobian, float64); a
+    # standard normal base prior gives the default flow's density exactly.
+    flow = random_flow(base=partial(MixturePrior, num_components=3, init_std=1.5))
+    assert isinstance(flow.base, MixturePrior) and flow.base.latent_dim == 3
+    assert any(p is flow.base.means for p in flow.parameters())  # trained with the flow
+    forward = flow.flow._transform
+    z = torch.randn(4, 3, dtype=F64)
+    got = flow.log_prob(z)
+    for i in range(4):
+        u = forward(z[i : i + 1])[0]
+        jacobian = torch.autograd.functional.jacobian(lambda v: forward(v[None])[0][0], z[i])
+        expected = flow.base.log_prob(u)[0] + torch.linalg.slogdet(jacobian)[1]
+        assert got[i].item() == pytest.approx(expected.item(), abs=1e-10)
+    plain = random_flow()
+    normal_base = random_flow(base=GaussianPrior(3))
+    torch.testing.assert_close(normal_base.log_prob(z), plain.log_prob(z), rtol=0, atol=1e-12)
+
+
+def test_samples_over_a_base_invert_the_base_samples() -> None:
+    flow = random_flow(base=partial(MixturePrior, num_components=3))
+    torch.manual_seed(7)
+    z = flow.sample(5)
+    torch.manual_seed(7)
+    u = flow.base.sample(5)
+    torch.testing.assert_close(flow.flow._transform(z)[0], u, rtol=0, atol=1e-9)
+
+
+def test_a_base_that_needs_the_model_gets_it_through_the_flow() -> None:
+    encoder = torch.nn.Linear(6, 4)  # stands in for an encoder: (mu, logvar) halves below
+    encode = lambda x: encoder(x).chunk(2, dim=-1)  # noqa: E731
+    flow = FlowPrior(
+        2,
+        num_layers=1,
+        hidden_features=4,
+        base=partial(VampPrior, num_components=3),
+        encoder=encode,
+        train_x=torch.rand(10, 6),
+    )
+    assert isinstance(flow.base, VampPrior) and flow.base.pseudo_inputs.shape == (3, 6)
+    assert flow.log_prob(torch.randn(5, 2)).shape == (5,)
+    with pytest.raises(ValueError, match=r"base needs the model \(encoder, train_x\).*_partial_: true"):
+        FlowPrior(2, base=partial(VampPrior, num_components=3))
+
+
 def test_flow_spline_option_and_one_dimension() -> None:
     spline = FlowPrior(
         2,
@@ -77,3 +124,9 @@ def test_flow_bad_options() -> None:
         FlowPrior(2, hidden_features=0)
     with pytest.raises(TypeError, match="FlowPrior: layer built a Linear, not an nflows Transform"):
         FlowPrior(2, layer=lambda features, hidden_features: torch.nn.Linear(features, features))
+    with pytest.raises(ValueError, match="the base is over 3 dimensions, the flow over 2"):
+        FlowPrior(2, base=GaussianPrior(3))
+    with pytest.raises(TypeError, match="FlowPrior: base must be a Prior or a callable"):
+        FlowPrior(2, base="vampprior")
+    with pytest.raises(TypeError, match="FlowPrior: base built a Linear"):
+        FlowPrior(2, base=lambda latent_dim: torch.nn.Linear(latent_dim, latent_dim))

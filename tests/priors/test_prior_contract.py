@@ -169,8 +169,13 @@ def grid_half(prior: Prior) -> float:
 
 
 def grid(prior: Prior, dim: int, points: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """exp(log_prob) on a square grid wide enough for the prior's samples; (density, axes)."""
-    axis = torch.linspace(-grid_half(prior), grid_half(prior), points, dtype=torch.float64)
+    """exp(log_prob) on a square grid over the core of the prior's samples; (density, axes).
+
+    As wide as a normalization grid's uniform core (`normalization_half`): a heavy tail (a
+    flow at a random initialization can reach |z| ~ 800 in one draw of 1,000) would otherwise
+    stretch the grid until its core falls between a few nodes."""
+    half = normalization_half(prior)
+    axis = torch.linspace(-half, half, points, dtype=torch.float64)
     with torch.no_grad():
         mesh = torch.stack(torch.meshgrid(*[axis] * dim, indexing="ij"), dim=-1)
         return prior.log_prob(mesh).exp(), [axis] * dim
