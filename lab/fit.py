@@ -371,6 +371,11 @@ def comparison(before: dict[str, SurgeryReport], after: dict[str, SurgeryReport]
         out["test_log_likelihood_before"] = ll_before.value
         out["test_log_likelihood_after"] = ll_after.value
         out["test_log_likelihood_gain"] = ll_after.value - ll_before.value
+        per_before, per_after = before["train"].log_likelihood_per_point, after["train"].log_likelihood_per_point
+        if per_before is not None and per_after is not None and per_before.numel() > 1:
+            # Paired: the same test points before and after, so how hard each point is cancels.
+            diff = (per_after.double() - per_before.double()).cpu()
+            out["test_log_likelihood_gain_stderr"] = diff.std().item() / math.sqrt(diff.numel())
     return out
 
 
@@ -563,7 +568,13 @@ def summary(out_dir: Path, result: dict[str, Any]) -> tuple[list[str], list[str]
     if "test_log_likelihood_gain" in result:
         lines.append(
             f"test log p(x): {result['test_log_likelihood_before']:.3f} -> {result['test_log_likelihood_after']:.3f} "
-            f"({result['test_log_likelihood_gain']:+.3f})"
+            f"({result['test_log_likelihood_gain']:+.3f}"
+            + (
+                f" +- {result['test_log_likelihood_gain_stderr']:.3f} paired"
+                if "test_log_likelihood_gain_stderr" in result
+                else ""
+            )
+            + ")"
         )
     v = result["validation"]
     if v.get("measure") == "elbo":

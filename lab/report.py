@@ -814,7 +814,7 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
                 f"{te['marginal_kl_before']:.3f} → {te['marginal_kl_after']:.3f} | {_share(te)} | "
                 f"{_signed(tr.get('elbo_gain'))} | "
                 f"{_signed(tr.get('identity_gap'))} ± {tr['identity_gap_stderr']:.3f} | "
-                f"{_signed(ll)} | {how} |"
+                f"{_signed(ll)}{_paired_stderr(f)} | {how} |"
             )
         lines.append("")
     if report.paired:
@@ -1086,6 +1086,12 @@ def _share(split: dict[str, Any]) -> str:
         return "estimator failure"
     share = split.get("share_closed")
     return "—" if share is None else f"{100 * share:.1f}%"
+
+
+def _paired_stderr(fit: dict[str, Any]) -> str:
+    """` ± s.e.` of a fit's test log p(x) gain (paired over the test points), where fit.json has it."""
+    se = fit.get("test_log_likelihood_gain_stderr")
+    return "" if se is None or fit.get("test_log_likelihood_gain") is None else f" ± {se:.3f}"
 
 
 def _signed(value: float | None) -> str:

@@ -81,6 +81,7 @@ def test_the_elbo_gain_is_the_marginal_kl_reduction(compose, trained, tmp_path, 
         assert abs(r["identity_gap"]) <= 3 * r["identity_gap_stderr"] + 1e-9, r
         assert r["elbo_gain"] == pytest.approx(r["elbo_after"] - r["elbo_before"])
     assert result["train"]["marginal_kl_after"] < result["train"]["marginal_kl_before"]  # it fitted something
+    assert 0 < result["test_log_likelihood_gain_stderr"] < abs(result["test_log_likelihood_before"]) / 100
     assert result["fit"]["epochs"] >= 1 and len(result["curve"]) == result["fit"]["epochs"]
     assert result["fit_options"]["train_encoder"] is False and result["frozen"] == ["encoder", "decoder"]
     assert (
@@ -377,6 +378,7 @@ def _report(kl: float, kl_stderr: float, elbo: float) -> SimpleNamespace:
         identity_gap=Estimate(0.0, 0.01),
         mutual_info=Estimate(2.0, 0.001),
         log_likelihood=None,
+        log_likelihood_per_point=None,
     )
 
 
@@ -398,6 +400,28 @@ def test_a_negative_marginal_kl_is_an_estimator_failure_not_a_gain(tmp_path) -> 
     assert lines[0].startswith("train:") and "% closed" in lines[0]
     assert "ESTIMATOR FAILURE, no gain reported" in lines[1] and "closed" not in lines[1] and "gain -" not in lines[1]
     assert warnings == []
+
+
+def test_the_log_likelihood_gain_has_its_paired_standard_error(tmp_path) -> None:
+    # Per-point values that differ by 1 +- a small spread, around a large spread of point
+    # difficulty: the paired standard error is the spread of the differences only.
+    hard = torch.linspace(-120.0, -60.0, 50, dtype=torch.float64)
+    shift = 1.0 + 0.1 * torch.cos(torch.arange(50, dtype=torch.float64))
+    before = {"train": _report(1.0, 0.01, -30.0), "test": _report(1.0, 0.01, -31.0)}
+    after = {"train": _report(0.5, 0.01, -29.5), "test": _report(0.5, 0.01, -30.5)}
+    before["train"].log_likelihood, before["train"].log_likelihood_per_point = Estimate(hard.mean().item(), 1.0), hard
+    after["train"].log_likelihood = Estimate((hard + shift).mean().item(), 1.0)
+    after["train"].log_likelihood_per_point = hard + shift
+    out = comparison(before, after)
+    assert out["test_log_likelihood_gain"] == pytest.approx(shift.mean().item())
+    assert out["test_log_likelihood_gain_stderr"] == pytest.approx(shift.std().item() / math.sqrt(50))
+    validation = {"log_prior_before": -5.0, "log_prior_after": -4.0, "gain": 1.0, "gain_stderr": 0.01, "worse": False}
+    result = {**out, "old_prior": "GaussianPrior", "new_prior": "MixturePrior", "validation": validation}
+    lines, _ = summary(tmp_path, result)
+    assert any(
+        line.startswith("test log p(x):") and f"+- {out['test_log_likelihood_gain_stderr']:.3f} paired" in line
+        for line in lines
+    )
 
 
 @pytest.mark.slow
