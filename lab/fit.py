@@ -150,6 +150,7 @@ class FitOptions:
     max_seconds: float | None = None
     rebinarize: bool = False
     train_encoder: bool = False
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         check_number("fit.lr", self.lr, 0, strict=True)
@@ -159,6 +160,7 @@ class FitOptions:
         check_bool("fit.progress", self.progress)
         check_bool("fit.rebinarize", self.rebinarize)
         check_bool("fit.train_encoder", self.train_encoder)
+        check_bool("fit.warm_start", self.warm_start)
         if self.max_seconds is not None:
             check_number("fit.max_seconds", self.max_seconds, 0, strict=True)
 
@@ -303,6 +305,20 @@ def validation_elbo_comparison(old: Any, new: Any, x: torch.Tensor, batch_size: 
     )
 
 
+def warm_start(prior: Any, old_prior: Any, old_node: Any, new_node: Any) -> None:
+    """`fit.warm_start`: the new prior starts from the checkpoint's own prior, its parameters
+    and buffers copied (a second stage, e.g. the encoder refitted after a frozen fit has
+    converged). Refused, with both configs named, unless the two prior nodes are the same."""
+    old = OmegaConf.to_container(old_node, resolve=True)
+    new = OmegaConf.to_container(new_node, resolve=True)
+    if old != new:
+        raise ConfigError(
+            f"fit.warm_start=true starts the new prior from the checkpoint's, so both must be the same prior with "
+            f"the same options; the checkpoint's is {old}, the new one {new}"
+        )
+    prior.load_state_dict(old_prior.state_dict())
+
+
 def _surgeries(model: Any, data: Any, options: SurgeryOptions, device: torch.device) -> dict[str, SurgeryReport]:
     """The decomposition on the training split (with log p(x)) and on the test split (without)."""
     train = decompose(model, data, device=device, **options.decompose_kwargs())
@@ -445,6 +461,8 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
 
     torch.manual_seed(streams.init)
     prior = build_prior(cfg.prior, model.latent_dim, model.encoder, data.split("train")).to(device)
+    if options.warm_start:
+        warm_start(prior, model.prior, run_cfg.prior, cfg.prior)
 
     log.info("surgery before the fit: train and test splits")
     before = _surgeries(model, data, surgery, device)

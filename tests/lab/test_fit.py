@@ -465,3 +465,21 @@ def test_the_cli_exits_2_on_impossible_figures_and_warns_on_a_worse_prior(traine
     done = fit(f"{__name__}.ShiftedPrior", "shifted")
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 0 and last.startswith("priors.fit: warning: the fitted prior is worse"), done.stderr
+
+
+@pytest.mark.slow
+def test_warm_start_begins_from_the_checkpoints_own_prior(compose, trained, tmp_path) -> None:
+    # A first fit, then a second from its checkpoint that barely moves (lr 1e-12): started from the
+    # fitted mixture it scores what the first ended with on the same validation draws; a fresh
+    # initialization of the same prior would be far off.
+    first = ("prior=mixture", "prior.num_components=10", "fit.max_epochs=5", "surgery.is_samples=null")
+    _, stage1 = fit_main(fit_cfg(compose, trained, tmp_path / "one", *first))
+    fitted = tmp_path / "one" / "checkpoints" / "best.pt"
+    again = (*first, "fit.max_epochs=1", "fit.lr=1e-12")
+    _, warm = fit_main(fit_cfg(compose, fitted, tmp_path / "warm", *again, "fit.warm_start=true"))
+    _, fresh = fit_main(fit_cfg(compose, fitted, tmp_path / "fresh", *again))
+    assert warm["validation"]["log_prior_before"] == pytest.approx(stage1["validation"]["log_prior_after"], abs=1e-9)
+    assert abs(warm["validation"]["gain"]) < 1e-6
+    assert fresh["validation"]["gain"] < -0.01  # a fresh mixture, not the fitted one (-0.03 here)
+    with pytest.raises(ConfigError, match=r"fit.warm_start=true .* the checkpoint's is .*'num_components': 10"):
+        fit_main(fit_cfg(compose, fitted, tmp_path / "other", *again, "prior.num_components=7", "fit.warm_start=true"))
