@@ -360,9 +360,7 @@ class _Components:
         floor = x64.new_full((x64.shape[0],), -math.inf)
         piece = max(1, FLOOR_ELEMENTS // max(x64.shape[0], 1))  # at most FLOOR_ELEMENTS values live
         for start in range(0, self.representatives.shape[0], piece):
-            values = x64 @ self.representatives_y64[start : start + piece].T  # [M, piece]
-            if exclude is not None:
-                values.masked_fill_(self.representatives[start : start + piece] == exclude[:, None], -math.inf)
+            values = self._representative_entries(x64, exclude, slice(start, start + piece))  # [M, piece]
             floor = torch.maximum(floor, values.amax(-1))
         return floor
 
@@ -374,11 +372,17 @@ class _Components:
         which tells broad rows (every entry counts) apart cheaply.
         """
         step = -(-x64.shape[0] // REACH_ROWS)
-        rows, ex = x64[::step], None if exclude is None else exclude[::step]
-        values = rows @ self.representatives_y64.T  # [rows, groups]
-        if ex is not None:
-            values.masked_fill_(self.representatives == ex[:, None], -math.inf)
+        ex = None if exclude is None else exclude[::step]
+        values = self._representative_entries(x64[::step], ex, slice(None))  # [rows, groups]
         return float((values >= values.amax(-1, keepdim=True) - margin).any(0).double().mean())
+
+    def _representative_entries(self, x64: Tensor, exclude: Tensor | None, groups: slice) -> Tensor:
+        """`[M, G]` float64: the rows' entries (without the row term) at the representatives of
+        `groups`; a row's excluded column is -inf."""
+        values = x64 @ self.representatives_y64[groups].T
+        if exclude is not None:
+            values.masked_fill_(self.representatives[groups] == exclude[:, None], -math.inf)
+        return values
 
     def local_exclude(self, exclude: Tensor | None) -> Tensor | None:
         """Leave-one-out indices (component numbers; negative: none) as columns of these constants.
