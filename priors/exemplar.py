@@ -84,10 +84,13 @@ class ExemplarPrior(Prior):
 
     In training (`context` = the batch's training-set indices) the log density is normalized
     by the number of exemplars actually summed (|S| - 1 when the point's own exemplar was
-    drawn, else |S|), so the loss stays a bound. Evaluation (no context: validation, the
-    surgery, importance sampling) uses all N exemplars, no leave-one-out, from the cache of
-    their means, which the trainer's `vae.callbacks.TrainingSetEncodings` callback refreshes
-    after every epoch with the epoch's final encoder (and which the checkpoint stores).
+    drawn, else |S|; k for `knn`). For `random` that is an unbiased density estimate, so the
+    loss stays a bound in expectation; for `knn` it is the retrieved neighbours' own density,
+    log((N - 1) / k) above their share of the leave-one-out sum (docs/priors.md).
+    Evaluation (no context: validation, the surgery, importance sampling) uses all N
+    exemplars, no leave-one-out, from the cache of their means, which the trainer's
+    `vae.callbacks.TrainingSetEncodings` callback refreshes after every epoch with the
+    epoch's final encoder (and which the checkpoint stores).
 
     Built as a `_partial_` node (conf/prior/exemplar.yaml): `vae.build_model` completes it
     with the VAE's encoder and the training inputs, which are the exemplars. The encoder is

@@ -99,6 +99,10 @@ def test_exemplar_knn_uses_each_points_nearest_cached_means_but_never_itself() -
         by_distance = sorted((float((means[m] - means[n]).square().sum()), m) for m in range(9) if m != n)
         nearest = [m for _, m in by_distance[:3]]
         assert abs(got[i].item() - _loop_exemplar(z[i], means, p.logvar, nearest)) < 1e-10
+        # normalized by k, not N - 1: log((N - 1) / k) above the neighbours' share of the
+        # leave-one-out sum, which is at most that sum (docs/priors.md)
+        others = [m for m in range(9) if m != n]
+        assert got[i].item() - math.log(8 / 3) <= _loop_exemplar(z[i], means, p.logvar, others) + 1e-12
 
 
 def test_exemplar_without_gradient_uses_the_stale_cache_and_leaves_the_encoder_alone() -> None:
