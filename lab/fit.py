@@ -1,6 +1,7 @@
 """Fit a prior to a trained VAE, with its encoder and decoder frozen, and measure exactly what it wins.
 
     python -m priors.fit checkpoint=PATH prior=mixture [allow=[mypkg.*]] [out_dir=DIR] [fit.train_encoder=true]
+        [fit.train_decoder=true] [fit.warm_start=true]
 
 The fit is the project's one training loop, `vae.trainer.Trainer`, on the same ELBO
 objective, with the encoder and decoder frozen (`trainer.freeze`) and the optimizer over
@@ -16,9 +17,10 @@ The trainer early-stops on the validation ELBO (with the networks frozen, the me
 at its fixed validation draws, up to a constant) and restores the best state. The exact
 aggregate posterior is the ceiling: it closes 100%.
 
-`fit.train_encoder=true` refits the encoder too (only the decoder frozen): then the
-reconstruction and the mutual information move as well, and what holds is each surgery's
-own identity, ELBO = reconstruction - mutual information - marginal KL, so that
+`fit.train_encoder=true` refits the encoder too (only the decoder frozen), and
+`fit.train_decoder=true` the decoder (both: the whole model is fine-tuned with the new
+prior): then the reconstruction and the mutual information move as well, and what holds is
+each surgery's own identity, ELBO = reconstruction - mutual information - marginal KL, so that
 
     ELBO gain = reconstruction change - mutual-information change + marginal-KL reduction
 
@@ -102,19 +104,25 @@ FIT_PRIOR_RNG_SALT = 420  # the global RNG during the fit: each step's z ~ q(z|x
 FIT_VALIDATION_SALT = 430  # the fixed validation draws: the old prior (or model) against the new
 FIT_EVALUATION_SALT = 440  # the surgeries before and after the fit, with surgery.seed as a second salt
 
-#: What fit.json's `accounting` says, per mode: the identity its `identity_gap` checks.
-ACCOUNTING = {
-    False: (
-        "encoder and decoder frozen: the reconstruction and the mutual information do not change, so "
-        "elbo_gain = marginal_kl_reduction; identity_gap is their difference"
-    ),
-    True: (
-        "encoder refitted, decoder frozen: the reconstruction and the mutual information change too, so "
+NETWORKS = ("encoder", "decoder")
+
+
+def accounting(frozen: tuple[str, ...]) -> str:
+    """What fit.json's `accounting` says for the networks a fit keeps `frozen`: the identity its
+    `identity_gap` checks."""
+    if set(frozen) == set(NETWORKS):
+        return (
+            "encoder and decoder frozen: the reconstruction and the mutual information do not change, so "
+            "elbo_gain = marginal_kl_reduction; identity_gap is their difference"
+        )
+    refitted = " and ".join(n for n in NETWORKS if n not in frozen)
+    state = f"{refitted} refitted, {frozen[0]} frozen" if frozen else f"{refitted} refitted"
+    return (
+        f"{state}: the reconstruction and the mutual information change too, so "
         "elbo_gain = reconstruction change - mutual_info change + marginal_kl_reduction (each surgery's "
         "ELBO = reconstruction - mutual information - marginal KL); identity_gap is the difference, and "
         "elbo_gain = marginal_kl_reduction no longer holds"
-    ),
-}
+    )
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,7 @@ class FitOptions:
     max_seconds: float | None = None
     rebinarize: bool = False
     train_encoder: bool = False
+    train_decoder: bool = False
     warm_start: bool = False
 
     def __post_init__(self) -> None:
@@ -160,6 +169,7 @@ class FitOptions:
         check_bool("fit.progress", self.progress)
         check_bool("fit.rebinarize", self.rebinarize)
         check_bool("fit.train_encoder", self.train_encoder)
+        check_bool("fit.train_decoder", self.train_decoder)
         check_bool("fit.warm_start", self.warm_start)
         if self.max_seconds is not None:
             check_number("fit.max_seconds", self.max_seconds, 0, strict=True)
@@ -167,7 +177,13 @@ class FitOptions:
     @property
     def frozen(self) -> tuple[str, ...]:
         """The parts of the model the fit keeps fixed (`trainer.freeze`)."""
-        return ("decoder",) if self.train_encoder else ("encoder", "decoder")
+        trained = {"encoder": self.train_encoder, "decoder": self.train_decoder}
+        return tuple(n for n in NETWORKS if not trained[n])
+
+    @property
+    def refits_networks(self) -> bool:
+        """Whether a network is refitted with the prior (then the reconstruction and the MI move too)."""
+        return self.train_encoder or self.train_decoder
 
     def trainer(self, run_dir: str | Path, device: torch.device | str, seed: int, callbacks: list[Any]) -> Trainer:
         """The trainer that fits: Adam at `lr`, no KL warm-up, the frozen parts fixed."""
@@ -298,8 +314,9 @@ def _elbo_per_point(model: Any, x: torch.Tensor, batch_size: int, seed: int) -> 
 
 
 def validation_elbo_comparison(old: Any, new: Any, x: torch.Tensor, batch_size: int, seed: int) -> dict[str, Any]:
-    """The refitted model against the one it replaces (`fit.train_encoder`): the validation ELBO of each,
-    per point with the same noise, and their paired difference; `worse` as in `validation_comparison`."""
+    """The refitted model against the one it replaces (`fit.train_encoder`, `fit.train_decoder`): the
+    validation ELBO of each, per point with the same noise, and their paired difference; `worse` as in
+    `validation_comparison`."""
     return _paired_comparison(
         "elbo", _elbo_per_point(old, x, batch_size, seed), _elbo_per_point(new, x, batch_size, seed)
     )
@@ -469,7 +486,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     val_post = encode(model.encoder, data.split("val"), surgery.batch_size, device)
     z_val = validation_draws(val_post, seed)
     old_prior = model.prior
-    old_model = copy.deepcopy(model).eval() if options.train_encoder else None
+    old_model = copy.deepcopy(model).eval() if options.refits_networks else None
     model.prior = prior
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -482,8 +499,9 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     if any(p.requires_grad for p in model.parameters()):
         curve = FitCurve(None if options.train_encoder else z_val, 4 * options.batch_size)
         trainer = options.trainer(out_dir, device, streams.draws, [encodings, curve])
-        what = "the encoder and " if options.train_encoder else ""
-        log.info("fitting %s%s with the %s frozen", what, type(prior).__name__, " and the ".join(options.frozen))
+        what = "".join(f"the {n} and " for n in NETWORKS if n not in options.frozen)
+        rest = f"with the {' and the '.join(options.frozen)} frozen" if options.frozen else "nothing frozen"
+        log.info("fitting %s%s, %s", what, type(prior).__name__, rest)
         torch.manual_seed(streams.prior_rng)
         started = time.perf_counter()
         # The trainer writes the checkpoints as it goes: a crash in the surgery after loses no fitting.
@@ -514,7 +532,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
             },
         )
     model.eval()
-    if options.train_encoder:
+    if options.refits_networks:
         validation = validation_elbo_comparison(
             old_model, model, data.split("val"), surgery.batch_size, streams.validation
         )
@@ -544,7 +562,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         "fitted_from": str(cfg.checkpoint),  # as given: no machine path in committed results
         "old_prior": type(old_prior).__name__,
         "new_prior": type(prior).__name__,
-        "accounting": ACCOUNTING[options.train_encoder],
+        "accounting": accounting(options.frozen),
         **comparison(before, after),
         "validation": validation,
         "impossible": impossible_results(before, after, data),
@@ -561,7 +579,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
 
 def summary(out_dir: Path, result: dict[str, Any]) -> tuple[list[str], list[str]]:
     """What the CLI prints: the result lines (stdout), then the closing warnings (stderr)."""
-    refitted = bool((result.get("fit_options") or {}).get("train_encoder"))
+    refitted = set(result.get("frozen", NETWORKS)) != set(NETWORKS)
     lines = []
     for split in ("train", "test"):
         r = result[split]
@@ -597,8 +615,8 @@ def summary(out_dir: Path, result: dict[str, Any]) -> tuple[list[str], list[str]
     v = result["validation"]
     if v.get("measure") == "elbo":
         lines.append(
-            f"validation ELBO, same noise: {v['elbo_before']:.3f} (the old encoder and {result['old_prior']}) -> "
-            f"{v['elbo_after']:.3f} (the refitted encoder and {result['new_prior']}), "
+            f"validation ELBO, same noise: {v['elbo_before']:.3f} (the old networks and {result['old_prior']}) -> "
+            f"{v['elbo_after']:.3f} (the refitted ones and {result['new_prior']}), "
             f"{v['gain']:+.3f} +- {v['gain_stderr']:.3f}"
         )
     else:
@@ -611,7 +629,7 @@ def summary(out_dir: Path, result: dict[str, Any]) -> tuple[list[str], list[str]
     if v["worse"] and v.get("measure") == "elbo":
         warnings.append(
             f"the refitted model is worse than the one it replaced: its mean validation ELBO is "
-            f"{-v['gain']:.3f} +- {v['gain_stderr']:.3f} nats below the old encoder and {result['old_prior']}'s "
+            f"{-v['gain']:.3f} +- {v['gain_stderr']:.3f} nats below the old networks and {result['old_prior']}'s "
             f"with the same noise; keep the old model"
         )
     elif v["worse"]:

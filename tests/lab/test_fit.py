@@ -19,6 +19,7 @@ from lab.fit import (
     FitOptions,
     FitStreams,
     _mean_log_prior,
+    accounting,
     comparison,
     fit_main,
     fixed_binarization,
@@ -196,6 +197,16 @@ def test_fit_options_check_themselves_and_freeze_the_networks():
     assert trainer.freeze == ("encoder", "decoder") and trainer.max_seconds == 5.0 and trainer.warmup_epochs == 0
     assert (trainer.batch_size, trainer.max_epochs, trainer.patience, trainer.seed) == (7, 3, 2, 1)
     assert dataclasses.replace(options, train_encoder=True).frozen == ("decoder",)
+    assert dataclasses.replace(options, train_decoder=True).frozen == ("encoder",)
+    both = dataclasses.replace(options, train_encoder=True, train_decoder=True)
+    assert both.frozen == () and both.refits_networks and not options.refits_networks
+    assert both.trainer("out", "cpu", seed=1, callbacks=[]).freeze == ()
+    with pytest.raises(ConfigError, match="fit.train_decoder must be true or false"):
+        dataclasses.replace(options, train_decoder=1)
+    assert accounting(("encoder", "decoder")).startswith("encoder and decoder frozen")
+    assert accounting(("decoder",)).startswith("encoder refitted, decoder frozen:")
+    assert accounting(("encoder",)).startswith("decoder refitted, encoder frozen:")
+    assert accounting(()).startswith("encoder and decoder refitted:")
 
 
 def test_without_rebinarize_every_epoch_trains_on_the_surgerys_binarization():
@@ -248,6 +259,34 @@ def test_train_encoder_refits_the_encoder_and_keeps_the_surgerys_identity(compos
     assert "reconstruction" in lines[0] and lines[-2].startswith("validation ELBO, same noise:")
     checkpoint = load_checkpoint(out_dir / "checkpoints" / "best.pt")
     assert checkpoint["config"]["prior"]["_target_"].endswith("MixturePrior")
+
+
+@pytest.mark.slow
+def test_train_decoder_refits_the_decoder_and_keeps_the_surgerys_identity(compose, trained, tmp_path):
+    cfg = fit_cfg(
+        compose, trained, tmp_path / "fit", "prior=mixture", "prior.num_components=10", "fit.train_decoder=true"
+    )
+    out_dir, result = fit_main(cfg)
+    assert result["frozen"] == ["encoder"] and result["accounting"].startswith("decoder refitted, encoder frozen")
+    old, _, _ = load_model(trained)
+    new, _, _ = load_model(out_dir / "checkpoints" / "best.pt")
+    new_state = new.state_dict()
+    moved = {
+        k.split(".")[0] for k, v in old.state_dict().items() if k in new_state and not torch.equal(new_state[k], v)
+    }
+    assert moved == {"decoder"}  # the encoder stayed
+    for split in ("train", "test"):
+        r = result[split]
+        assert r["mutual_info_after"] == pytest.approx(r["mutual_info_before"], abs=1e-12)  # same encoder, same draws
+        assert r["reconstruction_after"] != r["reconstruction_before"]  # the decoder moved
+        explained = (r["reconstruction_after"] - r["reconstruction_before"]) + r["marginal_kl_reduction"]
+        assert r["identity_gap"] == pytest.approx(r["elbo_gain"] - explained, abs=1e-9)
+        assert abs(r["identity_gap"]) <= 3 * r["identity_gap_stderr"] + 1e-9, r
+    v = result["validation"]
+    assert v["measure"] == "elbo" and v["gain"] == pytest.approx(v["elbo_after"] - v["elbo_before"])
+    assert "val_log_prior" in result["curve"][0]  # the encoder is frozen: the fixed draws still measure the prior
+    lines, _ = summary(out_dir, result)
+    assert "reconstruction" in lines[0] and lines[-2].startswith("validation ELBO, same noise:")
 
 
 @pytest.mark.slow
