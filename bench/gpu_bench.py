@@ -420,7 +420,7 @@ def launch_runs(bench: Bench, data: Path, work: Path, name: str, count: int, ext
     return per_run
 
 
-def training(bench: Bench, compile_values: list) -> None:
+def training(bench: Bench, compile_values: list, no_compile_why: str = "") -> None:
     sz = bench.sizes
     work = Path(tempfile.mkdtemp(prefix="gpu_bench_"))
     try:
@@ -455,7 +455,7 @@ def training(bench: Bench, compile_values: list) -> None:
                     "baseline: trainer default",
                 )
         else:
-            bench.note("conf/trainer/default.yaml has no `compile` key: the compiled step was not measured")
+            bench.note(f"the compiled step was not measured: {no_compile_why}")
         for count in sz["concurrency"]:
             if bench.left() < 30 + 10 * count:
                 bench.note(f"{count} concurrent runs skipped: {bench.left():.0f} s left")
@@ -577,11 +577,13 @@ def main() -> None:
     if "training" not in args.skip:
         with section(bench, "3. training", needs=90 if not args.smoke else 20) as go:
             if go:
-                has_compile = trainer_has("compile")
-                values = (args.compile if args.compile is not None else ["false", "true"]) if has_compile else []
-                if args.smoke and args.compile is None:
-                    values = []  # compiling on a CPU takes minutes: name --compile to check it
-                training(bench, values)
+                values = args.compile if args.compile is not None else ["false", "true"]
+                why = ""
+                if not trainer_has("compile"):
+                    values, why = [], "conf/trainer/default.yaml has no `compile` key"
+                elif args.smoke and args.compile is None:
+                    values, why = [], "a smoke run skips it (compiling on a CPU takes minutes; --compile names it)"
+                training(bench, values, why)
     info["seconds"] = round(time.perf_counter() - bench.started, 1)
     write_summary(bench, info)
     print(f"\ntotal {info['seconds']} s; wrote {out / 'results.json'}, {out / 'summary.md'}", flush=True)
