@@ -72,6 +72,8 @@ FIELDS: tuple[str, ...] = tuple(k for k, _ in COLUMNS) + ("log_n",)
 #: surgery.json, `EVALUATION_KEYS`), how the run was started, and the seed, over which a row
 #: is summarized.
 IGNORED_SETTINGS: tuple[str, ...] = ("seed", "trainer.resume", "experiment", "hydra.", *RESUMABLE_CHANGES)
+#: The setting that marks a fitted prior's run (`python -m priors.fit`): such rows are never seeds of trained ones.
+FITTED = "fitted after training=true"
 #: surgery.json keys that say how a run was evaluated: runs evaluated differently are different rows.
 EVALUATION_KEYS: tuple[str, ...] = ("split", "log_likelihood_split", "is_samples", "is_points")
 #: Priors in this order first (the zoo's order), any others after, alphabetically.
@@ -334,7 +336,7 @@ def read_run(path: str | Path) -> RunRecord:
             fit = json.loads((path / FIT_JSON).read_text())
             # Fits made differently are different rows, never seeds of one (the progress bar changes nothing).
             options = {f"fit.{k}={v}" for k, v in (fit.get("fit_options") or {}).items() if k != "progress"}
-            settings = settings | {"fitted after training=true"} | options
+            settings = settings | {FITTED} | options
         except json.JSONDecodeError as e:
             problems.append(f"{FIT_JSON} unreadable ({e.msg})")
     return RunRecord(
@@ -380,14 +382,18 @@ def _variants(groups: Sequence[frozenset[str]], priors: Sequence[str] | None = N
 
     A fit option (`fit.*`, how a prior fitted after training was fitted) is only compared among
     the fitted groups: trained runs have none, so one that all fitted groups share says nothing.
+    A fitted group without the option (a fit.json written before it existed) counts as another
+    value, so the option is shown where it is set.
     Likewise a prior's own option (`prior.*`) is only compared among the groups of the same prior
     (`priors`, one name per group; without it, prior options are left out): the name says the rest.
     """
     common = set(frozenset.intersection(*groups)) if groups else set()
-    fit_values: dict[str, set[str]] = {}
-    for x in (x for g in groups for x in g if x.startswith("fit.")):
-        fit_values.setdefault(x.split("=", 1)[0], set()).add(x)
-    common |= {next(iter(v)) for v in fit_values.values() if len(v) == 1}
+    fitted = [g for g in groups if FITTED in g]
+    fit_keys = {x.split("=", 1)[0] for g in fitted for x in g if x.startswith("fit.")}
+    for key in fit_keys:
+        values = {next((x for x in g if x.split("=", 1)[0] == key), None) for g in fitted}
+        if len(values) == 1 and None not in values:
+            common |= values
     shown = []
     for i, g in enumerate(groups):
         if priors is None:
@@ -789,13 +795,16 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
             "## Fitted after training",
             "",
             "Priors fitted to a trained model's frozen encoder and decoder (`python -m priors.fit`). With the "
-            "networks fixed, the ELBO changes by exactly the marginal-KL reduction; the last columns check that "
-            "(gain − reduction, ± its standard error). The training split is where the prior was fitted, so its "
-            "share is optimistic; the test split and test log p(x) are the honest measures. The exact aggregate "
+            "networks fixed, the ELBO changes by exactly the marginal-KL reduction; the identity-gap column checks "
+            "that (gain − reduction, ± its standard error). A row that names a refitted network moved it too: its "
+            "gain also holds the reconstruction and mutual-information changes, and the gap is gain − "
+            "(reconstruction change − MI change + reduction), its fit.json's `accounting`. The training split "
+            "is where the prior was fitted, so its share is optimistic; the test split and test log p(x) are "
+            "the honest measures. The exact aggregate "
             "posterior is the ceiling: it closes 100% of the training split's marginal KL.",
             "",
             "| fitted prior | to a model with | marginal KL, train (before → after) | closed, train | "
-            "marginal KL, test (before → after) | closed, test | ELBO gain, train | gain − reduction | "
+            "marginal KL, test (before → after) | closed, test | ELBO gain, train | identity gap | "
             "test log p(x) change | fit epochs, seconds |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -804,6 +813,8 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
             ll = f.get("test_log_likelihood_gain")
             how = "—" if not f.get("fit") else f"{f['fit']['epochs']}, {f['fit']['seconds']:.0f}"
             fresh = " (fresh binarizations)" if (f.get("fit_options") or {}).get("rebinarize") else ""
+            refitted = [n for n in ("encoder", "decoder") if n not in f.get("frozen", ("encoder", "decoder"))]
+            fresh = (f" ({' and '.join(refitted)} refitted)" if refitted else "") + fresh
             flags = [
                 *(["worse than the prior it replaced"] if (f.get("validation") or {}).get("worse") else []),
                 *(["impossible figures"] if f.get("impossible") else []),

@@ -287,6 +287,8 @@ def test_train_decoder_refits_the_decoder_and_keeps_the_surgerys_identity(compos
     assert "val_log_prior" in result["curve"][0]  # the encoder is frozen: the fixed draws still measure the prior
     lines, _ = summary(out_dir, result)
     assert "reconstruction" in lines[0] and lines[-2].startswith("validation ELBO, same noise:")
+    md = rep.render_markdown(rep.build_report([out_dir]))
+    assert "| MixturePrior (decoder refitted) | GaussianPrior |" in md
 
 
 @pytest.mark.slow

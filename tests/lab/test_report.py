@@ -528,6 +528,12 @@ def test_fit_options_are_compared_among_fitted_rows_only() -> None:
         "fitted after training=true",
         "fitted after training=true, x=1",
     ]
+    # An option that only newer fits record (older fit.json files lack it) is a difference.
+    assert rep._variants([trained, fitted, fitted | {"fit.train_decoder=True"}]) == [
+        "",
+        "fitted after training=true",
+        "fit.train_decoder=True, fitted after training=true",
+    ]
 
 
 def test_rows_on_other_data_are_not_paired(tmp_path: Path) -> None:
