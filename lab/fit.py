@@ -90,6 +90,7 @@ from vae import build_prior, resolve_device
 from vae.callbacks import TrainingSetEncodings, encode
 from vae.checkpoint import CHECKPOINT_FORMAT, RunDirError, run_files, save_checkpoint
 from vae.data import derive_seed
+from vae.model import NETWORKS
 from vae.trainer import Trainer
 from vae.validation import ConfigError, check_arguments, check_bool, check_int, check_number, check_targets
 
@@ -103,8 +104,6 @@ FIT_DRAWS_SALT = 410  # the trainer's seed: its batch order and validation noise
 FIT_PRIOR_RNG_SALT = 420  # the global RNG during the fit: each step's z ~ q(z|x_n), a prior's own draws
 FIT_VALIDATION_SALT = 430  # the fixed validation draws: the old prior (or model) against the new
 FIT_EVALUATION_SALT = 440  # the surgeries before and after the fit, with surgery.seed as a second salt
-
-NETWORKS = ("encoder", "decoder")
 
 
 def accounting(frozen: tuple[str, ...]) -> str:

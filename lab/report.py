@@ -61,6 +61,7 @@ from lab.surgery import DENSITY_PICTURE, FIT_JSON, log_px_name
 from surgery.decomposition import upgrade_dict
 from surgery.plots import new_figure
 from surgery.text import TERMS
+from vae.model import NETWORKS
 from vae.validation import ConfigError
 
 #: The table's columns: (surgery.json field, column title), in `surgery.text.TERMS`' order.
@@ -813,7 +814,7 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
             ll = f.get("test_log_likelihood_gain")
             how = "—" if not f.get("fit") else f"{f['fit']['epochs']}, {f['fit']['seconds']:.0f}"
             fresh = " (fresh binarizations)" if (f.get("fit_options") or {}).get("rebinarize") else ""
-            refitted = [n for n in ("encoder", "decoder") if n not in f.get("frozen", ("encoder", "decoder"))]
+            refitted = [n for n in NETWORKS if n not in f.get("frozen", NETWORKS)]
             fresh = (f" ({' and '.join(refitted)} refitted)" if refitted else "") + fresh
             flags = [
                 *(["worse than the prior it replaced"] if (f.get("validation") or {}).get("worse") else []),

@@ -12,6 +12,9 @@ from priors.base import Prior
 from priors.densities import diagonal_normal_log_prob, reparameterize
 from vae.networks import MLPDecoder, MLPEncoder
 
+#: The VAE's networks, by attribute: what `trainer.freeze` and a fit (`lab.fit`) keep fixed or refit.
+NETWORKS = ("encoder", "decoder")
+
 
 @dataclass
 class ELBOTerms:
