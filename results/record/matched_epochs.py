@@ -1,0 +1,55 @@
+"""Validation ELBO of screen runs at matched epochs, against reference runs' learning curves
+(issue 26, item 4).
+
+    python results/record/matched_epochs.py --reference results/literature/runs/lit_z40_flow_byte255 \
+        results/literature/runs/lit_z40_flow_byte255_seed1 --runs results/record/screens/* --epochs 50 100 150
+
+Each column is an epoch; each cell the run's validation ELBO there (the trainer's metrics.jsonl:
+the same 10,000 validation points every epoch), and for a screen run its difference from the
+first reference. The second and later references show how far two seeds of one recipe drift
+apart at that epoch: a screen's difference smaller than that is no evidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def curve(run: Path) -> dict[int, float]:
+    """Epoch -> validation ELBO, from a run directory's metrics.jsonl (complete epochs only)."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("complete_epoch", True) and record.get("val_elbo") is not None:
+            out[int(record["epoch"])] = float(record["val_elbo"])
+    return out
+
+
+def cell(value: float | None, base: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if base is None else f"{value:.2f} ({value - base:+.2f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference", type=Path, nargs="+", required=True, help="reference run directories")
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="screen run directories")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[50, 100, 150])
+    args = parser.parse_args()
+    first = curve(args.reference[0])
+    print("| run | " + " | ".join(f"epoch {e}" for e in args.epochs) + " |")
+    print("|---" * (len(args.epochs) + 1) + "|")
+    for i, run in enumerate(args.reference):
+        c = curve(run)
+        cells = [cell(c.get(e), None if i == 0 else first.get(e)) for e in args.epochs]
+        print(f"| {run} (reference) | " + " | ".join(cells) + " |")
+    for run in args.runs:
+        c = curve(run)
+        print(f"| {run} | " + " | ".join(cell(c.get(e), first.get(e)) for e in args.epochs) + " |")
+
+
+if __name__ == "__main__":
+    main()
