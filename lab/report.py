@@ -813,15 +813,16 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
             f, tr, te = r.fit, r.fit["train"], r.fit["test"]
             ll = f.get("test_log_likelihood_gain")
             how = "—" if not f.get("fit") else f"{f['fit']['epochs']}, {f['fit']['seconds']:.0f}"
-            fresh = " (fresh binarizations)" if (f.get("fit_options") or {}).get("rebinarize") else ""
             refitted = [n for n in NETWORKS if n not in f.get("frozen", NETWORKS)]
-            fresh = (f" ({' and '.join(refitted)} refitted)" if refitted else "") + fresh
+            how_fitted = (f" ({' and '.join(refitted)} refitted)" if refitted else "") + (
+                " (fresh binarizations)" if (f.get("fit_options") or {}).get("rebinarize") else ""
+            )
             flags = [
                 *(["worse than the prior it replaced"] if (f.get("validation") or {}).get("worse") else []),
                 *(["impossible figures"] if f.get("impossible") else []),
             ]
             lines.append(
-                f"| {f['new_prior']}{fresh}{''.join(f' ({flag})' for flag in flags)} | {f['old_prior']} | "
+                f"| {f['new_prior']}{how_fitted}{''.join(f' ({flag})' for flag in flags)} | {f['old_prior']} | "
                 f"{tr['marginal_kl_before']:.3f} → {tr['marginal_kl_after']:.3f} | {_share(tr)} | "
                 f"{te['marginal_kl_before']:.3f} → {te['marginal_kl_after']:.3f} | {_share(te)} | "
                 f"{_signed(tr.get('elbo_gain'))} | "
