@@ -29,6 +29,7 @@ from lab.run_dir import (
     remove_empty_dirs,
     resume_changes,
     write_config,
+    write_hydra_record,
 )
 from lab.surgery import SurgeryOptions, check_is_points, run_surgery
 from surgery.checks import check_run_results
@@ -177,13 +178,14 @@ def save_run_config(run_dir: Path, cfg: DictConfig) -> None:
     """Write `.hydra/` (config, overrides, Hydra's own config), once the run may use the directory.
 
     Hydra's own writing is off (`hydra.output_subdir: null`): it would rewrite these files
-    before a refused resume could stop it, and the report would then mislabel the run.
+    before a refused resume could stop it, and the report would then mislabel the run. Hydra's
+    config leaves out the machine's paths (`lab.run_dir.write_hydra_record`).
     """
     write_config(run_dir, cfg)  # resolved: the report compares values
     out = run_dir / ".hydra"
     if HydraConfig.initialized():
         hc = HydraConfig.get()
-        OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hc)}), out / "hydra.yaml")
+        write_hydra_record(run_dir, {"hydra": OmegaConf.to_container(hc)})
         OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), out / "overrides.yaml")
 
 

@@ -5,9 +5,10 @@ state and the config that rebuilds it, no optimizer or RNG state (about a third 
 training checkpoint's size). It loads wherever a checkpoint does (`python -m surgery
 checkpoint=.../model.pt`), but cannot resume training.
 
-* `--to DEST` copies the run's results (metrics, surgery, pictures, `.hydra/`; not its
+* `--to DEST` copies the run's results (metrics, surgery, pictures, log, `.hydra/`; not its
   `.pt` files, lock or wandb folder) into DEST first, and exports there: how a run trained
-  outside the work tree (`../runs/...`) enters `results/`.
+  outside the work tree (`../runs/...`) enters `results/`. The copy of `.hydra/hydra.yaml`
+  leaves out the machine's paths, as train.py now writes it (`lab.run_dir.MACHINE_KEYS`).
 * `--prune` then deletes the training checkpoints (`best.pt`, `last.pt`) where the export
   was written.
 
@@ -25,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from lab import manifest
+from lab.run_dir import HYDRA_FILE, write_hydra_record
 from vae.checkpoint import load_checkpoint
 from vae.files import write_atomically
 
@@ -58,16 +61,12 @@ def weights_only(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def copy_results(run_dir: Path, dest: Path) -> None:
-    """Copy everything of `run_dir` but its checkpoints, lock and wandb folder into `dest`."""
-    for item in run_dir.iterdir():
-        if item.name in NOT_COPIED:
-            continue
-        target = dest / item.name
-        if item.is_dir():
-            shutil.copytree(item, target, dirs_exist_ok=True)
-        else:
-            dest.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(item, target)
+    """Copy everything of `run_dir` but `NOT_COPIED` into `dest`; Hydra's record without the machine's paths."""
+    shutil.copytree(
+        run_dir, dest, dirs_exist_ok=True, ignore=lambda folder, _: NOT_COPIED if folder == str(run_dir) else ()
+    )
+    if (dest / HYDRA_FILE).is_file():
+        write_hydra_record(dest, OmegaConf.load(dest / HYDRA_FILE))
 
 
 def export(run_dir: Path, dest: Path | None = None, prune: bool = False, root: Path = ROOT) -> Path:

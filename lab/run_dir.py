@@ -227,7 +227,7 @@ def log_to_file(path: str | Path) -> Iterator[None]:
         handler.close()
 
 
-#: Where a run directory keeps its resolved config: `python -m surgery.report` reads a run's
+#: Where a run directory keeps its resolved config: `python -m lab.report` reads a run's
 #: prior, latent size, seed and settings from it.
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 
@@ -237,6 +237,29 @@ def write_config(run_dir: str | Path, config: DictConfig | dict[str, Any]) -> No
     path = Path(run_dir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config if isinstance(config, DictConfig) else OmegaConf.create(config), path, resolve=True)
+
+
+#: Where a run directory keeps Hydra's own config: `python -m lab.report` names the prior by its
+#: `runtime.choices` (two options may share a class).
+HYDRA_FILE = Path(".hydra") / "hydra.yaml"
+#: What Hydra's `runtime` record says of the machine, not of the run: the working directory,
+#: the output directory as an absolute path and where the config folders lay. Not kept: a
+#: committed run names no machine's paths (the run's own `hydra.run.dir` stays as given).
+MACHINE_KEYS: tuple[str, ...] = ("cwd", "output_dir", "config_sources")
+
+
+def write_hydra_record(run_dir: str | Path, record: DictConfig | dict[str, Any]) -> None:
+    """Write Hydra's config (`{"hydra": ...}`) to `<run_dir>/.hydra/hydra.yaml`, without `MACHINE_KEYS`.
+
+    train.py writes it so; `python -m lab.export --to` rewrites a copied one so, for runs made before."""
+    record = OmegaConf.to_container(record) if isinstance(record, DictConfig) else dict(record)
+    hydra = dict(record.get("hydra") or {})
+    runtime = hydra.get("runtime")
+    if isinstance(runtime, dict):
+        hydra["runtime"] = {k: v for k, v in runtime.items() if k not in MACHINE_KEYS}
+    path = Path(run_dir) / HYDRA_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create({**record, "hydra": hydra}), path)
 
 
 def check_fresh(run_dir: str | Path) -> None:

@@ -19,7 +19,6 @@ Elsewhere (macOS, musl) it does nothing: those allocators return large blocks th
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Callable
 
 #: glibc's `mallopt` parameter number of M_MMAP_THRESHOLD (malloc.h).
@@ -31,11 +30,13 @@ MMAP_THRESHOLD = 128 << 10
 
 
 def _find_mallopt() -> Callable[[int, int], int] | None:
-    """glibc's `mallopt`, or None for a C library without it."""
+    """glibc's `mallopt`, or None for a C library without it.
+
+    Looked up among the symbols the process already has (`dlopen(NULL)`): the interpreter links
+    the C library. `ctypes.util.find_library` would start `ldconfig` at every import."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
         return None
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from lab.run_dir import MACHINE_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +41,11 @@ def test_train_py_leaves_metrics_and_checkpoints(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoints" / "best.pt").is_file() and (tmp_path / "checkpoints" / "last.pt").is_file()
     assert f"run dir: {tmp_path}" in proc.stdout
     assert "best validation ELBO" in proc.stdout and "test ELBO" in proc.stdout
+    # Hydra's record keeps the choices the report names priors by, not the machine's paths
+    record = (tmp_path / ".hydra" / "hydra.yaml").read_text()
+    runtime = yaml.safe_load(record)["hydra"]["runtime"]
+    assert runtime["choices"]["prior"] == "gaussian" and not set(MACHINE_KEYS) & set(runtime)
+    assert str(ROOT) not in record
 
 
 def test_train_py_with_wandb_offline_leaves_a_wandb_run(tmp_path: Path) -> None:

@@ -699,7 +699,7 @@ class Trainer:
         path = self.resume_path
         if path is None:
             if self.resume:
-                log.info("resume: %s does not exist yet, starting fresh", self.last_path)
+                log.info("resume: %s does not exist yet, starting fresh", self._in_run(self.last_path))
             return TrainState()
         payload = load_checkpoint(path, map_location=self.device)
         if path == self.last_path and payload.get("is_best"):
@@ -711,8 +711,18 @@ class Trainer:
             torch.cuda.set_rng_state(payload["rng_cuda"].cpu(), self.device)
         state = TrainState(**payload["state"])
         self._drop_metrics_after(state.step)
-        log.info("resumed from %s at epoch %d, step %d", path, state.epoch + 1, state.step)
+        log.info("resumed from %s at epoch %d, step %d", self._in_run(path), state.epoch + 1, state.step)
         return state
+
+    def _in_run(self, path: Path) -> Path:
+        """`path` as the run's own log names it: relative to the run directory when inside it.
+
+        The log lives in the run directory, so the relative name is the portable one: a committed
+        run's log then holds no machine's paths."""
+        try:
+            return path.resolve().relative_to(self.run_dir.resolve())
+        except ValueError:
+            return path
 
     def _restore_best(self, payload: dict[str, Any]) -> None:
         """Write best.pt from last.pt when last.pt holds the best state and best.pt an older one, or none.

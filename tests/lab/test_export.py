@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lab import export as export_module
 from lab import manifest
@@ -46,6 +47,19 @@ def test_the_export_loads_and_scores_like_the_checkpoint(run_dir, tmp_path):
     torch.manual_seed(0)
     b = light.elbo_terms(x)
     assert torch.equal(a.reconstruction, b.reconstruction) and torch.equal(a.kl, b.kl)
+
+
+def test_the_copy_keeps_hydras_choices_but_not_the_machines_paths(run_dir, tmp_path):
+    # a run made before train.py left them out: its hydra.yaml names the machine's directories
+    run = tmp_path / "run"
+    export_module.copy_results(run_dir, run)
+    runtime = {"cwd": str(tmp_path), "output_dir": str(run), "config_sources": [{"path": str(tmp_path / "conf")}]}
+    record = {"hydra": {"run": {"dir": "../runs/x"}, "runtime": {**runtime, "choices": {"prior": "flow_spline"}}}}
+    OmegaConf.save(OmegaConf.create(record), run / ".hydra" / "hydra.yaml")
+    export_module.copy_results(run, tmp_path / "copy")
+    copied = OmegaConf.to_container(OmegaConf.load(tmp_path / "copy" / ".hydra" / "hydra.yaml"))
+    assert copied == {"hydra": {"run": {"dir": "../runs/x"}, "runtime": {"choices": {"prior": "flow_spline"}}}}
+    assert (tmp_path / "copy" / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes()
 
 
 def test_prune_removes_the_training_checkpoints_and_their_manifest_lines(run_dir, tmp_path):

@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 
 import lab.run_dir
 from lab.run_dir import (
+    HYDRA_FILE,
+    MACHINE_KEYS,
     RunDirLock,
     check_fresh,
     flatten,
@@ -167,6 +169,14 @@ def test_the_config_is_written_resolved(tmp_path: Path) -> None:
     write_config(tmp_path / "plain", {"x": [1, 2]})
     assert OmegaConf.to_container(OmegaConf.load(tmp_path / ".hydra" / "config.yaml")) == {"a": 3, "b": 3}
     assert OmegaConf.to_container(OmegaConf.load(tmp_path / "plain" / ".hydra" / "config.yaml")) == {"x": [1, 2]}
+
+
+def test_committed_runs_keep_hydras_choices_but_no_machine_paths() -> None:
+    records = sorted((Path(lab.run_dir.__file__).parents[1] / "results").rglob(str(HYDRA_FILE)))
+    assert records, "no committed run has a Hydra record"
+    for path in records:
+        runtime = OmegaConf.to_container(OmegaConf.load(path))["hydra"]["runtime"]
+        assert "prior" in runtime["choices"] and not set(MACHINE_KEYS) & set(runtime), path
 
 
 def test_the_log_file_gets_what_is_logged_while_the_block_runs(tmp_path: Path) -> None:

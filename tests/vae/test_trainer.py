@@ -131,6 +131,20 @@ def test_resume_true_without_a_checkpoint_starts_fresh(tiny_cfg, data, tmp_path)
     assert state.step == 2
 
 
+def test_the_resume_log_names_the_checkpoint_relative_to_the_run(tiny_cfg, data, tmp_path, caplog) -> None:
+    # the log is committed with the run, so it names no machine's paths
+    run_dir = tmp_path / "run"
+    with caplog.at_level("INFO", logger="vae.trainer"):
+        _fit(tiny_cfg, data, run_dir, max_epochs=1, resume=True)
+        _fit(tiny_cfg, data, run_dir, max_epochs=2, resume=True)
+    said = [r.getMessage() for r in caplog.records if "resume" in r.getMessage()]
+    assert said == [
+        f"resume: {Path('checkpoints', 'last.pt')} does not exist yet, starting fresh",
+        f"resumed from {Path('checkpoints', 'last.pt')} at epoch 2, step 2",
+    ]
+    assert not any(str(tmp_path) in r.getMessage() for r in caplog.records)
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_cfg, data, tmp_path, monkeypatch):
     original = VAE.elbo_terms
     calls = {"n": 0}
