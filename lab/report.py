@@ -1033,26 +1033,45 @@ def recent_slope(curve: Sequence[tuple[int, float, float]], window: int = 50) ->
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else None
 
 
+#: Line styles of a row's runs, in order: its seeds share a colour and differ in dash.
+RUN_DASHES: tuple[str, ...] = ("-", "--", ":", "-.")
+
+
+def curve_styles(runs: Sequence[RunRecord]) -> list[tuple[int, str]]:
+    """(colour index, line style) of each run's curve: one colour per row (prior, latent size and
+    settings, as the report's rows group runs), the row's runs told apart by dash, in order."""
+    colour: dict[tuple, int] = {}
+    seen: dict[tuple, int] = {}
+    styles = []
+    for run in runs:
+        key = (run.prior, run.latent_dim, run.settings)
+        colour.setdefault(key, len(colour))
+        styles.append((colour[key], RUN_DASHES[seen.get(key, 0) % len(RUN_DASHES)]))
+        seen[key] = seen.get(key, 0) + 1
+    return styles
+
+
 def plot_learning_curves(runs: Sequence[RunRecord], path: Path) -> Path | None:
-    """Validation ELBO against epoch for every run with metrics, finished or still going; None if none."""
+    """Validation ELBO against epoch for every run with metrics, finished or still going; None if none.
+    The seeds of one row share a colour (`curve_styles`)."""
     curves = [(r, learning_curve(r.path / "metrics.jsonl")) for r in runs]
     curves = [(r, c) for r, c in curves if c]
     if not curves:
         return None
     import matplotlib
 
-    fig = _figure(7.0, 4.5)
+    fig = _figure(10.0, 4.5)  # the legend takes the right third
     ax = fig.add_subplot()
-    # past ten curves twenty colours; past twenty the colours come round again, dashed
-    colours = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"]
-    for i, (run, curve) in enumerate(curves):
+    styles = curve_styles([r for r, _ in curves])
+    # past ten rows twenty colours; past twenty the colours come round again
+    colours = matplotlib.colormaps["tab10" if max(i for i, _ in styles) < 10 else "tab20"]
+    for (run, curve), (colour, dash) in zip(curves, styles, strict=True):
         label = f"{run.prior}, z={run.latent_dim}, {run.path.name}" + ("" if run.problem is None else " (unfinished)")
-        style = "-" if (i // colours.N) % 2 == 0 else "--"
         ax.plot(
             [e for e, _, _ in curve],
             [v for _, v, _ in curve],
-            style,
-            color=colours(i % colours.N),
+            dash,
+            color=colours(colour % colours.N),
             label=label,
             linewidth=1,
         )
@@ -1060,9 +1079,9 @@ def plot_learning_curves(runs: Sequence[RunRecord], path: Path) -> Path | None:
     ax.set_ylim(best - 25, best + 2)  # the first epochs are far below: keep the converging part readable
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation ELBO (nats)")
-    ax.set_title("Learning curves")
-    ax.legend(fontsize=7)
-    fig.savefig(path, dpi=120)
+    ax.set_title("Learning curves (a row's seeds share a colour)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not over them
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
 
 

@@ -487,6 +487,14 @@ def test_learning_curves_and_the_slope_of_a_run_still_going(tmp_path: Path) -> N
     assert f"| {running} | vampprior | 10 | 0 | 120 | -97.60 (120) | +0.0200 | 1.20 |" in md
 
 
+def test_a_rows_seeds_share_a_colour_and_differ_in_dash(tmp_path: Path) -> None:
+    for name, prior, seed in (("g0", "gaussian", 0), ("f0", "flow", 0), ("g1", "gaussian", 1), ("f1", "flow", 1)):
+        make_run(tmp_path / name, prior, 10, seed)
+    make_run(tmp_path / "g20", "gaussian", 20, 0)  # another latent size: another row
+    runs = [rep.read_run(tmp_path / n) for n in ("g0", "f0", "g1", "f1", "g20")]
+    assert rep.curve_styles(runs) == [(0, "-"), (1, "-"), (0, "--"), (1, "--"), (2, "-")]
+
+
 def test_variants_name_networks_by_class_and_leave_out_arithmetic_settings() -> None:
     gated = {"vae.encoder._target_=vae.networks.GatedMLPEncoder", "vae.decoder._target_=vae.networks.GatedMLPDecoder"}
     relu = {"vae.encoder._target_=vae.networks.MLPEncoder", "vae.decoder._target_=vae.networks.MLPDecoder"}
