@@ -215,13 +215,32 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 @contextlib.contextmanager
 def log_to_file(path: str | Path) -> Iterator[None]:
-    """Copy what the root logger handles to `path` (appended) while the block runs."""
+    """Copy what the root logger handles to `path` (appended) while the block runs.
+
+    An exception that ends the block is written to the file too, as one ERROR line (only
+    there: the console gets the command's own one-line error), so the run's log says why it
+    stopped."""
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     try:
         yield
+    except BaseException as e:
+        message = " ".join(str(e).split())
+        said = f"{type(e).__name__}: {message}" if message else type(e).__name__
+        handler.handle(
+            logging.makeLogRecord(
+                {
+                    "name": __name__,
+                    "levelno": logging.ERROR,
+                    "levelname": "ERROR",
+                    "msg": "the run stopped: %s",
+                    "args": (said,),
+                }
+            )
+        )
+        raise
     finally:
         root.removeHandler(handler)
         handler.close()

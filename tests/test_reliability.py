@@ -214,6 +214,9 @@ def test_divergence_stops_within_one_logging_interval(tiny, tmp_path, monkeypatc
         NonFiniteLossError, match=r"exceeded 6.4e\+04 nats .* from step 5 \(epoch 2, batch 1\) to step 6:"
     ):
         train(tiny("trainer.max_epochs=5", "trainer.batch_size=350", "trainer.log_every_n_steps=2"), run_dir=tmp_path)
+    # the run's own log says why it stopped
+    last = (tmp_path / "train.log").read_text().splitlines()[-1]
+    assert "[ERROR] - the run stopped: NonFiniteLossError: the loss exceeded 6.4e+04 nats" in last
 
 
 class Unnormalized(Prior):

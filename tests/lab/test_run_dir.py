@@ -189,6 +189,15 @@ def test_the_log_file_gets_what_is_logged_while_the_block_runs(tmp_path: Path) -
     assert len(lines) == 1 and lines[0].endswith("[tests.run_dir][INFO] - inside")
 
 
+def test_the_error_that_ends_the_run_is_the_logs_last_line_and_only_there(tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.INFO), pytest.raises(ValueError), log_to_file(tmp_path / "train.log"):
+        logging.getLogger("tests.run_dir").info("epoch 1")
+        raise ValueError("loss is inf at step 14\n(epoch 1)")
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert lines[-1].endswith("[lab.run_dir][ERROR] - the run stopped: ValueError: loss is inf at step 14 (epoch 1)")
+    assert len(lines) == 2 and [r.getMessage() for r in caplog.records] == ["epoch 1"]
+
+
 def test_hydras_directories_are_noted_and_an_unwritable_parent_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     record = lab.run_dir.RecordRunDir()
     run_dir = tmp_path / "new" / "run"
