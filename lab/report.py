@@ -56,7 +56,15 @@ import numpy as np
 import yaml
 
 from lab.pictures import SAMPLES_PICTURE
-from lab.run_dir import RESUMABLE_CHANGES, flatten, format_setting, is_target_default, matches_any
+from lab.run_dir import (
+    LOG_FILE,
+    RESUMABLE_CHANGES,
+    flatten,
+    format_setting,
+    is_target_default,
+    matches_any,
+    stop_reason,
+)
 from lab.surgery import DENSITY_PICTURE, FIT_JSON, log_px_name
 from surgery.decomposition import upgrade_dict
 from surgery.plots import new_figure
@@ -328,6 +336,8 @@ def read_run(path: str | Path) -> RunRecord:
         # run is complete (results committed without their checkpoints, a checkpoint evaluated apart).
         if not (path / "checkpoints").is_dir() or not any((path / "checkpoints").glob("*.pt")):
             problems.append("no checkpoints (the job failed or never started)")
+        if (stopped := stop_reason(path / LOG_FILE)) is not None:
+            problems.append(f"stopped by {stopped}")
 
     densities = tuple(sorted(path.glob(f"{DENSITY_PICTURE}*.png")))
     log_px = path / log_px_name("test")

@@ -211,6 +211,8 @@ def made_by_hydra(run_dir: str | Path) -> list[Path]:
 #: create it, and the directory, before any check could refuse the run).
 LOG_FILE = "train.log"
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+#: How the log's last line begins when an error ended the run (`log_to_file`, `stop_reason`).
+STOPPED = "the run stopped: "
 
 
 @contextlib.contextmanager
@@ -235,7 +237,7 @@ def log_to_file(path: str | Path) -> Iterator[None]:
                     "name": __name__,
                     "levelno": logging.ERROR,
                     "levelname": "ERROR",
-                    "msg": "the run stopped: %s",
+                    "msg": STOPPED + "%s",
                     "args": (said,),
                 }
             )
@@ -244,6 +246,17 @@ def log_to_file(path: str | Path) -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+def stop_reason(path: str | Path) -> str | None:
+    """The error that ended the run whose log is `path` (its last line, `log_to_file`), or None:
+    no log, or the run went on (or finished) after it."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    marker = f"[ERROR] - {STOPPED}"
+    return lines[-1].split(marker, 1)[1] if lines and marker in lines[-1] else None
 
 
 #: Where a run directory keeps its resolved config: `python -m lab.report` reads a run's

@@ -487,6 +487,15 @@ def test_learning_curves_and_the_slope_of_a_run_still_going(tmp_path: Path) -> N
     assert f"| {running} | vampprior | 10 | 0 | 120 | -97.60 (120) | +0.0200 | 1.20 |" in md
 
 
+def test_an_incomplete_run_says_the_error_that_stopped_it(tmp_path: Path) -> None:
+    make_run(tmp_path / "diverged", "flow", 40, 0, surgery=False, checkpoints=False)
+    (tmp_path / "diverged" / "train.log").write_text(
+        "[t][vae.trainer][INFO] - epoch 1\n[t][lab.run_dir][ERROR] - the run stopped: NonFiniteLossError: loss is inf\n"
+    )
+    problem = rep.read_run(tmp_path / "diverged").problem
+    assert problem.endswith("; stopped by NonFiniteLossError: loss is inf"), problem
+
+
 def test_a_rows_seeds_share_a_colour_and_differ_in_dash(tmp_path: Path) -> None:
     for name, prior, seed in (("g0", "gaussian", 0), ("f0", "flow", 0), ("g1", "gaussian", 1), ("f1", "flow", 1)):
         make_run(tmp_path / name, prior, 10, seed)

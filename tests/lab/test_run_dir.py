@@ -26,6 +26,7 @@ from lab.run_dir import (
     record_resume,
     remove_empty_dirs,
     resume_changes,
+    stop_reason,
     write_config,
 )
 from vae.checkpoint import RunDirError
@@ -196,6 +197,10 @@ def test_the_error_that_ends_the_run_is_the_logs_last_line_and_only_there(tmp_pa
     lines = (tmp_path / "train.log").read_text().splitlines()
     assert lines[-1].endswith("[lab.run_dir][ERROR] - the run stopped: ValueError: loss is inf at step 14 (epoch 1)")
     assert len(lines) == 2 and [r.getMessage() for r in caplog.records] == ["epoch 1"]
+    assert stop_reason(tmp_path / "train.log") == "ValueError: loss is inf at step 14 (epoch 1)"
+    with log_to_file(tmp_path / "train.log"):  # resumed: the run went on, the error is past
+        logging.getLogger("tests.run_dir").info("resumed")
+    assert stop_reason(tmp_path / "train.log") is None and stop_reason(tmp_path / "none.log") is None
 
 
 def test_hydras_directories_are_noted_and_an_unwritable_parent_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
