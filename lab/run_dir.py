@@ -229,6 +229,8 @@ def log_to_file(path: str | Path) -> Iterator[None]:
     try:
         yield
     except BaseException as e:
+        if isinstance(e, SystemExit) and e.code in (0, None):  # a clean exit is no error
+            raise
         message = " ".join(str(e).split())
         said = f"{type(e).__name__}: {message}" if message else type(e).__name__
         handler.handle(

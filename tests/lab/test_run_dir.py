@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,12 @@ def test_the_error_that_ends_the_run_is_the_logs_last_line_and_only_there(tmp_pa
     with log_to_file(tmp_path / "train.log"):  # resumed: the run went on, the error is past
         logging.getLogger("tests.run_dir").info("resumed")
     assert stop_reason(tmp_path / "train.log") is None and stop_reason(tmp_path / "none.log") is None
+    with pytest.raises(SystemExit), log_to_file(tmp_path / "train.log"):
+        sys.exit(0)
+    assert stop_reason(tmp_path / "train.log") is None
+    with pytest.raises(KeyboardInterrupt), log_to_file(tmp_path / "train.log"):
+        raise KeyboardInterrupt
+    assert stop_reason(tmp_path / "train.log") == "KeyboardInterrupt"
 
 
 def test_hydras_directories_are_noted_and_an_unwritable_parent_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
