@@ -13,18 +13,17 @@ apart at that epoch: a screen's difference smaller than that is no evidence.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from lab.report import learning_curve  # noqa: E402
 
 
 def curve(run: Path) -> dict[int, float]:
-    """Epoch -> validation ELBO, from a run directory's metrics.jsonl (complete epochs only)."""
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("complete_epoch", True) and record.get("val_elbo") is not None:
-            out[int(record["epoch"])] = float(record["val_elbo"])
-    return out
+    """Epoch -> validation ELBO of a run's complete epochs (the report's `learning_curve`)."""
+    return {epoch: value for epoch, value, _ in learning_curve(run / "metrics.jsonl")}
 
 
 def cell(value: float | None, base: float | None) -> str:
