@@ -17,9 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from vae.model import NETWORKS  # noqa: E402
 
 
 def per_point(folder: Path) -> np.ndarray:
@@ -35,8 +40,8 @@ def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def describe(folder: Path) -> str:
     """What was fitted and how, from the fit's fit.json."""
     fit = json.loads((folder / "fit.json").read_text())
-    frozen = fit.get("frozen", ["encoder", "decoder"])
-    refitted = [n for n in ("encoder", "decoder") if n not in frozen]
+    frozen = fit.get("frozen", NETWORKS)
+    refitted = [n for n in NETWORKS if n not in frozen]
     options = fit.get("fit_options") or {}
     how = "networks frozen" if not refitted else " and ".join(refitted) + " refitted"
     if options.get("warm_start"):
