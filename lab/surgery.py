@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lab.checkpoint import checkpoint_option, load_model, output_dir_option
 from lab.cli import CONF_DIR, one_line_errors
+from lab.progress import PassProgress
 from lab.run_dir import CONFIG_FILE, write_config
 from surgery.decomposition import SurgeryReport, decompose, encode
 from surgery.text import format_table, table_rows
@@ -92,7 +93,7 @@ class SurgeryOptions:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def decompose_kwargs(self) -> dict[str, Any]:
-        """The arguments of `surgery.decomposition.decompose`."""
+        """The arguments of `surgery.decomposition.decompose`, with priorlab's progress report."""
         return {
             "split": self.split,
             "n_samples": self.n_samples,
@@ -105,6 +106,7 @@ class SurgeryOptions:
             "chunk_size": self.chunk_size,
             "block_size": self.block_size,
             "is_batch_elements": self.is_batch_elements,
+            "progress": PassProgress,
         }
 
 

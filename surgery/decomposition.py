@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -37,6 +37,10 @@ from priors.densities import (
 )
 from surgery.memory import pin_mmap_threshold
 from vae.callbacks import encode as encode_in_batches
+
+#: Reports the progress of a long pass, called like tqdm: `factory(total=..., desc=..., unit=...)`
+#: returns an object with `update(n)` and `close()` (lab.progress.PassProgress; None: silent).
+ProgressFactory = Callable[..., Any]
 
 # ---- results ---------------------------------------------------------------------------
 
@@ -422,6 +426,7 @@ def importance_log_likelihood(
     *,
     batch_elements: int = 2_000_000,
     generator: torch.Generator | None = None,
+    progress: ProgressFactory | None = None,
 ) -> Tensor:
     """log p(x) per point by importance sampling with the encoder as proposal.
 
@@ -438,6 +443,7 @@ def importance_log_likelihood(
         batch_elements: bound on the logits tensor of one decoder call.
         generator: the random stream (on the model's device). The draws depend on the call
             shape, so a GPU run draws other samples than a CPU run of the same seed.
+        progress: told of the points done after each batch of them (`ProgressFactory`).
 
     Returns:
         `[B]` float64 log-likelihoods, in nats. Memory: one decoder call's tensors, which
@@ -452,6 +458,7 @@ def importance_log_likelihood(
     s, b = importance_batch_shape(n_samples, x.shape[1], batch_elements, device)
     x = x.to(device)  # once: a copy per batch would wait for the device each time
     out = []
+    bar = progress(total=len(x), desc=f"log p(x), K = {n_samples}", unit="points") if progress else None
     for start in range(0, len(x), b):
         xb = x[start : start + b]
         mu, logvar = model.encode(xb)
@@ -467,6 +474,10 @@ def importance_log_likelihood(
             log_w = (log_px_z + log_pz - log_qz).double()
             running = torch.logaddexp(running, torch.logsumexp(log_w, dim=1))
         out.append(running - math.log(n_samples))
+        if bar is not None:
+            bar.update(len(xb))
+    if bar is not None:
+        bar.close()
     return torch.cat(out)
 
 
@@ -562,12 +573,15 @@ def split_log_likelihood(
     n_samples: int,
     batch_elements: int,
     generator: torch.Generator,
+    progress: ProgressFactory | None = None,
 ) -> Tensor:
     """Importance-sampled log p(x) of the first `n_points` of `split` (None: all), float64 `[points]` on the CPU."""
     x = data.split(split)
     if n_points is not None:
         x = x[: int(n_points)]
-    return importance_log_likelihood(model, x, int(n_samples), batch_elements=batch_elements, generator=generator).cpu()
+    return importance_log_likelihood(
+        model, x, int(n_samples), batch_elements=batch_elements, generator=generator, progress=progress
+    ).cpu()
 
 
 def assemble_report(
@@ -628,6 +642,7 @@ def decompose(
     chunk_size: int = 2048,
     block_size: int = 2048,
     is_batch_elements: int = 2_000_000,
+    progress: ProgressFactory | None = None,
 ) -> SurgeryReport:
     """The ELBO decomposition of `model` on `data.split(split)`, exactly in q(z), with standard errors.
 
@@ -650,6 +665,8 @@ def decompose(
         batch_size: points per encoder/decoder call for the ELBO terms.
         chunk_size, block_size: the mixture kernel's block (memory bound).
         is_batch_elements: bound on the decoder's output per call in the log-likelihood.
+        progress: reports the log-likelihood's pass over the points, the long part
+            (`ProgressFactory`; None: silent).
 
     Returns:
         A `SurgeryReport`.
@@ -691,7 +708,7 @@ def decompose(
             if is_samples:
                 started = time.perf_counter()
                 per_point = split_log_likelihood(
-                    model, data, is_split, is_points, is_samples, is_batch_elements, generator
+                    model, data, is_split, is_points, is_samples, is_batch_elements, generator, progress
                 )
                 log_likelihood = (is_split, int(is_samples), per_point)
                 seconds["log_likelihood"] = time.perf_counter() - started

@@ -373,6 +373,36 @@ def test_importance_sampling_is_exact_when_the_proposal_is_the_posterior():
     torch.testing.assert_close(est, model.exact_log_evidence(x), rtol=0, atol=1e-9)
 
 
+class RecordedProgress:
+    """A progress factory that keeps what it was told."""
+
+    def __init__(self):
+        self.opened, self.updates, self.closed = [], [], 0
+
+    def __call__(self, **kwargs):
+        self.opened.append(kwargs)
+        return self
+
+    def update(self, n):
+        self.updates.append(n)
+
+    def close(self):
+        self.closed += 1
+
+
+def test_importance_sampling_reports_every_point_and_draws_the_same():
+    model = LinearGaussian(shift=0.02, inflate=1.1)
+    x = torch.randn(7, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    progress = RecordedProgress()
+    # 3 samples per decoder call and 2 points per batch: 4 batches, the last of one point
+    kwargs = {"batch_elements": 4 * 6, "generator": None}
+    silent = importance_log_likelihood(model, x, 3, **kwargs)
+    reported = importance_log_likelihood(model, x, 3, progress=progress, **kwargs)
+    assert progress.opened == [{"total": 7, "desc": "log p(x), K = 3", "unit": "points"}]
+    assert progress.updates == [2, 2, 2, 1] and progress.closed == 1
+    torch.testing.assert_close(reported, silent, rtol=0, atol=0)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu():
