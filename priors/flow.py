@@ -36,9 +36,10 @@ class FlowPrior(Prior):
 
     * default (`layer=None`): `MaskedAffineAutoregressiveTransform` (MAF), an affine
       autoregressive layer per step;
-    * `nflows.transforms.MaskedPiecewiseRationalQuadraticAutoregressiveTransform` with
-      `tails: linear`, `tail_bound` and `num_bins`: the neural spline flow (identity
-      outside [-tail_bound, tail_bound], so the density's tails are the base's).
+    * `priors.splines.MaskedSplineAutoregressiveTransform` (or nflows' own
+      `MaskedPiecewiseRationalQuadraticAutoregressiveTransform`, the same density, slower
+      on a CPU) with `tails: linear`, `tail_bound` and `num_bins`: the neural spline flow
+      (identity outside [-tail_bound, tail_bound], so the density's tails are the base's).
 
     `log_prob` is exact (one pass of f). `sample` is exact: base noise drawn in the
     module's own dtype and device, then f^{-1}, which for an autoregressive layer takes D
