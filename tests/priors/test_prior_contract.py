@@ -81,14 +81,18 @@ class PriorCase:
     make: Callable[[int], Any]  # latent_dim -> a prior, or a partial one to complete with encoder and train_x
 
 
+def _small(node: Any) -> Any:
+    """A config node with every `SMALL` key set small, in nested nodes too (a flow's base prior)."""
+    if isinstance(node, dict):
+        return {k: SMALL[k] if k in SMALL else _small(v) for k, v in node.items()}
+    return node
+
+
 @functools.cache
 def _config_case(compose: Callable[..., Any], name: str) -> PriorCase:
     """conf/prior/<name>.yaml as a case, composed once per session (each case runs in many tests)."""
-    cfg = compose(f"prior={name}", "logger=none").prior
-    for key, value in SMALL.items():
-        if key in cfg:
-            cfg[key] = value
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    cfg = OmegaConf.to_container(compose(f"prior={name}", "logger=none").prior)
+    cfg = OmegaConf.create(_small(cfg))
     return PriorCase(name, lambda d: hydra.utils.instantiate(cfg, latent_dim=d))
 
 
