@@ -86,7 +86,7 @@ from priors.base import Prior
 from priors.densities import reparameterize
 from surgery.checks import ImpossibleResultError, beyond, impossible_figures, in_unit_interval
 from surgery.decomposition import Estimate, SurgeryReport, decompose
-from vae import build_prior, resolve_device
+from vae import build_prior, resolve_device, training_inputs
 from vae.callbacks import TrainingSetEncodings, encode
 from vae.checkpoint import CHECKPOINT_FORMAT, RunDirError, run_files, save_checkpoint
 from vae.data import derive_seed
@@ -476,7 +476,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
             p.requires_grad_(False)
 
     torch.manual_seed(streams.init)
-    prior = build_prior(cfg.prior, model.latent_dim, model.encoder, data.split("train")).to(device)
+    prior = build_prior(cfg.prior, model.latent_dim, model.encoder, training_inputs(data)).to(device)
     if options.warm_start:
         warm_start(prior, model.prior, run_cfg.prior, cfg.prior)
 

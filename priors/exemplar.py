@@ -99,7 +99,8 @@ class ExemplarPrior(Prior):
     Args:
         latent_dim: size D of the latent space.
         encoder: the VAE's encoder, `x [B, P] -> (mu, logvar)`.
-        train_x: the exemplars `[N, P]`, in the order of the training-set indices.
+        train_x: the exemplars `[N, P]`, in the order of the training-set indices: the
+            training images' grey levels (`vae.training_inputs`), as in the paper.
         exemplars: `all`, `random` or `knn`.
         num_exemplars: |S| for `random` (the paper: half the training set).
         k: neighbours per point for `knn` (the paper's retrieval variant: 10).
@@ -174,9 +175,14 @@ class ExemplarPrior(Prior):
     def needs_encodings(self) -> bool:
         return self.cache_mu.shape[0] != self.num_points
 
+    @property
+    def encoding_inputs(self) -> Tensor:
+        """The exemplars themselves: the callback encodes these for the cache, not the binarized training set."""
+        return self._train_x
+
     @torch.no_grad()
     def update_encodings(self, mu: Tensor, logvar: Tensor) -> None:
-        """Take the exemplars' means `[N, D]` (from the encoder, after an epoch) as the cache."""
+        """Take the exemplars' means `[N, D]` (the encoder's at `encoding_inputs`, after an epoch) as the cache."""
         if mu.shape != (self.num_points, self.latent_dim):
             raise ValueError(
                 f"ExemplarPrior: needs the means of its {self.num_points} exemplars, [N, {self.latent_dim}]; got "

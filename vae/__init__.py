@@ -64,18 +64,24 @@ def build_prior(node: DictConfig, latent_dim: int, encoder: Any, train_x: torch.
     return prior
 
 
+def training_inputs(data: BinarizedData) -> torch.Tensor:
+    """What a prior that needs the model is built with as `train_x`: the training split's grey
+    levels in [0, 1], `[N, P]` (the Exemplar VAE's exemplars, the VampPrior's `init: data`)."""
+    return data.grey["train"]
+
+
 def build_model(cfg: DictConfig, data: BinarizedData) -> VAE:
     """Build the encoder, the decoder, then the prior, then the VAE.
 
     The encoder and decoder are built with `data_dim` (the data's pixel count) and
     `latent_dim=cfg.vae.latent_dim`, the prior with `latent_dim`. A prior node marked
     `_partial_: true` (a prior that needs the model: VampPrior, exemplar) is completed with
-    `encoder=` the encoder and `train_x=` the training inputs (`data.split("train")`). Any
+    `encoder=` the encoder and `train_x=` the training inputs' grey levels (`training_inputs`). Any
     classes honouring the contracts in `vae.networks` and `priors.base` plug in through
     their `_target_`.
     """
     latent_dim = cfg.vae.latent_dim
     encoder = instantiate(cfg.vae.encoder, data_dim=data.data_dim, latent_dim=latent_dim)
     decoder = instantiate(cfg.vae.decoder, data_dim=data.data_dim, latent_dim=latent_dim)
-    prior = build_prior(cfg.prior, latent_dim, encoder, data.split("train"))
+    prior = build_prior(cfg.prior, latent_dim, encoder, training_inputs(data))
     return VAE(encoder, decoder, prior, latent_dim)

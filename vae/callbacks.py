@@ -9,7 +9,9 @@ to which it may add numbers (they go to `metrics.jsonl` and the logger with the 
 `TrainingSetEncodings`, the default callback (`trainer.callbacks` in conf/trainer/default.yaml),
 encodes the training set and hands the posteriors to every module of the model that consumes
 them (`EncodingConsumer`: a `needs_encodings` property and `update_encodings(mu, logvar)`,
-as the aggregate and exemplar priors have). One pass serves every consumer.
+as the aggregate and exemplar priors have). One pass serves every consumer of the same inputs:
+the training set binarized once (`data.split("train")`), unless a consumer names its own
+(`encoding_inputs`: the exemplar prior's grey-level exemplars).
 """
 
 from __future__ import annotations
@@ -69,7 +71,12 @@ class EncodingConsumer(Protocol):
         """True while the module holds no encodings of the current training set (nothing to evaluate with)."""
 
     def update_encodings(self, mu: Tensor, logvar: Tensor) -> None:
-        """Take the posteriors `[N, D]` of the N training inputs, in training-set order (detached)."""
+        """Take the posteriors `[N, D]` of the N training inputs, in training-set order (detached).
+
+        A consumer may also have an `encoding_inputs` attribute, `[N, P]`: the inputs whose
+        posteriors it takes instead of the training set binarized once (optional, so not a
+        member of this protocol).
+        """
 
 
 def consumers(model: nn.Module) -> list[EncodingConsumer]:
@@ -110,18 +117,24 @@ class TrainingSetEncodings:
 
     def refresh(self, model: nn.Module, x: Tensor, device: torch.device, batch_size: int = 1000) -> None:
         """Encode the training inputs `x` with `model.encoder` (in eval mode) and give the posteriors to
-        every consumer of `model`; `batch_size` unless this callback has its own."""
+        every consumer of `model` (a consumer's own `encoding_inputs` instead of `x` where it
+        has them; each distinct input tensor is encoded once); `batch_size` unless this
+        callback has its own."""
         targets = consumers(model)
         if not targets:
             return
+        encoded: dict[int, tuple[Tensor, Tensor]] = {}
         was_training = model.training
         model.eval()
         try:
-            mu, logvar = encode(model.encoder, x, self.batch_size or batch_size, device)
+            for target in targets:
+                inputs = getattr(target, "encoding_inputs", None)
+                inputs = x if inputs is None else inputs
+                if id(inputs) not in encoded:
+                    encoded[id(inputs)] = encode(model.encoder, inputs, self.batch_size or batch_size, device)
+                target.update_encodings(*encoded[id(inputs)])
         finally:
             model.train(was_training)
-        for target in targets:
-            target.update_encodings(mu, logvar)
 
     def on_fit_start(self, trainer: Trainer, model: VAE, data: BinarizedData, state: TrainState) -> None:
         if any(c.needs_encodings for c in consumers(model)):

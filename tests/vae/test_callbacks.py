@@ -169,6 +169,31 @@ def test_the_encodings_reach_every_consumer_at_the_start_and_after_each_epoch(ti
     assert torch.equal(best["prior.mu"], mu)  # before validation and the checkpoint
 
 
+def test_the_exemplar_prior_is_built_on_the_grey_levels_and_cached_from_them(tiny_cfg, data, tmp_path) -> None:
+    model = _model(tiny_cfg, data, _target_="priors.exemplar.ExemplarPrior", _partial_=True, k=3)
+    model.probe = Consumer()
+    assert torch.equal(model.prior.encoding_inputs, data.grey["train"])  # the paper's exemplars, not a binarization
+    assert not torch.equal(data.grey["train"], data.split("train"))
+    Trainer(batch_size=BATCH, max_epochs=1, progress=False, run_dir=tmp_path).fit(model, data)
+    encoder = model.encoder.eval()
+    grey, _ = encode(encoder, data.grey["train"], 1000, torch.device("cpu"))
+    binary = encode(encoder, data.split("train"), 1000, torch.device("cpu"))
+    torch.testing.assert_close(model.prior.cache_mu, grey, rtol=0, atol=0)  # its own inputs' means
+    torch.testing.assert_close(model.probe.received[-1][0], binary[0], rtol=0, atol=0)  # the others' unchanged
+    assert not torch.allclose(grey, binary[0])
+
+
+def test_each_distinct_input_set_is_encoded_once(data) -> None:
+    sizes: list[int] = []
+    model = nn.Module()
+    model.encoder = _Sizes(nn.Linear(data.data_dim, 4), sizes)
+    model.a, model.b, model.own = Consumer(), Consumer(), Consumer()
+    model.own.encoding_inputs = data.grey["train"][:100]
+    TrainingSetEncodings(batch_size=2000).refresh(model, data.split("train"), torch.device("cpu"))
+    assert sorted(sizes) == [100, len(data.split("train"))]  # a and b share one pass; own gets its own
+    assert torch.equal(model.a.received[0][0], model.b.received[0][0]) and len(model.own.received[0][0]) == 100
+
+
 def test_with_the_encoder_frozen_the_encodings_are_given_once(tiny_cfg, data, tmp_path) -> None:
     model = _model(tiny_cfg, data, _target_="priors.mixture.MixturePrior", num_components=3)
     model.probe = Consumer()
