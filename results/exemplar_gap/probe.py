@@ -1,6 +1,6 @@
 """Where the converged exemplar prior loses to the published one: probes of the trained model.
 
-    python results/literature/exemplar_gap.py [--released-log whole_log.txt]
+    python results/exemplar_gap/probe.py [--released-log whole_log.txt]
 
 The run (results/literature/runs/lit_z40_exemplar_byte255) scored -83.05 +- 0.22 against the
 published -82.09 +- 0.18. This script measures the candidates, each directly:
@@ -21,6 +21,8 @@ published -82.09 +- 0.18. This script measures the candidates, each directly:
 4. The exemplars' inputs: this run encodes the training images binarized once; the paper's
    exemplars are the grey-level images. The validation log p(z) with the grey images'
    means, with the same encoder.
+5. The same swap in test log p(x): importance sampling of the first test points with both
+   sets of exemplar means, on the same draws, paired.
 
 Every density is computed here directly in float64 (squared distances by one matrix product
 per chunk), and checked at the learned variance against the prior's own `log_prob`.
@@ -39,10 +41,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lab.checkpoint import load_model  # noqa: E402
+from lab.report import learning_curve  # noqa: E402
+from surgery.decomposition import importance_log_likelihood  # noqa: E402
 from vae.callbacks import encode  # noqa: E402
 
 RUN = Path("results/literature/runs/lit_z40_exemplar_byte255")
-EPOCHS = (50, 100, 150, 200, 300, 400, 500, 600, 700, 790, 840, 1038)
+EPOCHS = (10, 25, 50, 100, 150, 200, 300, 400, 500, 600, 700, 790, 840, 1038)
 SCALES = (0.5, 0.7, 0.85, 1.0, 1.2, 1.4, 1.7, 2.0, 2.5)
 K = 10
 SUBSET = 25_000
@@ -63,10 +67,8 @@ def released_validation(path: Path) -> dict[int, float]:
 
 
 def ours_validation(run: Path) -> dict[int, float]:
-    import json
-
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["epoch"]: -r["val_elbo"] for r in rows if "val_elbo" in r}
+    """Epoch -> validation loss (the negative validation ELBO) of a priorlab run's complete epochs."""
+    return {epoch: -value for epoch, value, _ in learning_curve(run / "metrics.jsonl")}
 
 
 def squared_distances(z: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
@@ -91,26 +93,40 @@ def mean_se(x: torch.Tensor) -> str:
     return f"{x.mean().item():+.3f} +- {x.std().item() / math.sqrt(len(x)):.3f}"
 
 
-def matched_epochs(log: Path, run: Path) -> None:
-    theirs, ours = best_so_far(released_validation(log)), best_so_far(ours_validation(run))
-    print(f"\n1. Best validation loss so far (nats), ours ({max(ours)} epochs) against the released run "
-          f"({max(theirs)} epochs)")
-    print("| epoch | released | ours | ours - released |\n|---|---|---|---|")
+def matched_epochs(log: Path, runs: list[Path]) -> None:
+    theirs = best_so_far(released_validation(log))
+    ours = {run: best_so_far(ours_validation(run)) for run in runs}
+    print(
+        f"\n1. Best validation loss so far (nats) at matched epochs: the released run ({max(theirs)} epochs), "
+        "and each run here minus it"
+    )
+    print("| epoch | released | " + " | ".join(f"{run} ({max(c)} epochs)" for run, c in ours.items()) + " |")
+    print("|---" * (len(runs) + 2) + "|")
     for e in EPOCHS:
-        o = ours.get(e, ours[max(ours)] if e > max(ours) else None)
-        mark = "" if e in ours else " (stopped)"
-        print(f"| {e} | {theirs[e]:.2f} | {o:.2f}{mark} | {o - theirs[e]:+.2f} |")
+        cells = []
+        for run, c in ours.items():
+            last = max(c)
+            finished = (run / "log_px_test.npy").exists()  # evaluated: it stopped at `last`, its best stands
+            value = c.get(e, c[last] if e > last and finished else None)
+            cells.append("—" if value is None else f"{value:.2f} ({value - theirs[e]:+.2f}){' stopped' * (e > last)}")
+        print(f"| {e} | {theirs[e]:.2f} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=Path, default=RUN)
+    parser.add_argument("--run", type=Path, default=RUN, help="the converged run the probes 2-4 load")
+    parser.add_argument("--compare", type=Path, nargs="*", default=[], help="more runs for the matched epochs")
     parser.add_argument("--released-log", type=Path, default=None)
+    parser.add_argument("--matched-only", action="store_true", help="only the matched epochs (1), no probes")
+    parser.add_argument("--loglik-points", type=int, default=2000, help="test points for probe 5 (0: skip it)")
+    parser.add_argument("--loglik-samples", type=int, default=1000, help="importance samples K for probe 5")
     parser.add_argument("--train-points", type=int, default=2000, help="training points for probe 3")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.released_log is not None:
-        matched_epochs(args.released_log, args.run)
+        matched_epochs(args.released_log, [args.run, *args.compare])
+    if args.matched_only:
+        return
 
     model, data, _ = load_model(args.run / "checkpoints" / "model.pt")
     model.eval()
@@ -118,16 +134,20 @@ def main() -> None:
     means = prior.cache_mu.double()
     n, dim = means.shape
     learned = prior.logvar.exp().item()
-    print(f"\nmodel: {args.run}, N = {n} exemplars, D = {dim}; learned shared variance {learned:.4f} "
-          f"(sd {math.sqrt(learned):.3f})")
+    print(
+        f"\nmodel: {args.run}, N = {n} exemplars, D = {dim}; learned shared variance {learned:.4f} "
+        f"(sd {math.sqrt(learned):.3f})"
+    )
 
     with torch.no_grad():
         z_val = draws(*model.encoder(data.split("val")), seed=1).double()
         own = prior.log_prob(z_val.float()).double()
         d2_val = torch.cat([squared_distances(c, means) for c in z_val.split(500)])
     check = log_mixture(d2_val, learned, dim, n)
-    print(f"check: direct float64 against the prior's log_prob at the learned variance, max |diff| "
-          f"{(check - own).abs().max().item():.2e} nats")
+    print(
+        f"check: direct float64 against the prior's log_prob at the learned variance, max |diff| "
+        f"{(check - own).abs().max().item():.2e} nats"
+    )
 
     print("\n2. Validation: mean log p(z) of all N exemplars at variance s * learned, minus at the learned one")
     print("| s | variance | difference (nats) |\n|---|---|---|")
@@ -144,8 +164,10 @@ def main() -> None:
     half = torch.rand(d2_tr.shape).argsort(-1) < SUBSET  # a random 25,000 of each row's columns
     d2_half = torch.where(half, d2_tr, math.inf)
     counts = half.sum(-1) - half[torch.arange(len(idx)), idx].long()
-    print(f"\n3. Training points ({len(idx)}, one draw each): leave-one-out densities, minus the full sum over "
-          f"N - 1; and the top-{K} responsibility mass")
+    print(
+        f"\n3. Training points ({len(idx)}, one draw each): leave-one-out densities, minus the full sum over "
+        f"N - 1; and the top-{K} responsibility mass"
+    )
     print(f"| variance | top-{K}, / (N - 1) | random {SUBSET:,}, / count | mass of the top {K} |\n|---|---|---|---|")
     for s in (0.7, 1.0, 1.4, 2.0):
         var = s * learned
@@ -153,8 +175,10 @@ def main() -> None:
         top = log_mixture(near, var, dim, n - 1) - full
         sub = log_mixture(d2_half, var, dim, counts) - full
         mass = top.exp()
-        print(f"| {var:.4f} | {mean_se(top)} | {mean_se(sub)} | {mass.mean().item():.3f} "
-              f"(median {mass.median().item():.3f}) |")
+        print(
+            f"| {var:.4f} | {mean_se(top)} | {mean_se(sub)} | {mass.mean().item():.3f} "
+            f"(median {mass.median().item():.3f}) |"
+        )
     for name, objective in (
         ("full leave-one-out", lambda v: log_mixture(d2_tr, v, dim, n - 1)),
         (f"top-{K}", lambda v: log_mixture(near, v, dim, K)),
@@ -162,8 +186,7 @@ def main() -> None:
     ):
         values = {s: objective(s * learned).mean().item() for s in SCALES}
         best = max(values, key=values.get)
-        print(f"the variance the {name} objective prefers on this grid: {best} * learned "
-              f"({best * learned:.4f})")
+        print(f"the variance the {name} objective prefers on this grid: {best} * learned ({best * learned:.4f})")
 
     with torch.no_grad():
         grey_means, _ = encode(model.encoder, data.grey["train"], 1000, torch.device("cpu"))
@@ -175,11 +198,27 @@ def main() -> None:
                 for c in z_val.split(500)
             ]
         )
-    print(f"\n4. Grey-level exemplars (same encoder): |mu(grey) - mu(binary)| median {shift.median().item():.3f}, "
-          f"90th percentile {shift.quantile(0.9).item():.3f}")
+    print(
+        f"\n4. Grey-level exemplars (same encoder): |mu(grey) - mu(binary)| median {shift.median().item():.3f}, "
+        f"90th percentile {shift.quantile(0.9).item():.3f}"
+    )
     print("| s | validation mean log p(z), grey means minus binary means at the learned variance |\n|---|---|")
     for j, s in enumerate(scales):
         print(f"| {s} | {mean_se(grey[:, j] - check)} |")
+
+    if args.loglik_points:
+        x = data.split("test")[: args.loglik_points]
+        values = []
+        for cache in (prior.cache_mu.clone(), grey_means):
+            prior.update_encodings(cache, torch.zeros_like(cache))
+            with torch.no_grad():
+                values.append(importance_log_likelihood(model, x, args.loglik_samples))
+        diff = values[1] - values[0]  # the same draws z ~ q(z|x): only the prior's means differ
+        print(
+            f"\n5. Test log p(x), K = {args.loglik_samples}, first {len(x)} test points, same draws: binarized "
+            f"exemplars {values[0].mean().item():.3f}, grey-level {values[1].mean().item():.3f}; paired "
+            f"grey - binarized {mean_se(diff)}"
+        )
 
 
 if __name__ == "__main__":
