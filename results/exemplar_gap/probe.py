@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lab.checkpoint import load_model  # noqa: E402
 from lab.report import learning_curve  # noqa: E402
+from priors.densities import reparameterize  # noqa: E402
 from surgery.decomposition import importance_log_likelihood  # noqa: E402
 from vae.callbacks import encode  # noqa: E402
 
@@ -82,11 +83,6 @@ def log_mixture(d2: torch.Tensor, var: float, dim: int, count: torch.Tensor | fl
     """log (1/count) sum_n N(z; mu_n, var I) from squared distances (entries of +inf drop out)."""
     count = torch.as_tensor(count, dtype=torch.float64)
     return torch.logsumexp(-0.5 * d2 / var, -1) - 0.5 * dim * math.log(2 * math.pi * var) - count.log()
-
-
-def draws(mu: torch.Tensor, logvar: torch.Tensor, seed: int) -> torch.Tensor:
-    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(seed))
-    return mu + torch.exp(0.5 * logvar) * eps
 
 
 def mean_se(x: torch.Tensor) -> str:
@@ -140,7 +136,7 @@ def main() -> None:
     )
 
     with torch.no_grad():
-        z_val = draws(*model.encoder(data.split("val")), seed=1).double()
+        z_val = reparameterize(*model.encoder(data.split("val")), torch.Generator().manual_seed(1)).double()
         own = prior.log_prob(z_val.float()).double()
         d2_val = torch.cat([squared_distances(c, means) for c in z_val.split(500)])
     check = log_mixture(d2_val, learned, dim, n)
@@ -157,7 +153,7 @@ def main() -> None:
 
     with torch.no_grad():
         idx = torch.randperm(n)[: args.train_points]
-        z_tr = draws(*model.encoder(data.split("train")[idx]), seed=2).double()
+        z_tr = reparameterize(*model.encoder(data.split("train")[idx]), torch.Generator().manual_seed(2)).double()
         d2_tr = torch.cat([squared_distances(c, means) for c in z_tr.split(500)])
     d2_tr[torch.arange(len(idx)), idx] = math.inf  # leave-one-out
     near = d2_tr.topk(K, dim=-1, largest=False).values
@@ -202,7 +198,7 @@ def main() -> None:
         f"\n4. Grey-level exemplars (same encoder): |mu(grey) - mu(binary)| median {shift.median().item():.3f}, "
         f"90th percentile {shift.quantile(0.9).item():.3f}"
     )
-    print("| s | validation mean log p(z), grey means minus binary means at the learned variance |\n|---|---|")
+    print("| s | validation mean log p(z): grey means at s * learned minus binary means at learned |\n|---|---|")
     for j, s in enumerate(scales):
         print(f"| {s} | {mean_se(grey[:, j] - check)} |")
 
