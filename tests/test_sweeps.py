@@ -1,5 +1,6 @@
-"""Real tiny sweeps through `python train.py -m`, with the joblib and submitit_local
-launchers, then `python -m surgery.report` over them (issue 5, part 7)."""
+"""Real tiny sweeps through `python train.py -m`: a priors x latent sizes sweep with the joblib
+launcher and `python -m surgery.report` over it, a two-job sweep with submitit_local, and
+wandb's offline runs of a sweep (issue 5, part 7)."""
 
 from __future__ import annotations
 
@@ -34,19 +35,17 @@ def run_sweep(sweep_dir: Path, *overrides: str, timeout: int = 240) -> subproces
     return proc
 
 
-@pytest.fixture(scope="module", params=sorted(LAUNCHERS))
-def sweep(request, tmp_path_factory) -> tuple[Path, Path]:
-    """A priors x latent sizes sweep with one launcher, and the report over it."""
-    tmp = tmp_path_factory.mktemp(request.param)
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[Path, Path]:
+    """A priors x latent sizes sweep, and the report over it."""
+    tmp = tmp_path_factory.mktemp("joblib")
     sweep_dir = tmp / "multirun"
-    extra = [f"hydra.launcher.submitit_folder={tmp / 'submitit' / '%j'}"] if "submitit" in request.param else []
     run_sweep(
         sweep_dir,
         "logger=none",
         f"prior={','.join(PRIORS)}",
         f"vae.latent_dim={','.join(map(str, LATENT_DIMS))}",
-        *LAUNCHERS[request.param],
-        *extra,
+        *LAUNCHERS["joblib"],
     )
     out = tmp / "report"
     proc = subprocess.run(
@@ -59,6 +58,23 @@ def sweep(request, tmp_path_factory) -> tuple[Path, Path]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"table: {out / 'report.md'}" in proc.stdout
     return sweep_dir, out
+
+
+def test_submitit_local_runs_each_job_in_its_own_run_dir(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "multirun"
+    run_sweep(
+        sweep_dir,
+        "logger=none",
+        "surgery.enabled=false",
+        "prior=gaussian",
+        "vae.latent_dim=2,3",
+        *LAUNCHERS["submitit_local"],
+        f"hydra.launcher.submitit_folder={tmp_path / 'submitit' / '%j'}",
+    )
+    runs = [rep.read_run(p) for p in rep.find_run_dirs([sweep_dir])]
+    assert sorted(r.latent_dim for r in runs) == [2, 3]
+    for r in runs:
+        assert r.epochs == 1 and (r.path / "checkpoints" / "last.pt").is_file()
 
 
 def test_sweep_runs_every_job_and_the_report_lists_it(sweep) -> None:

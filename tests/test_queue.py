@@ -1,0 +1,50 @@
+"""scripts/queue.sh: a list of recipe runs trained one after another, each skipped once evaluated."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+#: One epoch of the recipe shrunk to the digits, its surgery on a budget.
+TINY = (
+    "prior=gaussian data=digits vae.latent_dim=2 vae.hidden_dims=[16] trainer.max_epochs=1 "
+    "surgery.is_samples=20 surgery.is_points=50 surgery.plot_grid=30"
+)
+
+
+def _queue(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "WANDB_SILENT": "true"}
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "queue.sh"), *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_the_queue_trains_each_run_once_and_skips_what_is_evaluated(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    (runs / "done").mkdir(parents=True)
+    (runs / "done" / "log_px_test.npy").write_bytes(b"")
+    listing = tmp_path / "a.list"
+    listing.write_text(f"# a comment, then a blank line\n\ndone prior=gaussian\ntiny {TINY}\n")
+
+    first = _queue(str(ROOT), str(listing), str(runs))
+    assert first.returncode == 0, first.stderr
+    assert "done: evaluated already, skipped" in first.stdout
+    assert "tiny: exit 0" in first.stdout, (runs / "tiny.out").read_text()[-3000:]
+    assert (runs / "tiny" / "metrics.jsonl").read_text().count("\n") == 1
+    assert (runs / "tiny" / "log_px_test.npy").is_file() and not (runs / "done" / "metrics.jsonl").exists()
+
+    again = _queue(str(ROOT), str(listing), str(runs))
+    assert "tiny: evaluated already, skipped" in again.stdout and "start" not in again.stdout
+
+
+def test_the_queue_names_a_missing_list(tmp_path: Path) -> None:
+    proc = _queue(str(ROOT), str(tmp_path / "none.list"))
+    assert proc.returncode == 2 and "no such list" in proc.stderr
