@@ -49,6 +49,8 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "data.cache_dir",
     "device",
     "trainer.compile",  # the same step, compiled or not: equal to floating-point rounding
+    "trainer.optimizer.fused",  # the same update in one kernel or a loop: equal to rounding
+    "trainer.optimizer.foreach",
     "trainer.flush_denormal",  # like the device: how the arithmetic is done, not what is trained
     "debug",
     "logger.",

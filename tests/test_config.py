@@ -98,6 +98,17 @@ def test_every_trainer_option_instantiates(compose, option: str, tmp_path) -> No
     assert trainer.optimizer.func.__name__ == "Adam"
 
 
+@pytest.mark.parametrize("option", _options("trainer/optimizer"))
+def test_each_optimizer_takes_the_fused_kernel_unless_told_not_to(compose, option: str) -> None:
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    optimizer = hydra.utils.instantiate(compose(f"trainer/optimizer={option}").trainer.optimizer)
+    assert optimizer(params).defaults["fused"] is True
+    loop = hydra.utils.instantiate(
+        compose(f"trainer/optimizer={option}", "trainer.optimizer.fused=false").trainer.optimizer
+    )
+    assert not loop(params).defaults["fused"]
+
+
 @pytest.mark.parametrize(
     "option",
     # wandb starts its service process, even offline

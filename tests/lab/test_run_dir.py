@@ -109,11 +109,13 @@ def test_a_resume_may_change_how_long_and_how_verbosely_it_trains() -> None:
         "logger": {"_target_": "vae.loggers.WandbLogger", "project": "p"},
         "device": "cuda",
     }
+    new["trainer"]["optimizer"]["fused"] = True  # the same update, in one kernel
     assert resume_changes(STORED, new, "last.pt") == {
         "device": [None, "cuda"],
         "logger._target_": ["vae.loggers.NullLogger", "vae.loggers.WandbLogger"],
         "logger.project": [None, "p"],
         "trainer.max_epochs": [2, 5],
+        "trainer.optimizer.fused": [None, True],
         "trainer.progress": [None, False],
     }
     assert resume_changes(STORED, STORED, "last.pt") == {}

@@ -37,13 +37,14 @@ def hand_adam_normgrad(
     return params
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_three_steps_match_a_hand_computation_in_float64(weight_decay: float) -> None:
+def test_three_steps_match_a_hand_computation_in_float64(weight_decay: float, fused: bool) -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.nn.Parameter(torch.randn(5, generator=g, dtype=torch.float64))
     b = torch.nn.Parameter(torch.randn(3, 2, generator=g, dtype=torch.float64))
     start = [a.detach().flatten().tolist(), b.detach().flatten().tolist()]
-    opt = AdamNormGrad([a, b], lr=0.1, betas=(0.8, 0.99), weight_decay=weight_decay)
+    opt = AdamNormGrad([a, b], lr=0.1, betas=(0.8, 0.99), weight_decay=weight_decay, fused=fused)
     grads = []
     for step in range(3):
         scale = 10.0**step  # the raw gradient's size must not matter

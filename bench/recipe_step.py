@@ -1,0 +1,100 @@
+"""One training step of the published recipe (gated 784-300-300, z = 40, batch 100, Adam on the
+normalized gradient) per prior: Adam's update as one fused kernel against torch's loop over the
+parameters, and optionally the step compiled.
+
+Each prior's model is built as `python train.py experiment=literature prior=P vae.latent_dim=40`
+builds it; the variants start from the same weights, train on the same batch and alternate
+round by round, so drift on a shared machine hits them alike. Prints the median milliseconds
+a step and each variant's ratio to the loop.
+
+    python bench/recipe_step.py [--priors gaussian flow ...] [--steps 40] [--rounds 3]
+                                [--threads 1] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from vae import build_model  # noqa: E402
+from vae.optim import AdamNormGrad  # noqa: E402
+from vae.trainer import batch_loss  # noqa: E402
+
+
+def make(prior: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", ["experiment=literature", f"prior={prior}", "vae.latent_dim=40", "hydra.mode=RUN"])
+    data = instantiate(cfg.data).with_stream_seed(0)
+    torch.manual_seed(0)
+    return build_model(cfg, data).train(), data.train_epoch(0)[:100]
+
+
+def timed(model, x, *, fused: bool, compiled: bool, steps: int) -> float:
+    """Milliseconds a step (loss, backward, update) after three warm-up steps."""
+    model = copy.deepcopy(model)
+    opt = AdamNormGrad(model.parameters(), lr=5e-4, fused=fused)
+    step_loss = torch.compile(batch_loss, dynamic=False, options={"fallback_random": True}) if compiled else batch_loss
+    index, weight = torch.arange(len(x)), torch.tensor(1.0)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        step_loss(model, x, index, weight)[0].backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--priors", nargs="+", default=["gaussian", "mixture", "vampprior", "flow", "flow_spline_vampprior"]
+    )
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also the fused step compiled")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = {"loop": dict(fused=False, compiled=False), "fused": dict(fused=True, compiled=False)}
+    if args.compile:
+        variants["fused+compile"] = dict(fused=True, compiled=True)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps x {args.rounds} rounds")
+    print(
+        f"{'prior':<24}"
+        + "".join(f"{name + ' ms':>18}" for name in variants)
+        + "".join(f"{name + ' / loop':>22}" for name in list(variants)[1:])
+    )
+    for prior in args.priors:
+        model, x = make(prior)
+        times = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, options in variants.items():
+                torch._dynamo.reset()
+                times[name].append(timed(model, x, steps=args.steps, **options))
+        med = {name: statistics.median(t) for name, t in times.items()}
+        print(
+            f"{prior:<24}"
+            + "".join(f"{med[n]:18.1f}" for n in variants)
+            + "".join(f"{med[n] / med['loop']:22.2f}" for n in list(variants)[1:])
+        )
+
+
+if __name__ == "__main__":
+    main()
