@@ -8,7 +8,10 @@ round by round, so drift on a shared machine hits them alike. Prints the median 
 a step and each variant's ratio to the loop.
 
     python bench/recipe_step.py [--priors gaussian flow ...] [--steps 40] [--rounds 3]
-                                [--threads 1] [--compile]
+                                [--threads 1] [--compile] [--check-compile]
+
+`--check-compile` times nothing: it trains six steps eager and compiled (fused Adam, the
+same start, batch and noise) and prints the largest relative difference of their losses.
 """
 
 from __future__ import annotations
@@ -61,6 +64,24 @@ def timed(model, x, *, fused: bool, compiled: bool, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
+def losses(model, x, *, compiled: bool, steps: int = 6) -> list[float]:
+    """The losses of `steps` steps from `model`'s weights, with the same noise every call."""
+    torch._dynamo.reset()
+    model = copy.deepcopy(model)
+    opt = AdamNormGrad(model.parameters(), lr=5e-4, fused=True)
+    step_loss = torch.compile(batch_loss, dynamic=False, options={"fallback_random": True}) if compiled else batch_loss
+    index, weight = torch.arange(len(x)), torch.tensor(0.3)
+    torch.manual_seed(1)
+    out = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = step_loss(model, x, index, weight)[0]
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -70,8 +91,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="also the fused step compiled")
+    parser.add_argument("--check-compile", action="store_true", help="compare compiled and eager losses instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.check_compile:
+        for prior in args.priors:
+            model, x = make(prior)
+            eager, compiled = losses(model, x, compiled=False), losses(model, x, compiled=True)
+            worst = max(abs(c - e) / abs(e) for c, e in zip(compiled, eager, strict=True))
+            print(
+                f"{prior}: six steps, eager {eager[0]:.4f} -> {eager[-1]:.4f}, compiled {compiled[0]:.4f} -> "
+                f"{compiled[-1]:.4f}; largest relative difference {worst:.1e}"
+            )
+        return
     variants = {"loop": dict(fused=False, compiled=False), "fused": dict(fused=True, compiled=False)}
     if args.compile:
         variants["fused+compile"] = dict(fused=True, compiled=True)
