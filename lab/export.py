@@ -33,7 +33,7 @@ from lab.run_dir import HYDRA_FILE, write_hydra_record
 from vae.checkpoint import load_checkpoint
 from vae.files import write_atomically
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = manifest.ROOT
 WEIGHTS_NAME = "model.pt"
 TRAINING_NAMES = ("best.pt", "last.pt")
 #: Not copied by `--to`: the training checkpoints, the run's lock and wandb's local files.

@@ -5,6 +5,13 @@ with a line here (`python -m lab.export RUN_DIR` writes both). The manifest test
 every tracked `.pt` file has a line, that every line's file exists with its checksum and
 size, and that it loads.
 
+    python -m lab.manifest add --kind training FILE...   # write (or refresh) their lines
+    python -m lab.manifest drop FILE...                  # remove their lines
+    python -m lab.manifest check                         # every line against its file
+
+`add --kind training` is how a running run's safeguard enters (docs/experiments.md); `drop`
+retires it once the run's weights are exported. Paths are relative to the working directory.
+
 Kinds:
 
 * `weights`: a weights-only export (model state and config; no optimizer or RNG state),
@@ -15,11 +22,14 @@ Kinds:
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 #: The manifest, relative to the repository root.
 MANIFEST = Path("results") / "checkpoints.tsv"
 COLUMNS = ("path", "sha256", "bytes", "run", "kind")
@@ -103,3 +113,50 @@ def problems(root: Path, entries: list[Entry]) -> list[str]:
         elif sha256_of(path) != e.sha256:
             out.append(f"{e.path}: SHA-256 differs from the manifest's")
     return out
+
+
+def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lab.manifest", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    add = commands.add_parser("add", help="write the lines of these checkpoint files")
+    add.add_argument("--kind", choices=KINDS, required=True)
+    add.add_argument("files", nargs="+", type=Path)
+    drop = commands.add_parser("drop", help="remove the lines of these paths")
+    drop.add_argument("files", nargs="+", type=Path)
+    commands.add_parser("check", help="check every line against its file")
+    args = parser.parse_args(argv)
+    root = root.resolve()
+    try:
+        if args.command == "check":
+            found = problems(root, read(root))
+            for problem in found:
+                print(problem)
+            print(f"{MANIFEST}: {len(read(root))} lines, {len(found)} problems")
+            return 1 if found else 0
+        paths = [path.resolve() for path in args.files]
+        outside = [str(path) for path in paths if not path.is_relative_to(root)]
+        if outside:
+            raise ValueError(f"not inside the repository {root}: {', '.join(outside)}")
+        if args.command == "add":
+            missing = [str(path) for path in paths if not path.is_file()]
+            if missing:
+                raise ValueError(f"not a file: {', '.join(missing)}")
+            for path in paths:
+                entries = upsert(root, describe(path, root, args.kind))
+                write(root, entries)
+        else:
+            names = {path.relative_to(root).as_posix() for path in paths}
+            unknown = names - {e.path for e in read(root)}
+            if unknown:
+                raise ValueError(f"not in {MANIFEST}: {', '.join(sorted(unknown))}")
+            entries = [e for e in read(root) if e.path not in names]
+            write(root, entries)
+    except (ValueError, OSError) as e:
+        print(f"lab.manifest: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"{MANIFEST}: {len(entries)} lines ({args.command} {len(paths)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -56,6 +56,44 @@ def test_problems_finds_a_changed_file(tmp_path):
     assert "missing" in manifest.problems(tmp_path, [entry])[0]
 
 
+def test_the_cli_adds_refreshes_drops_and_checks_lines(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "results" / "training" / "r" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(b"first")
+    (run / "best.pt").write_bytes(b"best")
+    files = ["results/training/r/checkpoints/last.pt", "results/training/r/checkpoints/best.pt"]
+    assert manifest.main(["add", "--kind", "training", *files], root=tmp_path) == 0
+    entries = manifest.read(tmp_path)
+    assert [(e.path, e.run, e.kind) for e in entries] == [
+        (files[1], "results/training/r", "training"),
+        (files[0], "results/training/r", "training"),
+    ]
+    (run / "last.pt").write_bytes(b"second, longer")  # the run went on: add again refreshes its line
+    assert manifest.main(["check"], root=tmp_path) == 1 and "bytes, the manifest says 5" in capsys.readouterr().out
+    assert manifest.main(["add", "--kind", "training", files[0]], root=tmp_path) == 0
+    assert manifest.main(["check"], root=tmp_path) == 0 and len(manifest.read(tmp_path)) == 2
+    (run / "last.pt").unlink()  # retired: its line goes too, the other stays
+    assert manifest.main(["drop", files[0]], root=tmp_path) == 0
+    assert [e.path for e in manifest.read(tmp_path)] == [files[1]]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["add", "--kind", "training", "none.pt"], "not a file: "),
+        (["add", "--kind", "training", "/elsewhere/a.pt"], "not inside the repository"),
+        (["drop", "never_listed.pt"], "not in results/checkpoints.tsv: never_listed.pt"),
+    ],
+)
+def test_the_cli_refuses_in_one_line_and_writes_nothing(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert manifest.main(argv, root=tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lab.manifest: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / manifest.MANIFEST).exists()
+
+
 @pytest.fixture(scope="module")
 def shared_mnist():
     """Load each MNIST variant once for all the checkpoints (as `vae.data.mnist` builds it)."""
