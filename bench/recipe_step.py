@@ -44,18 +44,27 @@ def make(prior: str):
     return build_model(cfg, data).train(), data.train_epoch(0)[:100]
 
 
-def timed(model, x, *, fused: bool, compiled: bool, steps: int) -> float:
-    """Milliseconds a step (loss, backward, update) after three warm-up steps."""
+def make_step(model, x, *, fused: bool, compiled: bool, kl_weight: float):
+    """A step (loss, backward, update) on a copy of `model` with a fresh optimizer; returns the loss."""
+    torch._dynamo.reset()
     model = copy.deepcopy(model)
     opt = AdamNormGrad(model.parameters(), lr=5e-4, fused=fused)
     step_loss = torch.compile(batch_loss, dynamic=False, options={"fallback_random": True}) if compiled else batch_loss
-    index, weight = torch.arange(len(x)), torch.tensor(1.0)
+    index, weight = torch.arange(len(x)), torch.tensor(kl_weight)
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        step_loss(model, x, index, weight)[0].backward()
+        loss = step_loss(model, x, index, weight)[0]
+        loss.backward()
         opt.step()
+        return loss
 
+    return step
+
+
+def timed(model, x, *, fused: bool, compiled: bool, steps: int) -> float:
+    """Milliseconds a step after three warm-up steps."""
+    step = make_step(model, x, fused=fused, compiled=compiled, kl_weight=1.0)
     for _ in range(3):
         step()
     start = time.perf_counter()
@@ -65,21 +74,10 @@ def timed(model, x, *, fused: bool, compiled: bool, steps: int) -> float:
 
 
 def losses(model, x, *, compiled: bool, steps: int = 6) -> list[float]:
-    """The losses of `steps` steps from `model`'s weights, with the same noise every call."""
-    torch._dynamo.reset()
-    model = copy.deepcopy(model)
-    opt = AdamNormGrad(model.parameters(), lr=5e-4, fused=True)
-    step_loss = torch.compile(batch_loss, dynamic=False, options={"fallback_random": True}) if compiled else batch_loss
-    index, weight = torch.arange(len(x)), torch.tensor(0.3)
+    """The losses of `steps` fused-Adam steps from `model`'s weights, with the same noise every call."""
+    step = make_step(model, x, fused=True, compiled=compiled, kl_weight=0.3)
     torch.manual_seed(1)
-    out = []
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = step_loss(model, x, index, weight)[0]
-        loss.backward()
-        opt.step()
-        out.append(loss.item())
-    return out
+    return [step().item() for _ in range(steps)]
 
 
 def main() -> None:
@@ -118,7 +116,6 @@ def main() -> None:
         times = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, options in variants.items():
-                torch._dynamo.reset()
                 times[name].append(timed(model, x, steps=args.steps, **options))
         med = {name: statistics.median(t) for name, t in times.items()}
         print(

@@ -128,10 +128,11 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     root = root.resolve()
     try:
         if args.command == "check":
-            found = problems(root, read(root))
+            entries = read(root)
+            found = problems(root, entries)
             for problem in found:
                 print(problem)
-            print(f"{MANIFEST}: {len(read(root))} lines, {len(found)} problems")
+            print(f"{MANIFEST}: {len(entries)} lines, {len(found)} problems")
             return 1 if found else 0
         paths = [path.resolve() for path in args.files]
         outside = [str(path) for path in paths if not path.is_relative_to(root)]
