@@ -34,6 +34,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from vae.checkpoint import RunDirError, holds_a_run
+from vae.optim import IMPLEMENTATION_OPTIONS
 
 #: Config keys (or key prefixes ending in ".") a resumed run may change.
 RESUMABLE_CHANGES: tuple[str, ...] = (
@@ -49,8 +50,8 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "data.cache_dir",
     "device",
     "trainer.compile",  # the same step, compiled or not: equal to floating-point rounding
-    "trainer.optimizer.fused",  # the same update in one kernel or a loop: equal to rounding
-    "trainer.optimizer.foreach",
+    # the same update in one kernel, batched kernels or a loop: equal to rounding
+    *(f"trainer.optimizer.{option}" for option in IMPLEMENTATION_OPTIONS),
     "trainer.flush_denormal",  # like the device: how the arithmetic is done, not what is trained
     "debug",
     "logger.",

@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch.optim import Adam
+from torch.optim import Adam, Optimizer
+
+#: How a torch optimizer runs its update (one fused kernel, batched kernels or a loop over the
+#: parameters), not what the update is: the same steps to floating-point rounding.
+IMPLEMENTATION_OPTIONS = ("fused", "foreach")
+
+
+def load_optimizer_state(optimizer: Optimizer, saved: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(saved)`, keeping the optimizer's own `IMPLEMENTATION_OPTIONS`.
+
+    torch's `load_state_dict` restores every option of each parameter group from the saved
+    state, so an optimizer built with `fused=True` would go on with the loop its checkpoint was
+    written with. The options are set in the saved groups before loading, so that torch places
+    each loaded state (Adam's `step` on the parameter's device, for a fused kernel) for the
+    kernel that will run.
+    """
+    chosen = {key: optimizer.defaults[key] for key in IMPLEMENTATION_OPTIONS if key in optimizer.defaults}
+    groups = [{**group, **chosen} for group in saved["param_groups"]]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
 
 
 class AdamNormGrad(Adam):

@@ -42,6 +42,7 @@ from vae.data import EVAL_NOISE_SALT, TRAIN_ORDER_SALT, BinarizedData, derive_se
 from vae.files import WriteError, describe_write_failure, write_atomically
 from vae.loggers import NullLogger
 from vae.model import VAE
+from vae.optim import load_optimizer_state
 from vae.validation import ConfigError, check_bool, check_int, check_number
 
 log = logging.getLogger(__name__)
@@ -705,7 +706,7 @@ class Trainer:
         if path == self.last_path and payload.get("is_best"):
             self._restore_best(payload)
         model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
+        load_optimizer_state(optimizer, payload["optimizer"])  # the config's fused or foreach, not the checkpoint's
         torch.set_rng_state(payload["rng_cpu"].cpu())
         if payload["rng_cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(payload["rng_cuda"].cpu(), self.device)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
-from vae.optim import AdamNormGrad
+from vae.optim import AdamNormGrad, load_optimizer_state
 
 
 def hand_adam_normgrad(
@@ -107,3 +108,28 @@ def test_a_closure_is_evaluated_and_its_loss_returned() -> None:
 def test_a_negative_or_nan_norm_eps_is_refused(norm_eps: float) -> None:
     with pytest.raises(ValueError, match="AdamNormGrad: norm_eps must be >= 0"):
         AdamNormGrad([torch.nn.Parameter(torch.zeros(1))], norm_eps=norm_eps)
+
+
+@pytest.mark.parametrize("first, then", [(False, True), (True, False)], ids=["loop->fused", "fused->loop"])
+def test_a_loaded_state_keeps_the_optimizers_own_kernel_and_steps_on_alike(first: bool, then: bool) -> None:
+    def steps(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad()
+            (params[0].sum(0) * params[1]).pow(2).sum().backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    params = [torch.nn.Parameter(p.clone()) for p in start]
+    opt = AdamNormGrad(params, lr=0.01, fused=first)
+    steps(opt, params, 2)
+    saved, midway = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+    steps(opt, params, 1)  # straight on, with the first kernel
+
+    resumed = [torch.nn.Parameter(p.clone()) for p in midway]
+    other = AdamNormGrad(resumed, lr=0.01, fused=then)
+    load_optimizer_state(other, copy.deepcopy(saved))
+    assert [bool(g["fused"]) for g in other.param_groups] == [then]  # torch's load_state_dict gives `first`
+    steps(other, resumed, 1)
+    for a, b in zip(params, resumed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -563,6 +563,21 @@ def test_train_py_trains_evaluates_and_resumes_through_the_trainer(tiny_cfg, tmp
 
 
 @pytest.mark.slow
+def test_a_resume_runs_the_optimizer_kernel_its_config_names(tiny_cfg, tmp_path) -> None:
+    """A run written with Adam's loop resumes with the fused kernel, as its config asks, and the
+    other way round; torch's load_state_dict alone would keep the checkpoint's choice."""
+    for first, then in ((False, True), (True, False)):
+        run_dir = tmp_path / f"from_{first}"
+        train(_quick(tiny_cfg, **{"trainer.max_epochs": 1, "trainer.optimizer.fused": first}), run_dir=run_dir)
+        resumed = {"trainer.max_epochs": 2, "trainer.resume": True, "trainer.optimizer.fused": then}
+        train(_quick(tiny_cfg, **resumed), run_dir=run_dir)
+        groups = load_checkpoint(run_dir / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+        assert [bool(group["fused"]) for group in groups] == [then] * len(groups)
+        (line,) = [json.loads(x) for x in (run_dir / "resumes.jsonl").read_text().splitlines()]
+        assert line["changed"] == {"trainer.max_epochs": [1, 2], "trainer.optimizer.fused": [first, then]}
+
+
+@pytest.mark.slow
 def test_a_refused_resume_writes_not_a_byte(tiny_cfg, tmp_path) -> None:
     train(_quick(tiny_cfg, **{"trainer.max_epochs": 2}), run_dir=tmp_path)
     (tmp_path / "checkpoints" / "last.pt").unlink()
