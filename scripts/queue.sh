@@ -23,8 +23,8 @@ if [ $# -lt 2 ]; then
     sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
-worktree=$(cd "$1" && pwd) || { echo "no such worktree: $1" >&2; exit 2; }
-list=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")
+worktree=$(cd "$1" 2>/dev/null && pwd) || { echo "no such worktree: $1" >&2; exit 2; }
+list=$(cd "$(dirname "$2")" 2>/dev/null && pwd)/$(basename "$2")
 [ -f "$list" ] || { echo "no such list: $2" >&2; exit 2; }
 runs=${3:-$worktree/../runs}
 mkdir -p "$runs"

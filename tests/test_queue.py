@@ -45,6 +45,9 @@ def test_the_queue_trains_each_run_once_and_skips_what_is_evaluated(tmp_path: Pa
     assert "tiny: evaluated already, skipped" in again.stdout and "start" not in again.stdout
 
 
-def test_the_queue_names_a_missing_list(tmp_path: Path) -> None:
+def test_the_queue_names_a_missing_list_or_worktree_in_one_line(tmp_path: Path) -> None:
+    missing_dir = _queue(str(ROOT), str(tmp_path / "no_dir" / "a.list"))
+    assert missing_dir.returncode == 2 and missing_dir.stderr == f"no such list: {tmp_path / 'no_dir' / 'a.list'}\n"
+    assert _queue(str(tmp_path / "none"), str(tmp_path)).stderr == f"no such worktree: {tmp_path / 'none'}\n"
     proc = _queue(str(ROOT), str(tmp_path / "none.list"))
-    assert proc.returncode == 2 and "no such list" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr == f"no such list: {tmp_path / 'none.list'}\n"
