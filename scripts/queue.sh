@@ -13,7 +13,7 @@
 # Each line runs
 #   python train.py experiment=literature vae.latent_dim=40 logger=none hydra.mode=RUN \
 #       hydra.run.dir=RUNS_DIR/NAME OVERRIDES...
-# with one thread. A run whose dir holds log_px_test.npy (its end-of-run evaluation) is
+# with one thread, the run dir written relative to WORKTREE (../runs/NAME). A run whose dir holds log_px_test.npy (its end-of-run evaluation) is
 # skipped; any other continues from its last.pt (experiment=literature sets
 # trainer.resume=true), so calling the script again after a stop picks up where it was.
 # A run that fails is reported and the queue goes on to the next.
@@ -35,6 +35,8 @@ python=${PYTHON:-$worktree/.venv/bin/python}
 while read -r name overrides; do
     case "$name" in ''|'#'*) continue ;; esac
     dir="$runs/$name"
+    # Relative to the worktree where it can be (../runs/NAME): the run's Hydra record then holds no machine's path.
+    rel=$(realpath -m --relative-to="$worktree" "$dir")
     if [ -f "$dir/log_px_test.npy" ]; then
         echo "$(date -u +%FT%TZ) $name: evaluated already, skipped"
         continue
@@ -43,6 +45,6 @@ while read -r name overrides; do
     # shellcheck disable=SC2086  # the overrides are separate words on purpose
     (cd "$worktree" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$python" train.py \
         experiment=literature vae.latent_dim=40 logger=none hydra.mode=RUN \
-        "hydra.run.dir=$dir" $overrides) < /dev/null >> "$runs/$name.out" 2>&1
+        "hydra.run.dir=$rel" $overrides) < /dev/null >> "$runs/$name.out" 2>&1
     echo "$(date -u +%FT%TZ) $name: exit $?"
 done < "$list"

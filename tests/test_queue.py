@@ -40,6 +40,8 @@ def test_the_queue_trains_each_run_once_and_skips_what_is_evaluated(tmp_path: Pa
     assert "tiny: exit 0" in first.stdout, (runs / "tiny.out").read_text()[-3000:]
     assert (runs / "tiny" / "metrics.jsonl").read_text().count("\n") == 1
     assert (runs / "tiny" / "log_px_test.npy").is_file() and not (runs / "done" / "metrics.jsonl").exists()
+    record = (runs / "tiny" / ".hydra" / "hydra.yaml").read_text()
+    assert f"dir: {os.path.relpath(runs / 'tiny', ROOT)}\n" in record  # relative to the worktree
 
     again = _queue(str(ROOT), str(listing), str(runs))
     assert "tiny: evaluated already, skipped" in again.stdout and "start" not in again.stdout
