@@ -11,20 +11,22 @@ its best validation ELBO with that epoch. `--copy-to DIR` also copies each run's
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lab.report import learning_curve  # noqa: E402
+
 
 def standing(run_dir: Path) -> tuple[int, float, int]:
     """(last epoch, best validation ELBO, its epoch) of a run's complete epochs."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    epochs = [line for line in lines if line.get("complete_epoch", True) and "val_elbo" in line]
-    if not epochs:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no complete epoch yet")
-    best = max(epochs, key=lambda line: line["val_elbo"])
-    return epochs[-1]["epoch"], best["val_elbo"], best["epoch"]
+    curve = learning_curve(run_dir / "metrics.jsonl")
+    if not curve:
+        raise ValueError(f"no complete epoch in {run_dir / 'metrics.jsonl'} (missing or empty)")
+    best_epoch, best, _ = max(curve, key=lambda point: point[1])
+    return curve[-1][0], best, best_epoch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = [(run, *standing(run)) for run in args.runs]
-    except (OSError, ValueError) as e:
+    except ValueError as e:
         print(f"training_status: error: {e}", file=sys.stderr)
         return 2
     print("| run | epoch | best validation ELBO (epoch) |\n|---|---|---|")
