@@ -428,6 +428,46 @@ def test_headline_selects_rows_and_shows_seeds_and_published_figures(three_prior
         "| flow | 2 | -91.45 ± 0.78 | — |",
     ]
     assert lines[-1] == "Published: a table."
+    assert (out / "headline.png").read_bytes()[:8] == PNG_MAGIC
+    assert "headline.png" not in (out / "report.md").read_text()  # the headline's picture, not the report's
+
+
+def test_the_headline_picture_draws_every_seed_its_mean_and_the_published_figure(three_priors: Path) -> None:
+    """headline.png: a line per headline row, the table's first on top; each seed's dot at its test
+    log p(x) with its standard error, fanned out first seed on top; the mean ± sd; the published diamond."""
+    from surgery.plots import new_figure
+
+    for run in three_priors.glob("*_s1"):  # distinct standard errors, to see each drawn at its own seed
+        values = json.loads((run / "surgery.json").read_text())
+        values["log_likelihood_stderr"] = 0.05
+        (run / "surgery.json").write_text(json.dumps(values))
+    spec = rep.HeadlineSpec(
+        where={"vae.latent_dim": 40}, names={"gaussian": "Gaussian"}, published={"vampprior": (-82.43, 0.06)}
+    )
+    ax = new_figure(7, 4).add_subplot()
+    rep.draw_headline(ax, rep.build_report([three_priors]), spec)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["flow", "vampprior", "Gaussian"]  # bottom to top
+
+    def drawn(container) -> list[tuple[float, float, float]]:  # (x, y, half-width of the x error bar)
+        line, _, (bars,) = container.lines
+        widths = [(seg[1][0] - seg[0][0]) / 2 for seg in bars.get_segments()]
+        return [(x, y, w) for x, y, w in zip(line.get_xdata(), line.get_ydata(), widths, strict=True)]
+
+    expected = [  # per row, top to bottom: the seeds, the mean ± sd, the published figure if any
+        [(-95.0, 2.22, 0.01), (-94.9, 2.0, 0.05), (-94.8, 1.78, 0.01)],
+        [(-94.9, 2.0, 0.1)],
+        [(-93.0, 1.22, 0.01), (-92.4, 1.0, 0.05), (-93.3, 0.78, 0.01)],
+        [(-92.9, 1.0, math.sqrt(0.21))],
+        [(-82.43, 1.4, 0.06)],
+        [(-92.0, 0.22, 0.01), (-90.9, -0.22, 0.05)],
+        [(-91.45, 0.0, 0.55 * math.sqrt(2))],
+    ]
+    got = [drawn(c) for c in ax.containers]
+    assert len(got) == len(expected)
+    for points, want in zip(got, expected, strict=True):
+        assert np.allclose(points, want, atol=1e-9), (points, want)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["a seed ± s.e. over the test points", "mean ± sd over seeds", "published ± sd"]
 
 
 def test_headline_mistakes_are_one_line_errors(three_priors: Path, tmp_path: Path, capsys) -> None:
