@@ -13,14 +13,16 @@
 # Each line runs
 #   python train.py experiment=literature vae.latent_dim=40 logger=none hydra.mode=RUN \
 #       hydra.run.dir=RUNS_DIR/NAME OVERRIDES...
-# with one thread, the run dir written relative to WORKTREE (../runs/NAME). A run whose dir holds log_px_test.npy (its end-of-run evaluation) is
-# skipped; any other continues from its last.pt (experiment=literature sets
-# trainer.resume=true), so calling the script again after a stop picks up where it was.
-# A run that fails is reported and the queue goes on to the next.
+# with one thread, the run dir written relative to WORKTREE (../runs/NAME). A run whose dir
+# holds log_px_test.npy (its end-of-run evaluation) is skipped; any other continues from its
+# last.pt (experiment=literature sets trainer.resume=true), so calling the script again after
+# a stop picks up where it was.
+# A run that fails is reported and the queue goes on to the next. The list is read once, at the
+# start: edit it while the queue runs and the queue still trains what it held then.
 set -u
 
 if [ $# -lt 2 ]; then
-    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 worktree=$(cd "$1" 2>/dev/null && pwd) || { echo "no such worktree: $1" >&2; exit 2; }
@@ -32,7 +34,11 @@ runs=$(cd "$runs" && pwd)
 python=${PYTHON:-$worktree/.venv/bin/python}
 [ -x "$python" ] || python=python3
 
-while read -r name overrides; do
+# The whole list is read now: a line edited out while the queue runs (a finished run leaves its
+# list) must not shift what is read next. Bash reads a file in a loop at a byte offset.
+mapfile -t lines < "$list"
+for line in "${lines[@]}"; do
+    read -r name overrides <<< "$line"
     case "$name" in ''|'#'*) continue ;; esac
     dir="$runs/$name"
     # Relative to the worktree where it can be (../runs/NAME): the run's Hydra record then holds no machine's path.
@@ -47,4 +53,4 @@ while read -r name overrides; do
         experiment=literature vae.latent_dim=40 logger=none hydra.mode=RUN \
         "hydra.run.dir=$rel" $overrides) < /dev/null >> "$runs/$name.out" 2>&1
     echo "$(date -u +%FT%TZ) $name: exit $?"
-done < "$list"
+done

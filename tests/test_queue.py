@@ -53,3 +53,26 @@ def test_the_queue_names_a_missing_list_or_worktree_in_one_line(tmp_path: Path) 
     assert _queue(str(tmp_path / "none"), str(tmp_path)).stderr == f"no such worktree: {tmp_path / 'none'}\n"
     proc = _queue(str(ROOT), str(tmp_path / "none.list"))
     assert proc.returncode == 2 and proc.stderr == f"no such list: {tmp_path / 'none.list'}\n"
+
+
+def test_the_queue_trains_the_list_as_it_was_at_its_start(tmp_path: Path) -> None:
+    """A finished run's line leaves its list while the queue goes on (docs/experiments.md). The
+    queue read the whole list when it started, so that edit neither skips, repeats nor garbles a
+    run. A stand-in for python records each call and rewrites the list as a finished run would."""
+    listing = tmp_path / "a.list"
+    listing.write_text("one prior=gaussian\ntwo prior=mixture\nthree prior=flow\n")
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nprintf "two prior=mixture\\nthree prior=flow\\n" > {listing}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake)}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "queue.sh"), str(tmp_path), str(listing), str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    dirs = [line.split("hydra.run.dir=")[1].split()[0] for line in calls.read_text().splitlines()]
+    assert dirs == ["runs/one", "runs/two", "runs/three"], calls.read_text()
