@@ -1254,12 +1254,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if spec is not None and not headline_rows(report, spec):
-        where = " ".join(format_setting(k, v) for k, v in spec.where.items())
-        print(f"surgery.report: error: --headline {args.headline}: no complete run has {where}", file=sys.stderr)
-        return 2
-    command = ["python", "-m", "surgery.report", *args.paths, "--out", args.out, "--headline", args.headline or ""]
-    files = write_report(report, args.out, spec, shlex.join(command) if spec is not None else "")
+    command = ""
+    if spec is not None:
+        if not headline_rows(report, spec):
+            where = " ".join(format_setting(k, v) for k, v in spec.where.items())
+            print(f"surgery.report: error: --headline {args.headline}: no complete run has {where}", file=sys.stderr)
+            return 2
+        command = shlex.join(
+            ["python", "-m", "surgery.report", *args.paths, "--out", args.out, "--headline", args.headline]
+        )
+    files = write_report(report, args.out, spec, command)
     n_complete = sum(r.n_runs for r in report.rows)
     print(f"{len(report.runs)} runs: {n_complete} complete, {len(report.incomplete)} incomplete")
     for r in report.incomplete:
