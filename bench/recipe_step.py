@@ -32,6 +32,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from vae import build_model  # noqa: E402
+from vae.callbacks import TrainingSetEncodings  # noqa: E402
 from vae.optim import AdamNormGrad  # noqa: E402
 from vae.trainer import batch_loss  # noqa: E402
 
@@ -41,7 +42,10 @@ def make(prior: str):
         cfg = compose("train", ["experiment=literature", f"prior={prior}", "vae.latent_dim=40", "hydra.mode=RUN"])
     data = instantiate(cfg.data).with_stream_seed(0)
     torch.manual_seed(0)
-    return build_model(cfg, data).train(), data.train_epoch(0)[:100]
+    model = build_model(cfg, data)
+    # What the trainer does before the first step: the exemplar prior's cached means (a no-op for the others).
+    TrainingSetEncodings().refresh(model, data.split("train"), torch.device("cpu"))
+    return model.train(), data.train_epoch(0)[:100]
 
 
 def make_step(model, x, *, fused: bool, compiled: bool, kl_weight: float):
