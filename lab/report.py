@@ -1028,13 +1028,12 @@ def plot_samples_side_by_side(report: Report, path: Path, columns: int = 4) -> P
     return path
 
 
-def draw_headline(ax: Any, report: Report, spec: HeadlineSpec) -> None:
-    """The headline's test log p(x) on `ax`, a line per row in the table's order (top first):
-    each seed a dot with its standard error over the test points, the mean over seeds ± sd as
-    a bar, the published figure ± sd as a hollow diamond."""
+def draw_headline(ax: Any, rows: Sequence[Row], spec: HeadlineSpec) -> None:
+    """The test log p(x) of the headline's `rows` (`headline_rows`) on `ax`, a line per row in
+    the table's order (top first): each seed a dot with its standard error over the test
+    points, the mean over seeds ± sd as a bar, the published figure ± sd as a hollow diamond."""
     import textwrap
 
-    rows = headline_rows(report, spec)
     names = headline_names(rows, spec)
     spread = 0.22  # the seeds' dots fan out over this height around their row
     for i, row in enumerate(rows):
@@ -1088,7 +1087,7 @@ def plot_headline(report: Report, spec: HeadlineSpec, path: Path) -> Path:
     """`headline.png`: `draw_headline`, the headline table as a picture."""
     rows = headline_rows(report, spec)
     fig = _figure(7.0, 1.5 + 0.75 * len(rows))
-    draw_headline(fig.add_subplot(), report, spec)
+    draw_headline(fig.add_subplot(), rows, spec)
     fig.savefig(path, dpi=120)
     return path
 

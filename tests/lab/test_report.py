@@ -445,7 +445,7 @@ def test_the_headline_picture_draws_every_seed_its_mean_and_the_published_figure
         where={"vae.latent_dim": 40}, names={"gaussian": "Gaussian"}, published={"vampprior": (-82.43, 0.06)}
     )
     ax = new_figure(7, 4).add_subplot()
-    rep.draw_headline(ax, rep.build_report([three_priors]), spec)
+    rep.draw_headline(ax, rep.headline_rows(rep.build_report([three_priors]), spec), spec)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["flow", "vampprior", "Gaussian"]  # bottom to top
 
     def drawn(container) -> list[tuple[float, float, float]]:  # (x, y, half-width of the x error bar)
