@@ -13,7 +13,9 @@ checkpoint outside a priorlab run directory needs. Options: conf/surgery_cli.yam
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import logging
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -27,17 +29,21 @@ from lab.checkpoint import checkpoint_option, load_model, output_dir_option
 from lab.cli import CONF_DIR, one_line_errors
 from lab.progress import PassProgress
 from lab.run_dir import CONFIG_FILE, write_config
-from surgery.decomposition import SurgeryReport, decompose, encode
+from surgery.decomposition import ImportanceState, SurgeryReport, decompose, encode
 from surgery.text import format_table, table_rows
 from vae import resolve_device
 from vae.data import SPLITS
-from vae.files import write_atomically
+from vae.files import WriteError, write_atomically
 from vae.validation import ConfigError, check_bool, check_choice, check_int
 
 # q(z) beside p(z) for 2-D latents; surgery.report collects these across runs.
 DENSITY_PICTURE = "surgery_aggregate_posterior"
 # Written by `python -m priors.fit` into the run dir of a prior fitted after training.
 FIT_JSON = "fit.json"
+#: Seconds between two saves of a log p(x) pass's progress (`PartialLogLikelihood`).
+PARTIAL_EVERY_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,74 @@ def log_px_name(split: str) -> str:
     return f"log_px_{split}.npy"
 
 
+def partial_log_px_name(split: str) -> str:
+    """The progress of a log p(x) pass still running or stopped (`PartialLogLikelihood`)."""
+    return f"log_px_{split}.partial.pt"
+
+
+class PartialLogLikelihood:
+    """A log p(x) pass's progress in a file, so that a stopped evaluation continues where it was.
+
+    The importance pass (`surgery.decomposition.importance_log_likelihood`) saves its state
+    here at most every `every_s` seconds: the values so far and the random stream after them,
+    under a key of everything they depend on (weights, points, K, seed). The next evaluation
+    of the same model and points continues from it to the values an unstopped pass returns,
+    bit for bit; a state of another key, or a file that does not load, is set aside with a
+    warning and the pass starts over. `run_surgery` removes the file once log p(x) is written.
+    Loaded with `weights_only=True`: tensors, strings and numbers only, no code.
+    """
+
+    def __init__(self, path: str | Path, every_s: float = PARTIAL_EVERY_S, clock: Callable[[], float] = time.monotonic):
+        self.path = Path(path)
+        self.every_s = float(every_s)
+        self.clock = clock
+        self.last = clock()
+
+    def load(self, key: str) -> ImportanceState | None:
+        if not self.path.exists():
+            return None
+        try:
+            content = torch.load(self.path, map_location="cpu", weights_only=True)
+            state = ImportanceState(content["key"], content["values"], content["generator_state"])
+            ok = (
+                isinstance(state.key, str)
+                and isinstance(state.values, torch.Tensor)
+                and state.values.dtype == torch.float64
+                and state.values.dim() == 1
+                and isinstance(state.generator_state, torch.Tensor)
+                and state.generator_state.dtype == torch.uint8
+            )
+        except Exception as e:  # any unreadable file: the pass starts over, it never fails on it
+            log.warning("log p(x): %s does not load (%s); the pass starts over", self.path, " ".join(str(e).split()))
+            return None
+        if not ok:
+            log.warning("log p(x): %s is not a saved pass; the pass starts over", self.path)
+            return None
+        if state.key != key:
+            log.warning(
+                "log p(x): %s is the progress of another pass (the weights, points, K or seed differ); "
+                "the pass starts over",
+                self.path,
+            )
+            return None
+        log.info("log p(x): continuing from %s, %s points done", self.path, f"{state.done:,}")
+        return state
+
+    def due(self) -> bool:
+        return self.clock() - self.last >= self.every_s
+
+    def save(self, state: ImportanceState) -> None:
+        content = {"key": state.key, "values": state.values, "generator_state": state.generator_state}
+        try:
+            write_atomically(self.path, lambda f: torch.save(content, f))
+        except WriteError as e:  # the pass goes on; only its continuation after a stop is lost
+            log.warning("log p(x): progress not saved: %s", e)
+        self.last = self.clock()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def write_log_px(values: torch.Tensor, path: str | Path) -> Path:
     """Write the per-point log-likelihoods atomically."""
     return write_atomically(path, lambda f: np.save(f, values.double().numpy()))
@@ -160,16 +234,21 @@ def run_surgery(
 ) -> tuple[SurgeryReport, dict[str, Path]]:
     """Decompose, then write `surgery.json` (and the pictures if `options.plots`) into `out_dir` and log them.
 
+    The log p(x) pass keeps its progress in `out_dir` (`PartialLogLikelihood`): run again after
+    a stop, the surgery continues that pass instead of starting it over.
+
     Returns:
         The report and the written files by name ("json", "log_px", "decomposition", "aggregate_posterior").
     """
     out_dir = Path(out_dir)
-    report = decompose(model, data, device=device, **options.decompose_kwargs())
+    partial = PartialLogLikelihood(out_dir / partial_log_px_name(options.is_split))
+    report = decompose(model, data, device=device, is_checkpoint=partial, **options.decompose_kwargs())
     files = {"json": write_json(report, out_dir / surgery_json_name(report.split))}
     if report.log_likelihood_per_point is not None:
         files["log_px"] = write_log_px(
             report.log_likelihood_per_point, out_dir / log_px_name(report.log_likelihood_split)
         )
+    partial.remove()
     if options.plots:
         from surgery.plots import plot_aggregate_posterior_2d, plot_decomposition
 

@@ -19,11 +19,12 @@ Everything here is a pure function of a model and data: no prints, no files, no 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -41,6 +42,41 @@ from vae.callbacks import encode as encode_in_batches
 #: Reports the progress of a long pass, called like tqdm: `factory(total=..., desc=..., unit=...)`
 #: returns an object with `update(n)` and `close()` (lab.progress.PassProgress; None: silent).
 ProgressFactory = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class ImportanceState:
+    """How far a pass of `importance_log_likelihood` has come: enough to continue it exactly.
+
+    Attributes:
+        key: what the pass computes (`importance_key`); a state of another key is not continued.
+        values: `[done]` float64 log p(x) of the pass's first points, on the CPU.
+        generator_state: the random stream after them (`torch.Generator.get_state()`).
+    """
+
+    key: str
+    values: Tensor
+    generator_state: Tensor
+
+    @property
+    def done(self) -> int:
+        return len(self.values)
+
+
+class ImportanceCheckpoint(Protocol):
+    """Where a long importance pass keeps its progress (lab.surgery.PartialLogLikelihood: a file).
+
+    `load(key)` returns the saved state of that key or None; the pass asks `due()` after each
+    batch of points and, when it is, gives `save` its state. A pass continued from a state
+    draws the same samples as one never stopped, so it returns the same values, bit for bit.
+    """
+
+    def load(self, key: str) -> ImportanceState | None: ...
+
+    def due(self) -> bool: ...
+
+    def save(self, state: ImportanceState) -> None: ...
+
 
 # ---- results ---------------------------------------------------------------------------
 
@@ -427,6 +463,7 @@ def importance_log_likelihood(
     batch_elements: int = 2_000_000,
     generator: torch.Generator | None = None,
     progress: ProgressFactory | None = None,
+    checkpoint: ImportanceCheckpoint | None = None,
 ) -> Tensor:
     """log p(x) per point by importance sampling with the encoder as proposal.
 
@@ -443,7 +480,10 @@ def importance_log_likelihood(
         batch_elements: bound on the logits tensor of one decoder call.
         generator: the random stream (on the model's device). The draws depend on the call
             shape, so a GPU run draws other samples than a CPU run of the same seed.
-        progress: told of the points done after each batch of them (`ProgressFactory`).
+        progress: told of the points done after each batch of them (`ProgressFactory`; called
+            with `initial=` the points already done when the pass continues a saved state).
+        checkpoint: keeps the pass's progress (`ImportanceCheckpoint`): the pass continues the
+            state saved under its `importance_key`, if any, and saves its own when `due()`.
 
     Returns:
         `[B]` float64 log-likelihoods, in nats. Memory: one decoder call's tensors, which
@@ -457,9 +497,23 @@ def importance_log_likelihood(
     generator = generator or torch.Generator(device=device).manual_seed(0)
     s, b = importance_batch_shape(n_samples, x.shape[1], batch_elements, device)
     x = x.to(device)  # once: a copy per batch would wait for the device each time
-    out = []
-    bar = progress(total=len(x), desc=f"log p(x), K = {n_samples}", unit="points") if progress else None
-    for start in range(0, len(x), b):
+    out: list[Tensor] = []
+    first = 0
+    key = importance_key(model, x, n_samples, (s, b), generator) if checkpoint is not None else ""
+    if checkpoint is not None and (state := checkpoint.load(key)) is not None:
+        if state.key != key or state.done > len(x) or (state.done % b and state.done != len(x)):
+            raise ValueError(
+                f"importance_log_likelihood: a saved state of {state.done} points does not continue this pass "
+                f"({len(x)} points in batches of {b})"
+            )
+        generator.set_state(state.generator_state)
+        out.append(state.values.to(device=device, dtype=torch.float64))
+        first = state.done
+    bar = None
+    if progress is not None:
+        resumed = {"initial": first} if first else {}
+        bar = progress(total=len(x), desc=f"log p(x), K = {n_samples}", unit="points", **resumed)
+    for start in range(first, len(x), b):
         xb = x[start : start + b]
         mu, logvar = model.encode(xb)
         running = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=device)
@@ -476,9 +530,38 @@ def importance_log_likelihood(
         out.append(running - math.log(n_samples))
         if bar is not None:
             bar.update(len(xb))
+        if checkpoint is not None and start + b < len(x) and checkpoint.due():
+            values = torch.cat(out)
+            out = [values]
+            checkpoint.save(ImportanceState(key, values.cpu(), generator.get_state()))
     if bar is not None:
         bar.close()
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64, device=device)
+
+
+def importance_key(
+    model: Any, x: Tensor, n_samples: int, call_shape: tuple[int, int], generator: torch.Generator
+) -> str:
+    """A digest of everything an importance pass's values depend on: the model's parameters and
+    buffers, the points, K, the decoder calls' shape and the random stream where the pass starts.
+
+    Two passes of one key draw the same samples and compute the same values, so a saved state
+    of the key continues exactly; any other change (a weight, a point, the seed) changes the key.
+    """
+    digest = hashlib.sha256(b"priorlab importance pass, format 1")
+
+    def add(tensor: Tensor) -> None:
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+
+    digest.update(f"K={int(n_samples)} calls={tuple(call_shape)} device={x.device.type}".encode())
+    add(x)
+    add(generator.get_state())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        add(tensor)
+    return digest.hexdigest()
 
 
 # ---- the whole decomposition, step by step ------------------------------------------------
@@ -574,13 +657,20 @@ def split_log_likelihood(
     batch_elements: int,
     generator: torch.Generator,
     progress: ProgressFactory | None = None,
+    checkpoint: ImportanceCheckpoint | None = None,
 ) -> Tensor:
     """Importance-sampled log p(x) of the first `n_points` of `split` (None: all), float64 `[points]` on the CPU."""
     x = data.split(split)
     if n_points is not None:
         x = x[: int(n_points)]
     return importance_log_likelihood(
-        model, x, int(n_samples), batch_elements=batch_elements, generator=generator, progress=progress
+        model,
+        x,
+        int(n_samples),
+        batch_elements=batch_elements,
+        generator=generator,
+        progress=progress,
+        checkpoint=checkpoint,
     ).cpu()
 
 
@@ -643,6 +733,7 @@ def decompose(
     block_size: int = 2048,
     is_batch_elements: int = 2_000_000,
     progress: ProgressFactory | None = None,
+    is_checkpoint: ImportanceCheckpoint | None = None,
 ) -> SurgeryReport:
     """The ELBO decomposition of `model` on `data.split(split)`, exactly in q(z), with standard errors.
 
@@ -667,6 +758,8 @@ def decompose(
         is_batch_elements: bound on the decoder's output per call in the log-likelihood.
         progress: reports the log-likelihood's pass over the points, the long part
             (`ProgressFactory`; None: silent).
+        is_checkpoint: keeps that pass's progress, so that a stopped one continues where it
+            was, to the same values (`ImportanceCheckpoint`; None: not kept).
 
     Returns:
         A `SurgeryReport`.
@@ -708,7 +801,7 @@ def decompose(
             if is_samples:
                 started = time.perf_counter()
                 per_point = split_log_likelihood(
-                    model, data, is_split, is_points, is_samples, is_batch_elements, generator, progress
+                    model, data, is_split, is_points, is_samples, is_batch_elements, generator, progress, is_checkpoint
                 )
                 log_likelihood = (is_split, int(is_samples), per_point)
                 seconds["log_likelihood"] = time.perf_counter() - started

@@ -54,6 +54,22 @@ def test_a_line_every_interval_with_the_time_left(caplog):
     assert caplog.messages[-1] == "log p(x), K = 5000: 10,000 points in 10 min"
 
 
+def test_a_continued_pass_counts_from_where_it_was_and_times_the_rest(caplog):
+    clock = Clock()
+    caplog.set_level(logging.INFO, logger="lab.progress")
+    bar = PassProgress(10_000, "log p(x), K = 5000", every_s=300, clock=clock, initial=4_000)
+    assert bar.bar.n == 4_000
+    clock.now += 300
+    bar.update(2_000)  # 2,000 points in 300 s since the restart: 4,000 left take 600 s
+    assert caplog.messages == [
+        "log p(x), K = 5000: 6,000 of 10,000 points (4,000 before a restart) in 5 min, about 10 min left"
+    ]
+    clock.now += 600
+    bar.update(4_000)
+    bar.close()
+    assert caplog.messages[-1] == "log p(x), K = 5000: 10,000 points (4,000 before a restart) in 15 min"
+
+
 def test_a_short_pass_logs_nothing(caplog):
     clock = Clock()
     caplog.set_level(logging.INFO, logger="lab.progress")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -15,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from lab import report as rep
+from lab import surgery as surgery_cli
 from lab.checkpoint import load_model
 from lab.surgery import CLI_KEYS, SurgeryOptions, surgery_main
+from surgery.decomposition import ImportanceState
 from train import train
 from vae import DeviceError
 from vae.trainer import evaluate
@@ -244,3 +247,98 @@ def test_every_cli_option_is_either_a_surgery_option_or_the_clis_own(compose):
     cfg = compose("checkpoint=run/checkpoints/best.pt", "data_path=mnist.pkl.gz", config="surgery_cli")
     options = SurgeryOptions.from_config(cfg, ignore=CLI_KEYS)  # an unknown key raises
     assert options.is_samples == cfg.is_samples
+
+
+def test_a_stopped_log_px_pass_continues_from_its_file_to_the_same_values(
+    compose, short_run, tmp_path, monkeypatch, caplog
+):
+    run_dir, _ = short_run
+    options = (
+        f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
+        "device=cpu",
+        "is_samples=20",
+        "is_points=30",
+        "is_batch_elements=640",  # 10 samples a decoder call on 64 pixels: one point a batch, 30 batches
+        "plots=false",
+    )
+    unstopped, _ = surgery_main(compose(*options, f"output_dir={tmp_path / 'unstopped'}", config="surgery_cli"))
+    out = tmp_path / "stopped"
+    partial = out / surgery_cli.partial_log_px_name("test")
+    saves = []
+    save = surgery_cli.PartialLogLikelihood.save
+
+    def save_then_stop(self, state):
+        save(self, state)
+        saves.append(state.done)
+        if len(saves) == 7:
+            raise KeyboardInterrupt  # as a stop between two batches would
+
+    monkeypatch.setattr(surgery_cli.PartialLogLikelihood, "due", lambda self: True)
+    monkeypatch.setattr(surgery_cli.PartialLogLikelihood, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        surgery_main(compose(*options, f"output_dir={out}", config="surgery_cli"))
+    assert saves == list(range(1, 8)) and partial.exists() and not (out / "log_px_test.npy").exists()
+
+    monkeypatch.setattr(surgery_cli.PartialLogLikelihood, "save", save)
+    with caplog.at_level(logging.INFO, logger="lab.surgery"):
+        continued, _ = surgery_main(compose(*options, f"output_dir={out}", config="surgery_cli"))
+    assert any("continuing from" in m and "7 points done" in m for m in caplog.messages)
+    np.testing.assert_array_equal(np.load(out / "log_px_test.npy"), np.load(tmp_path / "unstopped" / "log_px_test.npy"))
+    assert continued.log_likelihood == unstopped.log_likelihood
+    assert not partial.exists()  # gone once log p(x) is written
+
+
+def partial_state(key="k", done=3):
+    return ImportanceState(key, torch.arange(float(done), dtype=torch.float64), torch.Generator().get_state())
+
+
+def test_a_saved_pass_loads_only_under_its_own_key(tmp_path, caplog):
+    store = surgery_cli.PartialLogLikelihood(tmp_path / "log_px_test.partial.pt")
+    assert store.load("k") is None and caplog.messages == []  # nothing saved: quietly none
+    store.save(partial_state())
+    loaded = store.load("k")
+    assert loaded.key == "k" and torch.equal(loaded.values, partial_state().values)
+    assert torch.equal(loaded.generator_state, partial_state().generator_state)
+    with caplog.at_level(logging.WARNING, logger="lab.surgery"):
+        assert store.load("another") is None
+    assert "the progress of another pass" in caplog.text and "starts over" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not a torch file",
+        {"key": "k", "values": torch.zeros(3)},
+        {
+            "key": "k",
+            "values": torch.zeros(3, 2, dtype=torch.float64),
+            "generator_state": torch.Generator().get_state(),
+        },
+    ],
+    ids=["garbage", "a key missing", "values of the wrong shape"],
+)
+def test_a_file_that_is_not_a_saved_pass_is_set_aside(tmp_path, caplog, content):
+    path = tmp_path / "log_px_test.partial.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with caplog.at_level(logging.WARNING, logger="lab.surgery"):
+        assert surgery_cli.PartialLogLikelihood(path).load("k") is None
+    assert "the pass starts over" in caplog.text
+
+
+class Touch:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_saved_pass_never_runs_code(tmp_path, caplog):
+    path, marker = tmp_path / "log_px_test.partial.pt", tmp_path / "ran"
+    torch.save({"key": "k", "values": Touch(marker)}, path)  # loading it without weights_only would touch `marker`
+    with caplog.at_level(logging.WARNING, logger="lab.surgery"):
+        assert surgery_cli.PartialLogLikelihood(path).load("k") is None
+    assert not marker.exists() and "does not load" in caplog.text

@@ -13,7 +13,13 @@ from torch import nn
 
 from priors.gaussian import GaussianPrior
 from surgery import SurgeryReport, aggregate_terms, decompose, importance_log_likelihood, terms_by_size
-from surgery.decomposition import CUDA_IS_BATCH_ELEMENTS, importance_batch_shape, upgrade_dict
+from surgery.decomposition import (
+    CUDA_IS_BATCH_ELEMENTS,
+    ImportanceState,
+    importance_batch_shape,
+    importance_key,
+    upgrade_dict,
+)
 from surgery.text import format_table, table_rows
 from vae.model import VAE
 
@@ -401,6 +407,70 @@ def test_importance_sampling_reports_every_point_and_draws_the_same():
     assert progress.opened == [{"total": 7, "desc": "log p(x), K = 3", "unit": "points"}]
     assert progress.updates == [2, 2, 2, 1] and progress.closed == 1
     torch.testing.assert_close(reported, silent, rtol=0, atol=0)
+
+
+class StoppingCheckpoint:
+    """Keeps the last state in memory, saves after every batch, and stops the pass (as a killed
+    process would) after `stop_after` saves; `None`: never stops."""
+
+    def __init__(self, stop_after=None):
+        self.state, self.saves, self.stop_after = None, 0, stop_after
+
+    def load(self, key):
+        return self.state if self.state is not None and self.state.key == key else None
+
+    def due(self):
+        return True
+
+    def save(self, state):
+        self.state, self.saves = state, self.saves + 1
+        if self.saves == self.stop_after:
+            raise KeyboardInterrupt
+
+
+def test_a_stopped_importance_pass_continues_to_the_values_of_an_unstopped_one():
+    model = LinearGaussian(shift=0.02, inflate=1.1)
+    x = torch.randn(7, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    kwargs = {"batch_elements": 4 * 6}  # 3 samples per call, 2 points per batch: batches of 2, 2, 2, 1
+    unstopped = importance_log_likelihood(model, x, 3, **kwargs)
+    checkpoint = StoppingCheckpoint(stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        importance_log_likelihood(model, x, 3, checkpoint=checkpoint, **kwargs)
+    assert checkpoint.state.done == 4
+    torch.testing.assert_close(checkpoint.state.values, unstopped[:4], rtol=0, atol=0)
+    checkpoint.stop_after = None
+    progress = RecordedProgress()
+    continued = importance_log_likelihood(model, x, 3, checkpoint=checkpoint, progress=progress, **kwargs)
+    torch.testing.assert_close(continued, unstopped, rtol=0, atol=0)
+    assert progress.opened == [{"total": 7, "desc": "log p(x), K = 3", "unit": "points", "initial": 4}]
+    assert progress.updates == [2, 1]  # only the points left were computed
+    assert checkpoint.saves == 3  # not after the last batch: the caller writes the values then
+
+
+def test_the_key_of_an_importance_pass_changes_with_everything_its_values_depend_on():
+    model = LinearGaussian()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def key(model=model, x=x, k=5, shape=(3, 2), seed=0):
+        return importance_key(model, x, k, shape, torch.Generator().manual_seed(seed))
+
+    assert key() == key() == key(model=LinearGaussian())
+    other_weights = LinearGaussian()
+    with torch.no_grad():
+        other_weights.b[0] += 1e-12
+    changed = [key(model=other_weights), key(x=x[:4]), key(x=x.flip(0)), key(k=6), key(shape=(2, 3)), key(seed=1)]
+    assert len({key(), *changed}) == 1 + len(changed)
+
+
+def test_a_state_that_cannot_continue_the_pass_is_refused():
+    model = LinearGaussian()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    checkpoint = StoppingCheckpoint()
+    importance_log_likelihood(model, x, 3, checkpoint=checkpoint, batch_elements=4 * 6)
+    state = checkpoint.state  # 4 points done, in batches of 2
+    checkpoint.state = ImportanceState(state.key, state.values[:3], state.generator_state)
+    with pytest.raises(ValueError, match="a saved state of 3 points does not continue this pass"):
+        importance_log_likelihood(model, x, 3, checkpoint=checkpoint, batch_elements=4 * 6)
 
 
 @pytest.mark.cuda
