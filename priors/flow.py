@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -36,6 +37,8 @@ class FlowPrior(Prior):
 
     * default (`layer=None`): `MaskedAffineAutoregressiveTransform` (MAF), an affine
       autoregressive layer per step;
+    * `IdentityAffineTransform`: the MAF layer started as the identity, which a deep flow
+      needs (prior=flow_deep);
     * `priors.splines.MaskedSplineAutoregressiveTransform` (or nflows' own
       `MaskedPiecewiseRationalQuadraticAutoregressiveTransform`, the same density, slower
       on a CPU) with `tails: linear`, `tail_bound` and `num_bins`: the neural spline flow
@@ -118,6 +121,37 @@ class FlowPrior(Prior):
 
     def extra_repr(self) -> str:
         return f"latent_dim={self.latent_dim}, num_layers={self.num_layers}"
+
+
+class IdentityAffineTransform(MaskedAffineAutoregressiveTransform):
+    """nflows' MAF layer, started near the identity: its MADE's output weights are nflows' random
+    ones times `init_scale`, and its output biases make each scale 1 (softplus(u) + 1e-3 = 1)
+    and each shift 0, so scales and shifts start at 1 and 0 up to `init_scale` times nflows'
+    random outputs.
+
+    nflows starts the layer with a scale near softplus(0) = 0.69 and a shift of order one that
+    grows with the input. Over 10 layers of 256 hidden units those compound: in the recipe the
+    KL term of such a flow prior went from 90 nats to 5.7e30 between steps 12 and 14
+    (results/record/flow_big_steps.txt). Started near the identity, the flow starts near
+    N(0, I) and moves from there (as Glow's zero-initialized last layers do). `init_scale=0`
+    is the identity exactly; the hidden layers then get no gradient at the first step, only
+    from the second on.
+
+    Args:
+        features, hidden_features, **kwargs: those of `MaskedAffineAutoregressiveTransform`.
+        init_scale: the output weights' factor (>= 0).
+    """
+
+    def __init__(self, features: int, hidden_features: int, init_scale: float = 1e-3, **kwargs: Any) -> None:
+        if not init_scale >= 0:
+            raise ValueError(f"IdentityAffineTransform: init_scale must be >= 0, got {init_scale!r}")
+        super().__init__(features=features, hidden_features=hidden_features, **kwargs)
+        final = self.autoregressive_net.final_layer
+        with torch.no_grad():
+            final.weight.mul_(float(init_scale))
+            final.bias.zero_()
+            # The MADE's outputs per feature are (unconstrained scale, shift), interleaved.
+            final.bias.view(features, self._output_dim_multiplier())[:, 0] = math.log(math.expm1(1.0 - self._epsilon))
 
 
 def _build_base(base: Prior | Callable[..., Prior] | None, latent_dim: int, **model: Any) -> Prior | None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from nflows.transforms import MaskedPiecewiseRationalQuadraticAutoregressiveTransform
 
-from priors.flow import FlowPrior
+from priors.flow import FlowPrior, IdentityAffineTransform
 from priors.gaussian import GaussianPrior
 from priors.mixture import MixturePrior
 from priors.vampprior import VampPrior
@@ -113,6 +113,36 @@ def test_flow_spline_option_and_one_dimension() -> None:
     one = FlowPrior(1, num_layers=2, hidden_features=8).double()
     z = one.sample(5)
     assert z.shape == (5, 1) and torch.isfinite(one.log_prob(z)).all()
+
+
+def test_an_identity_started_maf_is_the_standard_normal_until_it_trains() -> None:
+    def deep(init_scale):
+        torch.manual_seed(0)
+        layer = partial(IdentityAffineTransform, num_blocks=2, init_scale=init_scale)
+        return FlowPrior(4, num_layers=10, hidden_features=32, layer=layer)
+
+    z = 3 * torch.randn(64, 4)
+    gaussian = GaussianPrior(4).log_prob(z)
+    # init_scale=0: every layer is the identity (each scale 1 to float32 rounding).
+    torch.testing.assert_close(deep(0.0).log_prob(z), gaussian, rtol=1e-5, atol=0)
+    deep = deep(1e-3)  # the default: near it (these z reach |z| ~ 10)
+    assert 0 < (deep.log_prob(z) - gaussian).abs().max() < 0.2
+    with pytest.raises(ValueError, match="init_scale must be >= 0, got -1"):
+        IdentityAffineTransform(features=2, hidden_features=4, init_scale=-1)
+    optimizer = torch.optim.Adam(deep.parameters(), lr=1e-2)
+    for _ in range(3):  # fit a shifted, squeezed cloud: the flow leaves the identity
+        optimizer.zero_grad()
+        (-deep.log_prob(0.5 * torch.randn(64, 4) + 1.0).mean()).backward()
+        optimizer.step()
+    assert (deep.log_prob(z) - GaussianPrior(4).log_prob(z)).abs().max() > 0.1
+    # ...and stays an autoregressive flow: its log_prob is the change of variables (autograd Jacobian).
+    deep = deep.double()
+    forward = deep.flow._transform
+    point = torch.randn(4, dtype=F64)
+    u = forward(point[None])[0][0]
+    _, logabsdet = torch.linalg.slogdet(torch.autograd.functional.jacobian(lambda v: forward(v[None])[0][0], point))
+    expected = -0.5 * (4 * math.log(2 * math.pi) + u.square().sum()) + logabsdet
+    assert deep.log_prob(point[None]).item() == pytest.approx(expected.item(), abs=1e-10)
 
 
 def test_flow_bad_options() -> None:
