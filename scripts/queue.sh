@@ -48,9 +48,11 @@ for line in "${lines[@]}"; do
         continue
     fi
     echo "$(date -u +%FT%TZ) $name: start ($overrides)"
+    mkdir -p "$(dirname "$dir")"  # a name may have folders (screen/NAME): its .out goes beside its dir
     # shellcheck disable=SC2086  # the overrides are separate words on purpose
     (cd "$worktree" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$python" train.py \
         experiment=literature vae.latent_dim=40 logger=none hydra.mode=RUN \
-        "hydra.run.dir=$rel" $overrides) < /dev/null >> "$runs/$name.out" 2>&1
-    echo "$(date -u +%FT%TZ) $name: exit $?"
+        "hydra.run.dir=$rel" $overrides) < /dev/null >> "$dir.out" 2>&1
+    status=$?  # before anything else runs: "$(date) $?" would report date's
+    echo "$(date -u +%FT%TZ) $name: exit $status"
 done

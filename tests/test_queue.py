@@ -76,3 +76,23 @@ def test_the_queue_trains_the_list_as_it_was_at_its_start(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr
     dirs = [line.split("hydra.run.dir=")[1].split()[0] for line in calls.read_text().splitlines()]
     assert dirs == ["runs/one", "runs/two", "runs/three"], calls.read_text()
+
+
+def test_the_queue_reports_a_runs_exit_status_and_takes_names_with_folders(tmp_path: Path) -> None:
+    """A run that fails is reported with its own exit status (the queue goes on), and a name with
+    a folder (screen/NAME) gets its run dir and its output file in that folder."""
+    listing = tmp_path / "a.list"
+    listing.write_text("fails prior=gaussian\nscreen/deep prior=flow_deep\n")
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "trained $*"\ncase "$*" in *runs/fails*) exit 3 ;; esac\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "queue.sh"), str(tmp_path), str(listing), str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": str(fake)},
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "fails: exit 3" in proc.stdout and "screen/deep: exit 0" in proc.stdout, proc.stdout + proc.stderr
+    assert "hydra.run.dir=runs/screen/deep prior=flow_deep" in (tmp_path / "runs" / "screen" / "deep.out").read_text()
