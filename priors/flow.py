@@ -37,7 +37,7 @@ class FlowPrior(Prior):
 
     * default (`layer=None`): `MaskedAffineAutoregressiveTransform` (MAF), an affine
       autoregressive layer per step;
-    * `IdentityAffineTransform`: the MAF layer started as the identity, which a deep flow
+    * `IdentityAffineTransform`: the MAF layer started near the identity, which a deep flow
       needs (prior=flow_deep);
     * `priors.splines.MaskedSplineAutoregressiveTransform` (or nflows' own
       `MaskedPiecewiseRationalQuadraticAutoregressiveTransform`, the same density, slower
