@@ -1,7 +1,7 @@
 """Fit a prior to a trained VAE, with its encoder and decoder frozen, and measure exactly what it wins.
 
     python -m priors.fit checkpoint=PATH prior=mixture [allow=[mypkg.*]] [out_dir=DIR] [fit.train_encoder=true]
-        [fit.train_decoder=true] [fit.warm_start=true]
+        [fit.train_decoder=true] [fit.warm_start=true] [resume=true]
 
 The fit is the project's one training loop, `vae.trainer.Trainer`, on the same ELBO
 objective, with the encoder and decoder frozen (`trainer.freeze`) and the optimizer over
@@ -31,11 +31,15 @@ non-parametric one, which holds the training encodings, most of all), so the gai
 measured on the test split's surgery and in the test log p(x).
 
 Writes a new run directory (default `<run dir>/fitted/<prior>-<suffix>`; one that already
-holds a run is refused): the trainer's checkpoints (whose config names the new prior) and
-metrics.jsonl, surgery.json (train split), surgery_test.json, log_px_test.npy, samples.png,
-reconstructions.png, and fit.json with the before/after comparison, which
-`python -m surgery.report` shows as "fitted after training" rows. Options: conf/fit.yaml;
-the options, the random streams, what is reported and what is flagged: docs/fitting.md.
+holds a run is refused): fit_request.json, the surgeries before the fit in before/, the
+trainer's checkpoints (whose config names the new prior) and metrics.jsonl, surgery.json
+(train split), surgery_test.json, log_px_test.npy, samples.png, reconstructions.png, and
+fit.json with the before/after comparison, which `python -m surgery.report` shows as "fitted
+after training" rows. Each part is written as it ends, so `resume=true` (with the same
+`out_dir`) continues a stopped fit where it was: it reads back the finished surgeries,
+continues the fit from last.pt and a log p(x) pass from its progress file. Options:
+conf/fit.yaml; the options, the random streams, resuming, what is reported and what is
+flagged: docs/fitting.md.
 
 Random streams: the new prior's initialization, the trainer's batch order and validation
 noise, the steps' draws, the fixed validation draws and the surgeries' noise each come from
@@ -54,11 +58,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import secrets
 import sys
-import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -70,25 +74,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from lab.checkpoint import checkpoint_option, load_model, run_dir_of
 from lab.cli import CONF_DIR, one_line_errors
+from lab.manifest import sha256_of
 from lab.pictures import save_run_pictures
-from lab.run_dir import write_config
+from lab.run_dir import flatten, write_config
 from lab.surgery import (
     FIT_JSON,
     SurgeryOptions,
     check_is_points,
-    log_px_name,
+    decompose_into,
+    read_surgery,
     surgery_json_name,
-    write_json,
     write_json_dict,
-    write_log_px,
 )
 from priors.base import Prior
 from priors.densities import reparameterize
 from surgery.checks import ImpossibleResultError, beyond, impossible_figures, in_unit_interval
-from surgery.decomposition import Estimate, SurgeryReport, decompose
+from surgery.decomposition import Estimate, SurgeryReport
 from vae import build_prior, resolve_device, training_inputs
 from vae.callbacks import TrainingSetEncodings, encode
-from vae.checkpoint import CHECKPOINT_FORMAT, RunDirError, run_files, save_checkpoint
+from vae.checkpoint import CHECKPOINT_FORMAT, METRICS_FILE, RunDirError, run_files, save_checkpoint
 from vae.data import derive_seed
 from vae.model import NETWORKS
 from vae.trainer import Trainer
@@ -104,6 +108,13 @@ FIT_DRAWS_SALT = 410  # the trainer's seed: its batch order and validation noise
 FIT_PRIOR_RNG_SALT = 420  # the global RNG during the fit: each step's z ~ q(z|x_n), a prior's own draws
 FIT_VALIDATION_SALT = 430  # the fixed validation draws: the old prior (or model) against the new
 FIT_EVALUATION_SALT = 440  # the surgeries before and after the fit, with surgery.seed as a second salt
+
+#: The fit as asked for, written into out_dir at its start: `resume=true` continues only the same fit.
+FIT_REQUEST = "fit_request.json"
+#: The folder of out_dir that holds the surgeries of the model before the fit (a resumed fit reads them back).
+BEFORE_DIR = "before"
+#: The `fit` options a resumed fit may change: how long and how verbosely it trains.
+RESUMABLE_FIT_OPTIONS = ("max_epochs", "max_seconds", "patience", "progress")
 
 
 def accounting(frozen: tuple[str, ...]) -> str:
@@ -184,8 +195,11 @@ class FitOptions:
         """Whether a network is refitted with the prior (then the reconstruction and the MI move too)."""
         return self.train_encoder or self.train_decoder
 
-    def trainer(self, run_dir: str | Path, device: torch.device | str, seed: int, callbacks: list[Any]) -> Trainer:
-        """The trainer that fits: Adam at `lr`, no KL warm-up, the frozen parts fixed."""
+    def trainer(
+        self, run_dir: str | Path, device: torch.device | str, seed: int, callbacks: list[Any], resume: bool = False
+    ) -> Trainer:
+        """The trainer that fits: Adam at `lr`, no KL warm-up, the frozen parts fixed; with `resume`,
+        it continues from `run_dir`'s last.pt where there is one."""
         return Trainer(
             optimizer=partial(torch.optim.Adam, lr=self.lr),
             batch_size=self.batch_size,
@@ -198,6 +212,7 @@ class FitOptions:
             seed=seed,
             freeze=self.frozen,
             callbacks=callbacks,
+            resume=resume,
         )
 
 
@@ -231,10 +246,9 @@ def validation_draws(val: Posteriors, seed: int) -> torch.Tensor:
 
 
 class FitCurve:
-    """The fit's callback: one curve entry per validation (epoch, step, train and validation ELBO),
-    with the encoder frozen also the prior's mean log p(z) on the fixed validation draws
-    (`val_log_prior`, added to metrics.jsonl too). A validation figure that is not finite
-    stops the fit.
+    """The fit's callback: with the encoder frozen, the prior's mean log p(z) on the fixed
+    validation draws at every validation (`val_log_prior`, added to metrics.jsonl and so to
+    fit.json's curve: `fit_curve`). A validation figure that is not finite stops the fit.
 
     Args:
         z_val: the fixed validation draws (`validation_draws`); None when the encoder is refitted
@@ -245,22 +259,31 @@ class FitCurve:
     def __init__(self, z_val: torch.Tensor | None, batch_size: int) -> None:
         self.z_val = z_val
         self.batch_size = batch_size
-        self.curve: list[dict[str, float]] = []
 
     def on_validation_end(self, trainer: Trainer, model: Any, data: Any, state: Any, record: dict[str, Any]) -> None:
-        entry = {k: record[k] for k in ("epoch", "step", "train_elbo", "val_elbo")}
         if self.z_val is not None:
             was_training = model.prior.training
             model.prior.eval()
-            record["val_log_prior"] = entry["val_log_prior"] = _mean_log_prior(model.prior, self.z_val, self.batch_size)
+            record["val_log_prior"] = _mean_log_prior(model.prior, self.z_val, self.batch_size)
             model.prior.train(was_training)
-        self.curve.append(entry)
-        bad = [k for k in ("val_elbo", "val_log_prior") if k in entry and not math.isfinite(entry[k])]
+        bad = [k for k in ("val_elbo", "val_log_prior") if k in record and not math.isfinite(record[k])]
         if bad:
             raise FloatingPointError(
                 f"fitting {type(model.prior).__name__}: the validation {bad[0].removeprefix('val_')} became "
-                f"{entry[bad[0]]} at epoch {entry['epoch']}"
+                f"{record[bad[0]]} at epoch {record['epoch']}"
             )
+
+
+#: What fit.json's curve keeps of each metrics.jsonl line (`val_log_prior` with the encoder frozen).
+CURVE_KEYS = ("epoch", "step", "train_elbo", "val_elbo", "val_log_prior")
+
+
+def fit_curve(out_dir: Path) -> tuple[list[dict[str, float]], float]:
+    """fit.json's curve, one entry per validation, from the trainer's metrics.jsonl in `out_dir`
+    (so a resumed fit's curve holds the epochs of every process), and the seconds of those epochs."""
+    lines = [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+    curve = [{k: line[k] for k in CURVE_KEYS if k in line} for line in lines]
+    return curve, sum(float(line["seconds"]) for line in lines)
 
 
 def fixed_binarization(data: Any) -> Any:
@@ -335,11 +358,66 @@ def warm_start(prior: Any, old_prior: Any, old_node: Any, new_node: Any) -> None
     prior.load_state_dict(old_prior.state_dict())
 
 
-def _surgeries(model: Any, data: Any, options: SurgeryOptions, device: torch.device) -> dict[str, SurgeryReport]:
-    """The decomposition on the training split (with log p(x)) and on the test split (without)."""
-    train = decompose(model, data, device=device, **options.decompose_kwargs())
-    test_kwargs = {**options.decompose_kwargs(), "split": "test", "is_samples": None}
-    return {"train": train, "test": decompose(model, data, device=device, **test_kwargs)}
+def _surgeries(
+    model: Any, data: Any, options: SurgeryOptions, device: torch.device, out_dir: Path, reuse: bool = False
+) -> dict[str, SurgeryReport]:
+    """The decomposition on the training split (with log p(x)) and on the test split (without),
+    each written into `out_dir` as it ends (`lab.surgery.decompose_into`: a stopped log p(x) pass
+    continues there). With `reuse`, a split whose report `out_dir` holds is read back instead."""
+    reports = {}
+    for split, split_options in (
+        ("train", options),
+        ("test", dataclasses.replace(options, split="test", is_samples=None)),
+    ):
+        if reuse and (out_dir / surgery_json_name(split_options.split)).exists():
+            log.info("%s split: read back from %s", split, out_dir)
+            reports[split] = read_surgery(out_dir, split_options.split)
+        else:
+            reports[split], _ = decompose_into(model, data, split_options, out_dir, device)
+    return reports
+
+
+def fit_request(
+    checkpoint: Path, prior_node: Any, options: FitOptions, seed: int, surgery: SurgeryOptions
+) -> dict[str, Any]:
+    """What makes a fit this fit (`FIT_REQUEST`): the checkpoint's content, the new prior, the fit's
+    options but those a resume may change (`RESUMABLE_FIT_OPTIONS`), the seed and the surgery's options."""
+    request = {
+        "checkpoint_sha256": sha256_of(checkpoint),
+        "prior": OmegaConf.to_container(prior_node, resolve=True),
+        "fit": {k: v for k, v in asdict(options).items() if k not in RESUMABLE_FIT_OPTIONS},
+        "seed": seed,
+        "surgery": asdict(surgery),
+    }
+    return json.loads(json.dumps(request))  # as the file reads back: tuples are lists
+
+
+def check_resumable(out_dir: Path, request: dict[str, Any]) -> None:
+    """Refuse `resume=true` into an `out_dir` that holds another fit, or a run that is not a fit,
+    naming what differs."""
+    path = out_dir / FIT_REQUEST
+    if not path.exists():
+        found = run_files(out_dir)
+        if found:
+            raise RunDirError(
+                f"resume=true: out_dir {out_dir} holds a run ({', '.join(found)}) but no {FIT_REQUEST}, so it is "
+                "not a fit that can be continued; give the fit a new out_dir"
+            )
+        return  # nothing was written yet: the fit starts
+    stored = json.loads(path.read_text())
+    old, new = flatten(stored), flatten(request)
+    missing = "(absent)"
+    changed = [
+        f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k, missing) != new.get(k, missing)
+    ]
+    if changed:
+        raise RunDirError(
+            f"resume=true: out_dir {out_dir} holds another fit ({'; '.join(changed)}); resume with the same "
+            f"checkpoint file and settings (only fit.{', fit.'.join(RESUMABLE_FIT_OPTIONS)} may change), or give "
+            "the fit a new out_dir"
+        )
 
 
 def estimator_failure(kl: Estimate) -> bool:
@@ -453,6 +531,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     options = FitOptions(**check_arguments("fit", FitOptions, OmegaConf.to_container(cfg.fit, resolve=True)))
     check_int("seed", cfg.seed, 0)
     seed = int(cfg.seed)
+    resume = check_bool("resume", cfg.get("resume", False))
     streams = FitStreams.of(seed, surgery.seed)
     # The surgeries' noise is the evaluation stream: never the stream that initialized the prior.
     surgery = dataclasses.replace(surgery, seed=streams.evaluation)
@@ -464,9 +543,23 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         if cfg.get("out_dir")
         else run_dir_of(checkpoint, "out_dir") / "fitted" / f"{name}-{secrets.token_hex(3)}"
     )
-    found = run_files(out_dir)
-    if found:  # the trainer appends to metrics.jsonl: two fits in one directory would mix their histories
-        raise RunDirError(f"out_dir {out_dir} already holds a run ({', '.join(found)}); give the fit a new out_dir")
+    request = fit_request(checkpoint, cfg.prior, options, seed, surgery)
+    if resume:
+        if not cfg.get("out_dir"):
+            raise ConfigError(
+                "resume=true continues the fit in out_dir: give the folder the stopped fit wrote (out_dir=DIR)"
+            )
+        check_resumable(out_dir, request)
+        if (out_dir / FIT_JSON).exists():
+            log.info("%s holds the finished fit (%s): nothing to continue", out_dir, FIT_JSON)
+            return out_dir, json.loads((out_dir / FIT_JSON).read_text())
+    else:
+        found = run_files(out_dir) + ([FIT_REQUEST] if (out_dir / FIT_REQUEST).exists() else [])
+        if found:  # the trainer appends to metrics.jsonl: two fits in one directory would mix their histories
+            raise RunDirError(
+                f"out_dir {out_dir} already holds a run ({', '.join(found)}); give the fit a new out_dir, or "
+                "resume=true to continue the fit it holds"
+            )
     model, data, run_cfg = load_model(checkpoint, device, allow=cfg.get("allow"), data_path=cfg.get("data_path"))
     check_is_points(surgery, data)
     if options.rebinarize and not getattr(data, "dynamic", False):
@@ -480,41 +573,43 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     if options.warm_start:
         warm_start(prior, model.prior, run_cfg.prior, cfg.prior)
 
+    # Everything the fit writes goes into out_dir as it is made, so that resume=true loses no finished part.
+    (out_dir / BEFORE_DIR).mkdir(parents=True, exist_ok=True)
+    write_json_dict(request, out_dir / FIT_REQUEST)
+    config = OmegaConf.to_container(run_cfg, resolve=True)
+    config["prior"] = OmegaConf.to_container(cfg.prior, resolve=True)
+    write_config(out_dir, config)
+
     log.info("surgery before the fit: train and test splits")
-    before = _surgeries(model, data, surgery, device)
+    before = _surgeries(model, data, surgery, device, out_dir / BEFORE_DIR, reuse=resume)
     val_post = encode(model.encoder, data.split("val"), surgery.batch_size, device)
     z_val = validation_draws(val_post, seed)
     old_prior = model.prior
     old_model = copy.deepcopy(model).eval() if options.refits_networks else None
     model.prior = prior
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = OmegaConf.to_container(run_cfg, resolve=True)
-    config["prior"] = OmegaConf.to_container(cfg.prior, resolve=True)
-    write_config(out_dir, config)
     saved = out_dir / "checkpoints" / "best.pt"
     encodings = TrainingSetEncodings(surgery.batch_size)
     history = None
     if any(p.requires_grad for p in model.parameters()):
-        curve = FitCurve(None if options.train_encoder else z_val, 4 * options.batch_size)
-        trainer = options.trainer(out_dir, device, streams.draws, [encodings, curve])
+        callbacks = [encodings, FitCurve(None if options.train_encoder else z_val, 4 * options.batch_size)]
+        trainer = options.trainer(out_dir, device, streams.draws, callbacks, resume=resume)
         what = "".join(f"the {n} and " for n in NETWORKS if n not in options.frozen)
         rest = f"with the {' and the '.join(options.frozen)} frozen" if options.frozen else "nothing frozen"
         log.info("fitting %s%s, %s", what, type(prior).__name__, rest)
-        torch.manual_seed(streams.prior_rng)
-        started = time.perf_counter()
+        torch.manual_seed(streams.prior_rng)  # a resumed fit restores the stream from last.pt instead
         # The trainer writes the checkpoints as it goes: a crash in the surgery after loses no fitting.
         state = trainer.fit(model, data if options.rebinarize else fixed_binarization(data), run_config=config)
-        seconds = time.perf_counter() - started
         trainer.load_best(model, state)
+        curve, seconds = fit_curve(out_dir)
         history = FitHistory(
-            epochs=len(curve.curve),
+            epochs=len(curve),
             best_epoch=state.best_epoch,
             best_val_log_prior=None,
             best_val_elbo=state.best_val_elbo,
             steps=state.step,
             seconds=seconds,
-            curve=curve.curve,
+            curve=curve,
         )
     else:  # a prior without parameters (the exact aggregate posterior): built and evaluated, nothing to fit
         encodings.refresh(model, data.split("train"), device)
@@ -549,13 +644,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         )
 
     log.info("saved %s; surgery after the fit: train and test splits", saved)
-    after = _surgeries(model, data, surgery, device)
-    for split, report in after.items():
-        write_json(report, out_dir / surgery_json_name(split))
-    if after["train"].log_likelihood_per_point is not None:
-        write_log_px(
-            after["train"].log_likelihood_per_point, out_dir / log_px_name(after["train"].log_likelihood_split)
-        )
+    after = _surgeries(model, data, surgery, device, out_dir)
     save_run_pictures(model, data, out_dir, seed=seed)
     result = {
         "fitted_from": str(cfg.checkpoint),  # as given: no machine path in committed results

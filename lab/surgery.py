@@ -224,6 +224,42 @@ def write_json_dict(content: dict[str, Any], path: str | Path) -> Path:
     return write_atomically(path, lambda f: f.write((json.dumps(content, indent=2) + "\n").encode()))
 
 
+def decompose_into(
+    model: Any, data: Any, options: SurgeryOptions, out_dir: str | Path, device: torch.device | None = None
+) -> tuple[SurgeryReport, dict[str, Path]]:
+    """Decompose and write `surgery[_<split>].json` and the per-point log p(x) into `out_dir`.
+
+    The log p(x) pass keeps its progress in `out_dir` (`PartialLogLikelihood`) and continues
+    it when run again after a stop; the progress file goes once log p(x) is written.
+    `read_surgery` reads the two files back.
+
+    Returns:
+        The report and the written files by name ("json", and "log_px" when log p(x) was computed).
+    """
+    out_dir = Path(out_dir)
+    partial = PartialLogLikelihood(out_dir / partial_log_px_name(options.is_split))
+    report = decompose(model, data, device=device, is_checkpoint=partial, **options.decompose_kwargs())
+    files = {}
+    if report.log_likelihood_per_point is not None:
+        files["log_px"] = write_log_px(
+            report.log_likelihood_per_point, out_dir / log_px_name(report.log_likelihood_split)
+        )
+    # The report last: its file says the surgery finished (`read_surgery` then finds both).
+    files["json"] = write_json(report, out_dir / surgery_json_name(report.split))
+    partial.remove()
+    return report, files
+
+
+def read_surgery(out_dir: str | Path, split: str) -> SurgeryReport:
+    """The report `decompose_into` wrote for `split` into `out_dir`, with its per-point log p(x)."""
+    out_dir = Path(out_dir)
+    report = SurgeryReport.from_dict(json.loads((out_dir / surgery_json_name(split)).read_text()))
+    if report.log_likelihood_split is not None:
+        values = np.load(out_dir / log_px_name(report.log_likelihood_split), allow_pickle=False)
+        report.log_likelihood_per_point = torch.from_numpy(values).double()
+    return report
+
+
 def run_surgery(
     model: Any,
     data: Any,
@@ -241,14 +277,7 @@ def run_surgery(
         The report and the written files by name ("json", "log_px", "decomposition", "aggregate_posterior").
     """
     out_dir = Path(out_dir)
-    partial = PartialLogLikelihood(out_dir / partial_log_px_name(options.is_split))
-    report = decompose(model, data, device=device, is_checkpoint=partial, **options.decompose_kwargs())
-    files = {"json": write_json(report, out_dir / surgery_json_name(report.split))}
-    if report.log_likelihood_per_point is not None:
-        files["log_px"] = write_log_px(
-            report.log_likelihood_per_point, out_dir / log_px_name(report.log_likelihood_split)
-        )
-    partial.remove()
+    report, files = decompose_into(model, data, options, out_dir, device)
     if options.plots:
         from surgery.plots import plot_aggregate_posterior_2d, plot_decomposition
 

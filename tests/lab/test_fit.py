@@ -524,3 +524,73 @@ def test_warm_start_begins_from_the_checkpoints_own_prior(compose, trained, tmp_
     assert fresh["validation"]["gain"] < -0.01  # a fresh mixture, not the fitted one (-0.03 here)
     with pytest.raises(ConfigError, match=r"fit.warm_start=true .* the checkpoint's is .*'num_components': 10"):
         fit_main(fit_cfg(compose, fitted, tmp_path / "other", *again, "prior.num_components=7", "fit.warm_start=true"))
+
+
+FIT_ARGS = ("prior=mixture", "prior.num_components=10", "fit.max_epochs=4", "fit.patience=10")
+
+
+@pytest.mark.slow
+def test_a_stopped_fit_resumed_gives_the_unstopped_fits_result(compose, trained, tmp_path, monkeypatch) -> None:
+    import lab.fit as fit_module
+
+    _, whole = fit_main(fit_cfg(compose, trained, tmp_path / "whole", *FIT_ARGS))
+
+    validate = fit_module.FitCurve.on_validation_end
+
+    def stop_in_epoch_3(self, trainer, model, data, state, record):
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt  # a session's end: last.pt holds epoch 2
+        validate(self, trainer, model, data, state, record)
+
+    monkeypatch.setattr(fit_module.FitCurve, "on_validation_end", stop_in_epoch_3)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        fit_main(fit_cfg(compose, trained, out, *FIT_ARGS))
+    monkeypatch.undo()
+    assert not (out / "fit.json").exists() and (out / "before" / "surgery_test.json").is_file()
+
+    decompose_into, splits = fit_module.decompose_into, []
+
+    def counted(model, data, options, *args, **kwargs):
+        splits.append(options.split)
+        return decompose_into(model, data, options, *args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "decompose_into", counted)
+    _, resumed = fit_main(fit_cfg(compose, trained, out, *FIT_ARGS, "resume=true"))
+    assert splits == ["train", "test"]  # the surgeries after the fit: those before were read back
+    assert [c["epoch"] for c in resumed["curve"]] == [1, 2, 3, 4]  # the curve holds both processes' epochs
+    # The same fit to the last bit: the surgeries, the paired log p(x) gain, the validation and the curve.
+    assert resumed["fit"].pop("seconds") > 0 and whole["fit"].pop("seconds") > 0
+    assert resumed == whole
+    assert not list(out.rglob("*.partial.pt"))  # no log p(x) progress file is left behind
+    for name in ("surgery.json", "surgery_test.json", "log_px_test.npy"):
+        assert (out / "before" / name).is_file() and (out / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_resume_continues_only_the_same_fit_and_a_finished_one_is_read_back(
+    compose, trained, tmp_path, monkeypatch
+) -> None:
+    import lab.fit as fit_module
+
+    out = tmp_path / "fit"
+    args = (*FIT_ARGS[:2], "fit.max_epochs=2")
+    fit_main(fit_cfg(compose, trained, out, *args))
+    monkeypatch.setattr(fit_module, "load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    # Finished: resume=true gives the stored result and trains nothing, even with more epochs allowed.
+    _, again = fit_main(fit_cfg(compose, trained, out, *args, "resume=true", "fit.max_epochs=5"))
+    assert again == json.loads((out / "fit.json").read_text())
+    (out / "fit.json").unlink()  # as if it had stopped before the end
+    with pytest.raises(RunDirError, match=r"holds another fit \(prior.num_components: 10 -> 12\)"):
+        fit_main(fit_cfg(compose, trained, out, "prior=mixture", "prior.num_components=12", "resume=true"))
+    with pytest.raises(RunDirError, match=r"holds another fit \(fit.lr: 0.001 -> 0.01\).*only fit.max_epochs"):
+        fit_main(fit_cfg(compose, trained, out, *args, "fit.lr=0.01", "resume=true"))
+    with pytest.raises(RunDirError, match=r"already holds a run .*or resume=true to continue the fit it holds"):
+        fit_main(fit_cfg(compose, trained, out, *args))
+    with pytest.raises(ConfigError, match=r"resume=true continues the fit in out_dir: give the folder"):
+        fit_main(compose(f"checkpoint={trained}", "resume=true", config="fit"))
+    other = tmp_path / "not_a_fit"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("")
+    with pytest.raises(RunDirError, match=r"holds a run \(metrics.jsonl\) but no fit_request.json"):
+        fit_main(fit_cfg(compose, trained, other, *args, "resume=true"))
