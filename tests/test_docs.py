@@ -148,3 +148,16 @@ def test_every_relative_link_resolves():
         if not target.startswith(("http://", "https://")) and not (page.parent / target).exists()
     ]
     assert broken == []
+
+
+def test_every_prior_option_is_listed_where_users_look():
+    """Each conf/prior option is in the README's priors table and docs/configuration.md's `prior` row."""
+    options = sorted(p.stem for p in (ROOT / "conf" / "prior").glob("*.yaml"))
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Priors") :].split("\n\n", 2)[1]
+    row = next(
+        line for line in (ROOT / "docs" / "configuration.md").read_text().splitlines() if line.startswith("| `prior` |")
+    )
+    for where, text in (("README.md's priors table", table), ("docs/configuration.md's prior row", row)):
+        listed = set(re.findall(r"`(\w+)`", text))
+        assert set(options) <= listed, f"{where} lacks {sorted(set(options) - listed)}"
