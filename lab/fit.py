@@ -76,7 +76,7 @@ from lab.checkpoint import checkpoint_option, load_model, run_dir_of
 from lab.cli import CONF_DIR, one_line_errors
 from lab.manifest import sha256_of
 from lab.pictures import save_run_pictures
-from lab.run_dir import flatten, write_config
+from lab.run_dir import config_changes, show_setting, write_config
 from lab.surgery import (
     FIT_JSON,
     SurgeryOptions,
@@ -404,13 +404,9 @@ def check_resumable(out_dir: Path, request: dict[str, Any]) -> None:
                 "not a fit that can be continued; give the fit a new out_dir"
             )
         return  # nothing was written yet: the fit starts
-    stored = json.loads(path.read_text())
-    old, new = flatten(stored), flatten(request)
-    missing = "(absent)"
     changed = [
-        f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
-        for k in sorted(old.keys() | new.keys())
-        if old.get(k, missing) != new.get(k, missing)
+        f"{k}: {show_setting(old)} -> {show_setting(new)}"
+        for k, (old, new) in config_changes(json.loads(path.read_text()), request).items()
     ]
     if changed:
         raise RunDirError(

@@ -358,6 +358,26 @@ def matches_any(key: str, patterns: tuple[str, ...]) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
 
+#: What `config_changes` gives for a key that one of the two configs lacks.
+ABSENT = object()
+
+
+def config_changes(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[Any]]:
+    """The flat keys (`flatten`) whose values differ between two configs, `{key: [a's, b's]}`,
+    sorted; `ABSENT` where one of them lacks the key."""
+    fa, fb = flatten(a), flatten(b)
+    return {
+        k: [fa.get(k, ABSENT), fb.get(k, ABSENT)]
+        for k in sorted(fa.keys() | fb.keys())
+        if fa.get(k, ABSENT) != fb.get(k, ABSENT)
+    }
+
+
+def show_setting(value: Any) -> str:
+    """A value of `config_changes` as an error message names it."""
+    return "(absent)" if value is ABSENT else repr(value)
+
+
 def resume_changes(stored: dict[str, Any], new: dict[str, Any], checkpoint: str | Path) -> dict[str, list[Any]]:
     """The settings a resume changes, `{key: [stored, new]}`; raise `RunDirError` if any of
     them changes the model, the data or the optimizer.
@@ -367,28 +387,17 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any], checkpoint: str 
         new: the resolved config of this run.
         checkpoint: named in the error.
     """
-    a, b = flatten(stored), flatten(new)
-    for flat in (a, b):
-        flat.pop("trainer.resume", None)  # how this run started, not what it trains
-    missing = object()
-    changed = {
-        k: [a.get(k, missing), b.get(k, missing)]
-        for k in sorted(a.keys() | b.keys())
-        if a.get(k, missing) != b.get(k, missing)
-    }
+    changed = config_changes(stored, new)
+    changed.pop("trainer.resume", None)  # how this run started, not what it trains
     refused = {
         k: v
         for k, v in changed.items()
-        if not matches_any(k, RESUMABLE_CHANGES) and not (v[0] is missing and is_target_default(new, k, v[1]))
+        if not matches_any(k, RESUMABLE_CHANGES) and not (v[0] is ABSENT and is_target_default(new, k, v[1]))
     }
     if refused:
-
-        def show(value: Any) -> str:
-            return "(absent)" if value is missing else repr(value)
-
-        shown = ", ".join(f"{k}: {show(old)} -> {show(new_)}" for k, (old, new_) in refused.items())
+        shown = ", ".join(f"{k}: {show_setting(old)} -> {show_setting(new_)}" for k, (old, new_) in refused.items())
         # an option added since the checkpoint was written: the run trained at its default
-        defaults = {k: target_default(new, k) for k, (old, _) in refused.items() if old is missing}
+        defaults = {k: target_default(new, k) for k, (old, _) in refused.items() if old is ABSENT}
         hint = " ".join(format_setting(k, v) for k, v in defaults.items() if v is not inspect.Parameter.empty)
         raise RunDirError(
             f"cannot resume from {checkpoint}: the config differs in what it trained with ({shown}); "
@@ -396,7 +405,7 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any], checkpoint: str 
             + (f" ({hint} on the command line: the defaults the run was made with)" if hint else "")
             + ", or start a new run in another directory"
         )
-    return {k: [None if v is missing else v for v in pair] for k, pair in changed.items()}
+    return {k: [None if v is ABSENT else v for v in pair] for k, pair in changed.items()}
 
 
 def record_resume(run_dir: str | Path, step: int, changes: dict[str, list[Any]]) -> None:

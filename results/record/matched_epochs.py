@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from statistics import fmean
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -75,10 +76,7 @@ def plot(references: list[Path], runs: list[Path], out: Path) -> None:
         drift = i < len(references) - 1
         lead = [c[e] - first[e] for e in epochs]
         (line,) = ax.plot(epochs, lead, color="grey" if drift else None, linewidth=0.6, alpha=0.35)
-        mean = [
-            sum(lead[max(0, j - SMOOTH + 1) : j + 1]) / len(lead[max(0, j - SMOOTH + 1) : j + 1])
-            for j in range(len(lead))
-        ]
+        mean = [fmean(lead[max(0, j - SMOOTH + 1) : j + 1]) for j in range(len(lead))]
         ax.plot(
             epochs,
             mean,
