@@ -16,7 +16,8 @@ Runs whose configs differ only in the seed, in what a resume may change
 (`lab.run_dir.RESUMABLE_CHANGES`: how long and how verbosely to train, the evaluation's
 options) and in bookkeeping are seeds of one *row*; how each was evaluated is read from
 its `surgery.json` instead (split, importance samples, points), so runs evaluated
-differently are different rows.
+differently are different rows. Two runs of one seed in a row are refused: nothing in their
+configs tells them apart, and the row would count them as two seeds.
 
 Written to the output dir: `report.md` with
 
@@ -437,6 +438,7 @@ def summarize(runs: Sequence[RunRecord]) -> Report:
     groups: dict[tuple[str, int, frozenset[str]], list[RunRecord]] = {}
     for r in complete:
         groups.setdefault((str(r.prior), int(r.latent_dim or 0), r.settings), []).append(r)
+    check_one_run_per_seed(groups)
     keys = sorted(groups, key=lambda k: (_prior_key(k[0]), k[1], sorted(k[2])))
     variants = dict(zip(keys, _variants([k[2] for k in keys], [k[0] for k in keys]), strict=True))
     rows = []
@@ -466,6 +468,27 @@ def summarize(runs: Sequence[RunRecord]) -> Report:
     )
 
 
+def check_one_run_per_seed(groups: Mapping[tuple[str, int, frozenset[str]], Sequence[RunRecord]]) -> None:
+    """Refuse a row that would hold two runs of one seed: its mean and sd would count one training
+    run's seed twice, or mix two trainings that nothing in their configs tells apart (another
+    version of the code, a checkpoint evaluated again at another epoch). A `ConfigError` names them."""
+    repeated = []
+    for (prior, latent_dim, _), members in groups.items():
+        by_seed: dict[int | None, list[str]] = {}
+        for r in members:
+            by_seed.setdefault(r.seed, []).append(str(r.path))
+        repeated += [
+            f"{prior}, z={latent_dim}, seed {_format_seeds([seed])}: {', '.join(sorted(paths))}"
+            for seed, paths in by_seed.items()
+            if len(paths) > 1
+        ]
+    if repeated:
+        raise ConfigError(
+            "a row's runs are its seeds, but these runs share the prior, latent size, seed and every setting "
+            f"that changes a result: {'; '.join(sorted(repeated))}. Report them from separate folders"
+        )
+
+
 def build_report(paths: Iterable[str | Path]) -> Report:
     return summarize([read_run(p) for p in find_run_dirs(paths)])
 
@@ -491,23 +514,11 @@ def paired_seed(row_run: RunRecord, baseline_run: RunRecord) -> SeedDifference |
     return SeedDifference(row_run.seed, float(d.mean()), stderr, n)
 
 
-def _by_seed(row: Row) -> tuple[dict[int | None, RunRecord], list[RunRecord]]:
-    """The row's first run of each seed, and any further runs of a seed it already has."""
-    first: dict[int | None, RunRecord] = {}
-    extra = []
-    for r in row.runs:
-        if r.seed in first:
-            extra.append(r)
-        else:
-            first[r.seed] = r
-    return first, extra
-
-
 def pair_rows(row: Row, baseline: Row, *, row_name: str, baseline_name: str) -> PairedDifference | None:
     """`row` minus `baseline`, seed s with seed s; None when no seed pairs (no per-point values,
     or other points). Seeds only one of them has are named in `unpaired`, never paired with another."""
-    mine, mine_extra = _by_seed(row)
-    theirs, theirs_extra = _by_seed(baseline)
+    mine = {r.seed: r for r in row.runs}  # one run per seed (`check_one_run_per_seed`)
+    theirs = {r.seed: r for r in baseline.runs}
     seeds: list[SeedDifference] = []
     unpaired: dict[str, list[int | None]] = {}  # why -> the seeds left out for that reason
     for seed in sorted(mine.keys() | theirs.keys(), key=lambda s: (s is None, s or 0)):
@@ -521,8 +532,6 @@ def pair_rows(row: Row, baseline: Row, *, row_name: str, baseline_name: str) -> 
                 unpaired.setdefault(paired, []).append(seed)
             else:
                 seeds.append(paired)
-    for r, name in [(r, row_name) for r in mine_extra] + [(r, baseline_name) for r in theirs_extra]:
-        unpaired.setdefault(f"another run of {name} ({r.path})", []).append(r.seed)
     if not seeds:
         return None
     return PairedDifference(

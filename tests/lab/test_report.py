@@ -15,6 +15,7 @@ import yaml
 
 from lab import report as rep
 from surgery.text import TERMS
+from vae.validation import ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -241,6 +242,25 @@ def test_no_run_found_exits_non_zero(tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert rep.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
     assert "no run dirs found" in capsys.readouterr().err
+
+
+def test_two_runs_of_one_seed_in_a_row_are_refused_by_name(tmp_path: Path, capsys) -> None:
+    """A row's mean and sd are over seeds: a seed's second run (a copy evaluated at another epoch,
+    a run of older code with the same config) must not count as another seed."""
+    make_run(tmp_path / "runs" / "a", "gaussian", 10, 0)
+    make_run(tmp_path / "runs" / "b", "gaussian", 10, 1)
+    make_run(tmp_path / "evaluated" / "a-epoch5", "gaussian", 10, 0)
+    make_run(tmp_path / "runs" / "other", "gaussian", 20, 0)  # another latent size: another row
+    assert [r.seeds for r in rep.build_report([tmp_path / "runs"]).rows] == [(0, 1), (0,)]
+    with pytest.raises(ConfigError) as e:
+        rep.build_report([tmp_path])
+    message = str(e.value)
+    assert f"gaussian, z=10, seed 0: {tmp_path / 'evaluated' / 'a-epoch5'}, {tmp_path / 'runs' / 'a'}." in message
+    assert "z=20" not in message and "seed 1" not in message
+    assert rep.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("surgery.report: error: a row's runs are its seeds") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_runs_differing_in_any_setting_are_separate_rows(tmp_path: Path) -> None:
