@@ -25,6 +25,7 @@ from lab.run_dir import (
     check_fresh,
     log_to_file,
     made_by_hydra,
+    record_code,
     record_resume,
     remove_empty_dirs,
     resume_changes,
@@ -232,6 +233,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         lock.claim()
         claimed.enter_context(log_to_file(run_dir / LOG_FILE))
         save_run_config(run_dir, cfg)
+        record_code(run_dir, 0 if changes is None else stored["state"]["step"])
         if changes is not None:
             record_resume(run_dir, stored["state"]["step"], changes)
         group = cfg.logger.get("group") or _sweep_group()

@@ -76,7 +76,7 @@ from lab.checkpoint import checkpoint_option, load_model, run_dir_of
 from lab.cli import CONF_DIR, one_line_errors
 from lab.manifest import sha256_of
 from lab.pictures import save_run_pictures
-from lab.run_dir import config_changes, show_setting, write_config
+from lab.run_dir import config_changes, record_code, show_setting, write_config
 from lab.surgery import (
     FIT_JSON,
     SurgeryOptions,
@@ -575,6 +575,7 @@ def fit_main(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     config = OmegaConf.to_container(run_cfg, resolve=True)
     config["prior"] = OmegaConf.to_container(cfg.prior, resolve=True)
     write_config(out_dir, config)
+    record_code(out_dir, None if resume else 0)  # a resumed fit may continue in a surgery, not a step
 
     log.info("surgery before the fit: train and test splits")
     before = _surgeries(model, data, surgery, device, out_dir / BEFORE_DIR, reuse=resume)

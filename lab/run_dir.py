@@ -7,6 +7,7 @@
   by a killed run is never stale.
 * `check_fresh`: a directory that already holds checkpoints or metrics is refused unless
   the run resumes.
+* `record_code`: which code trains in the directory, one line of `code.jsonl` per process.
 * `resume_changes`: a resume must agree with the checkpoint's stored config on every
   setting that changes the model, the data or the optimizer; settings that only say how
   long or how verbosely to train (`RESUMABLE_CHANGES`) may change, and are recorded. So may
@@ -19,16 +20,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import inspect
 import json
 import logging
 import os
+import platform
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.experimental.callback import Callback
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
@@ -406,6 +410,71 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any], checkpoint: str 
             + ", or start a new run in another directory"
         )
     return {k: [None if v is ABSENT else v for v in pair] for k, pair in changed.items()}
+
+
+#: One line per process that trains in a run dir: when, from which step, and with which code.
+CODE_FILE = "code.jsonl"
+#: priorlab's own folder: its commit and its sources are what `code_version` reads.
+CODE_ROOT = Path(__file__).resolve().parents[1]
+#: What the code of a run is: the sources and configs `code_version` digests, relative to CODE_ROOT.
+CODE_FILES: tuple[str, ...] = (
+    "train.py",
+    "priors/**/*.py",
+    "vae/**/*.py",
+    "surgery/**/*.py",
+    "lab/**/*.py",
+    "conf/**/*.yaml",
+)
+
+
+def git_commit(root: Path) -> str | None:
+    """The commit checked out at `root`, read from git's own files (no process: a run's start
+    stays cheap and the fast test tier starts none). None outside a git checkout."""
+    dot_git = root / ".git"
+    try:
+        if dot_git.is_file():  # a worktree: `gitdir: <its folder in the main repo>`
+            dot_git = (root / dot_git.read_text().removeprefix("gitdir:").strip()).resolve()
+        common = dot_git
+        if (dot_git / "commondir").is_file():
+            common = (dot_git / (dot_git / "commondir").read_text().strip()).resolve()
+        head = (dot_git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head  # detached
+        ref = head.removeprefix("ref:").strip()
+        for folder in (dot_git, common):
+            if (folder / ref).is_file():
+                return (folder / ref).read_text().strip()
+        for line in (common / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except (OSError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def code_version(root: str | Path = CODE_ROOT) -> dict[str, Any]:
+    """The code a process runs: the git commit checked out at `root` (None outside a checkout),
+    a SHA-256 over the sources and configs (`CODE_FILES`: differs whenever they differ from the
+    commit's, or from another run's), and the versions of torch and Python. Two runs of one
+    config made by different code (a fix between them) can only be told apart by this."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for path in sorted({p for pattern in CODE_FILES for p in root.glob(pattern) if p.is_file()}):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return {
+        "commit": git_commit(root),
+        "sources_sha256": digest.hexdigest(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def record_code(run_dir: str | Path, step: int | None, root: str | Path = CODE_ROOT) -> None:
+    """Append the code that works in `run_dir` from `step` on (0: a fresh run; None: not known
+    yet, as for a resumed fit) to `code.jsonl`."""
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": step, **code_version(root)}
+    with open(Path(run_dir) / CODE_FILE, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def record_resume(run_dir: str | Path, step: int, changes: dict[str, list[Any]]) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from lab.run_dir import RunDirLock
+from lab.run_dir import RunDirLock, code_version
 from priors.base import Prior
 from tests.conftest import MINIMAL
 from train import train
@@ -73,6 +73,10 @@ def test_a_resume_may_train_longer_and_records_it(tiny, tmp_path):
     assert metrics["epochs"] == 2
     (record,) = [json.loads(line) for line in (tmp_path / "resumes.jsonl").read_text().splitlines()]
     assert record["step"] == 2 and record["changed"] == {"trainer.max_epochs": [1, 2]}
+    # each process that trained says with which code, from which step
+    starts = [json.loads(line) for line in (tmp_path / "code.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in starts] == [0, 2]
+    assert all({k: s[k] for k in code_version()} == code_version() for s in starts)
     stored = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["config"]
     assert stored["trainer"]["max_epochs"] == 2
 

@@ -565,6 +565,9 @@ def test_a_stopped_fit_resumed_gives_the_unstopped_fits_result(compose, trained,
     assert not list(out.rglob("*.partial.pt"))  # no log p(x) progress file is left behind
     for name in ("surgery.json", "surgery_test.json", "log_px_test.npy"):
         assert (out / "before" / name).is_file() and (out / name).is_file(), name
+    # each of the two processes said which code it ran: the fresh one from step 0
+    starts = [json.loads(line) for line in (out / "code.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in starts] == [0, None] and len({s["sources_sha256"] for s in starts}) == 1
 
 
 @pytest.mark.slow

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 import lab.run_dir
@@ -18,12 +21,14 @@ from lab.run_dir import (
     MACHINE_KEYS,
     RunDirLock,
     check_fresh,
+    code_version,
     flatten,
     format_setting,
     log_to_file,
     made_by_hydra,
     matches_any,
     missing_dirs,
+    record_code,
     record_resume,
     remove_empty_dirs,
     resume_changes,
@@ -225,3 +230,44 @@ def test_hydras_directories_are_noted_and_an_unwritable_parent_is_one_line(tmp_p
         f"train.py: error: cannot create the run directory {run_dir}: {tmp_path} is not writable; "
         "give the run a directory it can write (hydra.run.dir=...)\n"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to make the repositories")
+def test_code_version_reads_the_commit_and_digests_the_sources(tmp_path: Path) -> None:
+    repo, outside = tmp_path / "repo", tmp_path / "outside"
+    (repo / "priors").mkdir(parents=True)
+    outside.mkdir()
+
+    def git(*args: str, at: Path = repo) -> str:
+        command = ["git", "-C", str(at), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (repo / "train.py").write_text("x = 1\n")
+    (repo / "priors" / "p.py").write_text("y = 1\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    first = code_version(repo)
+    assert first["commit"] == git("rev-parse", "HEAD") and first["torch"] == torch.__version__
+    (repo / "README.md").write_text("not code\n")
+    assert code_version(repo)["sources_sha256"] == first["sources_sha256"]
+    (repo / "priors" / "p.py").write_text("y = 2\n")  # uncommitted: same commit, other sources
+    changed = code_version(repo)
+    assert changed["commit"] == first["commit"] and changed["sources_sha256"] != first["sources_sha256"]
+    git("commit", "-q", "-am", "second")
+    second = git("rev-parse", "HEAD")
+    assert code_version(repo)["commit"] == second != first["commit"]
+    git("pack-refs", "--all")  # the branch now only in packed-refs
+    assert not any((repo / ".git" / "refs" / "heads").iterdir())
+    assert code_version(repo)["commit"] == second
+    git("worktree", "add", "-q", "--detach", str(tmp_path / "wt"), first["commit"])
+    assert code_version(tmp_path / "wt") == first  # a worktree: its own HEAD, detached
+    git("checkout", "-q", "-b", "side", at=tmp_path / "wt")  # on a branch of the main repo's refs
+    assert code_version(tmp_path / "wt")["commit"] == first["commit"]
+    assert code_version(outside)["commit"] is None
+
+    record_code(tmp_path, 0, root=repo)
+    record_code(tmp_path, 14, root=outside)
+    lines = [json.loads(x) for x in (tmp_path / "code.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["commit"]) for x in lines] == [(0, second), (14, None)]
