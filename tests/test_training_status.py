@@ -31,7 +31,7 @@ def test_a_row_names_the_last_complete_epoch_and_the_best(tmp_path, capsys) -> N
     )
     out_dir = tmp_path / "results" / "training"
     assert status.main([str(run), "--copy-to", str(out_dir)]) == 0
-    assert "| `lit_a` | 3 | -110.50 (2) |" in capsys.readouterr().out
+    assert "| `lit_a` | 3 | -110.50 (2) | — | +450.00 / 100 epochs |" in capsys.readouterr().out
     assert (out_dir / "lit_a" / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
 
 
@@ -40,3 +40,14 @@ def test_a_run_without_a_complete_epoch_is_one_error_line(tmp_path, capsys) -> N
     assert status.main([str(run)]) == 2
     assert capsys.readouterr().err.startswith("training_status: error: ")
     assert status.main([str(tmp_path / "none")]) == 2
+
+
+def test_hours_add_the_complete_epochs_seconds_and_the_slope_is_per_100_epochs(tmp_path, capsys) -> None:
+    lines = [
+        {"epoch": e, "complete_epoch": True, "val_elbo": -100.0 + 0.02 * e, "seconds": 360.0} for e in range(1, 61)
+    ]
+    lines += [{"epoch": 61, "complete_epoch": False, "val_elbo": 0.0, "seconds": 9999.0}]
+    run = _run(tmp_path, lines)
+    assert status.main([str(run)]) == 0
+    # 60 epochs of 6 minutes; the last 50 epochs rise 0.02 nats an epoch
+    assert "| `lit_a` | 60 | -98.80 (60) | 6.0 | +2.00 / 100 epochs |" in capsys.readouterr().out
