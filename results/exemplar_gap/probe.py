@@ -1,6 +1,6 @@
 """Where the converged exemplar prior loses to the published one: probes of the trained model.
 
-    python results/exemplar_gap/probe.py [--released-log whole_log.txt]
+    python results/exemplar_gap/probe.py [--released-log whole_log.txt [--plot lag.png]]
 
 The run (results/literature/runs/lit_z40_exemplar_byte255) scored -83.05 +- 0.22 against the
 published -82.09 +- 0.18. This script measures the candidates, each directly:
@@ -108,19 +108,50 @@ def matched_epochs(log: Path, runs: list[Path]) -> None:
         print(f"| {e} | {theirs[e]:.2f} | " + " | ".join(cells) + " |")
 
 
+def plot_lag(log: Path, runs: list[Path], labels: list[str], out: Path) -> None:
+    """Each run's best validation loss so far minus the released run's, against the epoch (from 10)."""
+    from surgery.plots import new_figure
+
+    theirs = best_so_far(released_validation(log))
+    fig = new_figure(8, 4.5)
+    ax = fig.subplots()
+    ax.axhline(0.0, color="black", lw=0.8, label="the released run (Norouzi et al.)")
+    for run, label in zip(runs, labels, strict=True):
+        ours = best_so_far(ours_validation(run))
+        epochs = [e for e in sorted(ours) if e in theirs and e >= EPOCHS[0]]  # before: the KL warm-up's swings
+        ax.plot(epochs, [ours[e] - theirs[e] for e in epochs], label=f"{label} ({max(ours)} epochs)")
+    ax.set_xscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("best validation loss so far − released run's (nats)")
+    ax.set_title("Exemplar prior, z = 40: how far each run lags the released one (above 0: behind)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"plot: {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, default=RUN, help="the converged run the probes 2-4 load")
     parser.add_argument("--compare", type=Path, nargs="*", default=[], help="more runs for the matched epochs")
     parser.add_argument("--released-log", type=Path, default=None)
     parser.add_argument("--matched-only", action="store_true", help="only the matched epochs (1), no probes")
+    parser.add_argument("--plot", type=Path, default=None, help="with --released-log: draw the lag of each run")
+    parser.add_argument("--labels", nargs="*", default=None, help="the runs' names in the plot (default: paths)")
     parser.add_argument("--loglik-points", type=int, default=2000, help="test points for probe 5 (0: skip it)")
     parser.add_argument("--loglik-samples", type=int, default=1000, help="importance samples K for probe 5")
     parser.add_argument("--train-points", type=int, default=2000, help="training points for probe 3")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.released_log is not None:
-        matched_epochs(args.released_log, [args.run, *args.compare])
+        runs = [args.run, *args.compare]
+        matched_epochs(args.released_log, runs)
+        if args.plot is not None:
+            labels = args.labels or [str(run) for run in runs]
+            if len(labels) != len(runs):
+                parser.error(f"--labels names {len(labels)} runs, but there are {len(runs)} (--run and --compare)")
+            plot_lag(args.released_log, runs, labels, args.plot)
     if args.matched_only:
         return
 
