@@ -89,15 +89,18 @@ def mean_se(x: torch.Tensor) -> str:
     return f"{x.mean().item():+.3f} +- {x.std().item() / math.sqrt(len(x)):.3f}"
 
 
-def matched_epochs(log: Path, runs: list[Path]) -> None:
-    theirs = best_so_far(released_validation(log))
-    ours = {run: best_so_far(ours_validation(run)) for run in runs}
+def best_curves(log: Path, runs: list[Path]) -> tuple[dict[int, float], dict[Path, dict[int, float]]]:
+    """Best validation loss so far per epoch: the released run's, and each run's here."""
+    return best_so_far(released_validation(log)), {run: best_so_far(ours_validation(run)) for run in runs}
+
+
+def matched_epochs(theirs: dict[int, float], ours: dict[Path, dict[int, float]]) -> None:
     print(
         f"\n1. Best validation loss so far (nats) at matched epochs: the released run ({max(theirs)} epochs), "
         "and each run here minus it"
     )
     print("| epoch | released | " + " | ".join(f"{run} ({max(c)} epochs)" for run, c in ours.items()) + " |")
-    print("|---" * (len(runs) + 2) + "|")
+    print("|---" * (len(ours) + 2) + "|")
     for e in EPOCHS:
         cells = []
         for run, c in ours.items():
@@ -108,18 +111,16 @@ def matched_epochs(log: Path, runs: list[Path]) -> None:
         print(f"| {e} | {theirs[e]:.2f} | " + " | ".join(cells) + " |")
 
 
-def plot_lag(log: Path, runs: list[Path], labels: list[str], out: Path) -> None:
+def plot_lag(theirs: dict[int, float], ours: dict[Path, dict[int, float]], labels: list[str], out: Path) -> None:
     """Each run's best validation loss so far minus the released run's, against the epoch (from 10)."""
     from surgery.plots import new_figure
 
-    theirs = best_so_far(released_validation(log))
     fig = new_figure(8, 4.5)
     ax = fig.subplots()
     ax.axhline(0.0, color="black", lw=0.8, label="the released run (Norouzi et al.)")
-    for run, label in zip(runs, labels, strict=True):
-        ours = best_so_far(ours_validation(run))
-        epochs = [e for e in sorted(ours) if e in theirs and e >= EPOCHS[0]]  # before: the KL warm-up's swings
-        ax.plot(epochs, [ours[e] - theirs[e] for e in epochs], label=f"{label} ({max(ours)} epochs)")
+    for curve, label in zip(ours.values(), labels, strict=True):
+        epochs = [e for e in sorted(curve) if e in theirs and e >= EPOCHS[0]]  # before: the KL warm-up's swings
+        ax.plot(epochs, [curve[e] - theirs[e] for e in epochs], label=f"{label} ({max(curve)} epochs)")
     ax.set_xscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("best validation loss so far − released run's (nats)")
@@ -146,12 +147,13 @@ def main() -> None:
     torch.manual_seed(0)
     if args.released_log is not None:
         runs = [args.run, *args.compare]
-        matched_epochs(args.released_log, runs)
+        theirs, ours = best_curves(args.released_log, runs)
+        matched_epochs(theirs, ours)
         if args.plot is not None:
             labels = args.labels or [str(run) for run in runs]
             if len(labels) != len(runs):
                 parser.error(f"--labels names {len(labels)} runs, but there are {len(runs)} (--run and --compare)")
-            plot_lag(args.released_log, runs, labels, args.plot)
+            plot_lag(theirs, ours, labels, args.plot)
     if args.matched_only:
         return
 
