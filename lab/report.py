@@ -65,6 +65,7 @@ from lab.run_dir import (
     format_setting,
     is_target_default,
     matches_any,
+    read_code,
     stop_reason,
 )
 from lab.surgery import DENSITY_PICTURE, FIT_JSON, log_px_name
@@ -112,6 +113,11 @@ class RunRecord:
     fit: dict[str, Any] | None = None  # fit.json of a prior fitted after training (python -m priors.fit)
     #: The run's resolved config (.hydra/config.yaml): what a headline selects rows by.
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: Which code trained it (code.jsonl): each distinct commit and sources digest, oldest first,
+    #: as `code_label` writes them; () for a run made before code.jsonl was kept.
+    code: tuple[str, ...] = ()
+    #: The sources digests of code.jsonl: runs of one row whose sets differ were made by different code.
+    sources: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -352,6 +358,14 @@ def read_run(path: str | Path) -> RunRecord:
             settings = settings | {FITTED} | options
         except json.JSONDecodeError as e:
             problems.append(f"{FIT_JSON} unreadable ({e.msg})")
+    code: tuple[str, ...] = ()
+    sources: frozenset[str] = frozenset()
+    try:
+        lines = read_code(path) or []
+        code = tuple(dict.fromkeys(code_label(line) for line in lines))
+        sources = frozenset(line["sources_sha256"] for line in lines)
+    except (OSError, UnicodeDecodeError, ValueError):
+        code = ("code.jsonl unreadable",)  # a record of the run, not a result: the run stays complete
     return RunRecord(
         path=path,
         prior=prior,
@@ -366,7 +380,22 @@ def read_run(path: str | Path) -> RunRecord:
         samples_png=path / SAMPLES_PICTURE if (path / SAMPLES_PICTURE).is_file() else None,
         fit=fit,
         config=raw,
+        code=code,
+        sources=sources,
     )
+
+
+def code_label(line: Mapping[str, Any]) -> str:
+    """One line of code.jsonl, short: the commit's first 7 hex digits (`no checkout` outside git)
+    and the sources digest's first 8, which tells an uncommitted edit from its commit."""
+    commit = line.get("commit")
+    return f"{commit[:7] if isinstance(commit, str) else 'no checkout'} (sources {line['sources_sha256'][:8]})"
+
+
+def made_by_different_code(row: Row) -> bool:
+    """Whether the row's runs that recorded their code (code.jsonl) did not all record the same
+    sources: a fix landed between its seeds, or one seed was resumed with other code."""
+    return len({r.sources for r in row.runs if r.sources}) > 1
 
 
 # ---- summarizing ---------------------------------------------------------------------
@@ -797,16 +826,25 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
         lines.append("")
         lines.append("No complete runs.")
     lines += ["", f"Complete runs: {sum(r.n_runs for r in report.rows)}; incomplete: {len(report.incomplete)}.", ""]
+    mixed = [row for row in report.rows if made_by_different_code(row)]
+    if mixed:
+        lines += [
+            "Made by different code (the sources their `code.jsonl` records differ; **Per seed** shows each "
+            "run's): " + "; ".join(row_label(row) for row in mixed) + ".",
+            "",
+        ]
     if report.rows:
         lines += [
             "## Per seed",
             "",
             "Every complete run's own values, by row. The s.e. of test log p(x) is its standard error over the "
-            "test points (mostly how hard each point is), not a spread over seeds.",
+            "test points (mostly how hard each point is), not a spread over seeds. `code` is the commit and "
+            "sources digest each process that trained the run recorded (`code.jsonl`, oldest first; — : made "
+            "before runs recorded it).",
             "",
         ]
         header = ["prior", "latents", "variant", "seed", "epochs", *(title for _, title in COLUMNS)]
-        header += ["s.e. (points)", "run dir"]
+        header += ["s.e. (points)", "code", "run dir"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for row in report.rows:
@@ -815,7 +853,7 @@ def render_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
                 cells = [row.prior, str(row.latent_dim), row.variant or "—", _format_seeds([run.seed])]
                 cells += ["—" if run.epochs is None else str(run.epochs)]
                 cells += [_cell(s.get(k)) for k, _ in COLUMNS]
-                cells += [_cell(s.get("log_likelihood_stderr")), str(run.path)]
+                cells += [_cell(s.get("log_likelihood_stderr")), " → ".join(run.code) or "—", str(run.path)]
                 lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     fitted = [r for r in report.runs if r.problem is None and r.fit is not None]

@@ -477,6 +477,26 @@ def record_code(run_dir: str | Path, step: int | None, root: str | Path = CODE_R
         f.write(json.dumps(line) + "\n")
 
 
+def read_code(run_dir: str | Path) -> list[dict[str, Any]] | None:
+    """The lines `record_code` wrote in `run_dir`, oldest first; None without a `code.jsonl` (a run
+    made before priorlab kept one). Raises ValueError naming the line that is not a record."""
+    path = Path(run_dir) / CODE_FILE
+    if not path.is_file():
+        return None
+    lines = []
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            line = None
+        if not isinstance(line, dict) or not isinstance(line.get("sources_sha256"), str):
+            raise ValueError(f"{path}, line {number}: not a record of the code (no sources_sha256)")
+        lines.append(line)
+    return lines
+
+
 def record_resume(run_dir: str | Path, step: int, changes: dict[str, list[Any]]) -> None:
     """Append the resume, and what it changed, to `<run dir>/resumes.jsonl`."""
     with open(Path(run_dir) / "resumes.jsonl", "a") as f:

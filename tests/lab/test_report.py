@@ -263,6 +263,44 @@ def test_two_runs_of_one_seed_in_a_row_are_refused_by_name(tmp_path: Path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_each_run_shows_its_code_and_a_row_made_by_different_code_is_named(tmp_path: Path) -> None:
+    from lab.run_dir import code_version, record_code
+
+    sources = {}
+    for name, text in (("a", "y = 1\n"), ("b", "y = 2\n")):
+        (tmp_path / name / "priors").mkdir(parents=True)
+        (tmp_path / name / "priors" / "p.py").write_text(text)
+        sources[name] = tmp_path / name
+    runs = tmp_path / "runs"
+    made_by = {  # (prior, seed): the code of each process that trained it, oldest first
+        ("gaussian", 0): "a",
+        ("gaussian", 1): "a",
+        ("vampprior", 0): "a",
+        ("vampprior", 1): "ab",  # resumed with other code
+        ("flow", 0): "",  # made before code.jsonl was kept
+        ("flow", 1): "b",
+    }
+    for (prior, seed), code in made_by.items():
+        make_run(runs / f"{prior}{seed}", prior, 2, seed)
+        for step, name in enumerate(code):
+            record_code(runs / f"{prior}{seed}", 100 * step, root=sources[name])
+    make_run(runs / "gaussian2", "gaussian", 2, 2)
+    (runs / "gaussian2" / "code.jsonl").write_text("not json\n")
+
+    report = rep.build_report([runs])
+    assert not report.incomplete  # an unreadable code.jsonl leaves the run complete
+    by_prior = {row.prior: row for row in report.rows}
+    assert [rep.made_by_different_code(by_prior[p]) for p in ("gaussian", "vampprior", "flow")] == [False, True, False]
+    digest = {name: code_version(root)["sources_sha256"] for name, root in sources.items()}
+    label = {name: f"no checkout (sources {d[:8]})" for name, d in digest.items()}
+    table = rep.render_markdown(report)
+    for (prior, seed), code in made_by.items():
+        shown = " → ".join(label[n] for n in code) or "—"
+        assert f"| {shown} | {runs / f'{prior}{seed}'} |" in table
+    assert f"| code.jsonl unreadable | {runs / 'gaussian2'} |" in table
+    assert "Made by different code" in table and "vampprior, z=2." in table
+
+
 def test_runs_differing_in_any_setting_are_separate_rows(tmp_path: Path) -> None:
     for seed, lr in ((0, 1e-3), (1, 1e-3), (0, 5e-4)):
         path = tmp_path / f"lr{lr}-s{seed}"

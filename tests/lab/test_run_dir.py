@@ -28,6 +28,7 @@ from lab.run_dir import (
     made_by_hydra,
     matches_any,
     missing_dirs,
+    read_code,
     record_code,
     record_resume,
     remove_empty_dirs,
@@ -271,3 +272,20 @@ def test_code_version_reads_the_commit_and_digests_the_sources(tmp_path: Path) -
     record_code(tmp_path, 14, root=outside)
     lines = [json.loads(x) for x in (tmp_path / "code.jsonl").read_text().splitlines()]
     assert [(x["step"], x["commit"]) for x in lines] == [(0, second), (14, None)]
+
+
+def test_read_code_returns_what_record_code_wrote_and_names_a_bad_line(tmp_path: Path) -> None:
+    assert read_code(tmp_path) is None  # a run made before code.jsonl was kept
+    outside = tmp_path / "src"
+    (outside / "priors").mkdir(parents=True)
+    (outside / "priors" / "p.py").write_text("y = 1\n")
+    record_code(tmp_path, 0, root=outside)
+    (outside / "priors" / "p.py").write_text("y = 2\n")
+    record_code(tmp_path, 500, root=outside)
+    lines = read_code(tmp_path)
+    assert [x["step"] for x in lines] == [0, 500] and lines[0]["commit"] is None
+    assert lines[0]["sources_sha256"] != lines[1]["sources_sha256"]
+    with open(tmp_path / "code.jsonl", "a") as f:
+        f.write('{"step": 9}\n')
+    with pytest.raises(ValueError, match="code.jsonl, line 3: not a record of the code"):
+        read_code(tmp_path)
