@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from priors.base import Encoder, Prior
 from priors.densities import LOG_2PI, DiagonalGaussianMixture
 
-EXEMPLAR_SETS = ("all", "random", "knn")
+EXEMPLAR_SETS = ("all", "random", "knn", "random_knn")
 
 
 class NearestNeighbours:
@@ -37,7 +37,8 @@ class NearestNeighbours:
 
     @torch.no_grad()
     def search(self, query: Tensor, k: int, exclude: Tensor | None = None) -> Tensor:
-        """Indices `[B, k]` of each query's k nearest points, nearest first; `exclude` `[B]` leaves one out each."""
+        """Indices `[B, k]` of each query's k nearest points, nearest first; `exclude` `[B]` leaves one out
+        each (-1: none)."""
         if not 1 <= k <= self.n - (exclude is not None):
             raise ValueError(f"NearestNeighbours: k must lie in [1, {self.n - (exclude is not None)}], got {k}")
         query = query.to(self.keys)
@@ -45,7 +46,9 @@ class NearestNeighbours:
         b = score.shape[0]
         rows = torch.arange(b, device=score.device)
         if exclude is not None:
-            score[rows, exclude.to(score.device)] = math.inf
+            exclude = exclude.to(score.device)
+            some = exclude >= 0
+            score[rows[some], exclude[some]] = math.inf
         chunks = score.view(b, -1, self.width)
         if chunks.shape[1] <= k:
             return score.topk(k, dim=-1, largest=False).indices
@@ -80,13 +83,16 @@ class ExemplarPrior(Prior):
     * leave-one-out: a point's own exemplar is never in its prior;
     * an exemplar set per batch (`exemplars`): `all` N of them, a `random` subset of
       `num_exemplars`, or `knn`, each point's `k` nearest neighbours by their cached means
-      (re-encoded with gradient).
+      (re-encoded with gradient), or `random_knn`, each point's `k` nearest within a random
+      subset of `num_exemplars`: the paper's `random` objective at the cost of `knn`.
 
     In training (`context` = the batch's training-set indices) the log density is normalized
     by the number of exemplars actually summed (|S| - 1 when the point's own exemplar was
     drawn, else |S|; k for `knn`). For `random` that is an unbiased density estimate, so the
     loss stays a bound in expectation; for `knn` it is the retrieved neighbours' own density,
-    log((N - 1) / k) above their share of the leave-one-out sum (docs/priors.md).
+    log((N - 1) / k) above their share of the leave-one-out sum (docs/priors.md). For
+    `random_knn` it is the neighbours' share of `random`'s sum, normalized as `random` is: a
+    little below it, never above.
     Evaluation (no context: validation, the surgery, importance sampling) uses all N
     exemplars, no leave-one-out, from the cache of their means, which the trainer's
     `vae.callbacks.TrainingSetEncodings` callback refreshes after every epoch with the
@@ -101,9 +107,9 @@ class ExemplarPrior(Prior):
         encoder: the VAE's encoder, `x [B, P] -> (mu, logvar)`.
         train_x: the exemplars `[N, P]`, in the order of the training-set indices: the
             training images' grey levels (`vae.training_inputs`), as in the paper.
-        exemplars: `all`, `random` or `knn`.
-        num_exemplars: |S| for `random` (the paper: half the training set).
-        k: neighbours per point for `knn` (the paper's retrieval variant: 10).
+        exemplars: `all`, `random`, `knn` or `random_knn`.
+        num_exemplars: |S| for `random` and `random_knn` (the paper: half the training set).
+        k: neighbours per point for `knn` (the paper's retrieval variant: 10) and `random_knn`.
         variance: `scalar` (the paper) or `per_dim`.
         init_logvar: the initial log sigma^2.
         encode_batch_size: inputs per encoder call when the exemplars are encoded.
@@ -143,12 +149,13 @@ class ExemplarPrior(Prior):
         # Each knob is checked against the data where its exemplar set uses it.
         checks = [
             ("encode_batch_size", encode_batch_size, None),
-            ("num_exemplars", num_exemplars, n if exemplars == "random" else None),
-            ("k", k, n - 1 if exemplars == "knn" else None),
+            ("num_exemplars", num_exemplars, n if exemplars in ("random", "random_knn") else None),
+            ("k", k, {"knn": n - 1, "random_knn": int(num_exemplars) - 1}.get(exemplars)),
         ]
         for name, value, top in checks:
             if int(value) != value or value < 1 or (top is not None and value > top):
-                raise ValueError(f"ExemplarPrior: {name} must be an integer in [1, {top or 'inf'}], got {value!r}")
+                span = "inf" if top is None else top
+                raise ValueError(f"ExemplarPrior: {name} must be an integer in [1, {span}], got {value!r}")
         self.exemplars = exemplars
         self.num_exemplars = int(num_exemplars)
         self.k = int(k)
@@ -250,7 +257,11 @@ class ExemplarPrior(Prior):
         """Training: log p(z_i | exemplars S_i without i), flat z `[B, D]`, index `[B]`."""
         n, device = self.num_points, z.device
         if self.exemplars == "knn":
-            return self._knn(z, index)
+            if self._neighbours is None:
+                # Every point's neighbours at once: the cache, and so the neighbours, hold for the epoch.
+                self._neighbours = NearestNeighbours(self._cached()).of_every_point(self.k)
+            neighbours = self._neighbours[index.to(self._neighbours.device)]
+            return self._neighbour_density(z, neighbours) - math.log(self.k)
         chosen = (
             torch.arange(n, device=device)
             if self.exemplars == "all"
@@ -258,16 +269,20 @@ class ExemplarPrior(Prior):
         )
         position = torch.full((n,), -1, dtype=torch.int64, device=device)
         position[chosen] = torch.arange(len(chosen), device=device)
+        if self.exemplars == "random_knn":
+            cache, own = self._cached(), position[index]
+            chosen_c = chosen.to(cache.device)
+            found = NearestNeighbours(cache[chosen_c]).search(cache[index.to(cache.device)], self.k, exclude=own)
+            summed = len(chosen) - (own >= 0).to(z.dtype)  # what `random` sums over: |S| - 1 or |S|
+            return self._neighbour_density(z, chosen_c[found]) - summed.log()
         mu = self._encode_means(chosen)
         mixture = DiagonalGaussianMixture(mu, self._component_logvar(len(chosen)))
         return mixture.log_prob(z, exclude=position[index])  # normalized by |S| - 1 or |S|: what was summed
 
-    def _knn(self, z: Tensor, index: Tensor) -> Tensor:
-        if self._neighbours is None:
-            # Every point's neighbours at once: the cache, and so the neighbours, hold for the epoch.
-            self._neighbours = NearestNeighbours(self._cached()).of_every_point(self.k)
+    def _neighbour_density(self, z: Tensor, neighbours: Tensor) -> Tensor:
+        """log sum_j N(z_b; mu(x_{neighbours[b, j]}), sigma^2) `[B]`, unnormalized: the exemplars
+        `neighbours` `[B, k]` re-encoded with gradient (each distinct one once)."""
         with torch.no_grad():
-            neighbours = self._neighbours[index.to(self._neighbours.device)]
             unique, slot = neighbours.to(z.device).unique(return_inverse=True)
         mu = self._encode_means(unique)[slot]  # [B, k, D], with gradient
         var_log = self.logvar.to(z.dtype)
@@ -276,7 +291,7 @@ class ExemplarPrior(Prior):
             + var_log.expand(self.latent_dim).sum()
             + ((z[:, None, :] - mu).square() * torch.exp(-var_log)).sum(-1)
         )
-        return torch.logsumexp(log_terms.double(), dim=-1).to(z.dtype) - math.log(self.k)
+        return torch.logsumexp(log_terms.double(), dim=-1).to(z.dtype)
 
     # ---- the contract ---------------------------------------------------------------
 
@@ -296,7 +311,12 @@ class ExemplarPrior(Prior):
             return self._all_exemplars().sample(n)
 
     def extra_repr(self) -> str:
-        size = {"all": "", "random": f", num_exemplars={self.num_exemplars}", "knn": f", k={self.k}"}[self.exemplars]
+        size = {
+            "all": "",
+            "random": f", num_exemplars={self.num_exemplars}",
+            "knn": f", k={self.k}",
+            "random_knn": f", num_exemplars={self.num_exemplars}, k={self.k}",
+        }[self.exemplars]
         sizes = f"latent_dim={self.latent_dim}, N={self.num_points}"
         detached = "" if self.gradient else ", gradient=False"
         return f"{sizes}, exemplars={self.exemplars}{size}, variance={self.variance}{detached}"

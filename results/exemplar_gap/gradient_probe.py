@@ -10,7 +10,9 @@ the grey-level run, per batch of 100 training points (one posterior draw each, t
 every objective), this computes the gradient of the batch's mean log p(z) with respect to
 the encoder's parameters under each objective, and prints the cosine between them and their
 norms, and the gradient with respect to the prior's shared log variance apart. Two random
-draws show the paper's objective's own noise. Every objective is the prior's own `log_prob`
+draws show the paper's objective's own noise. `random_knn` (each point's k = 10 nearest
+within the same random draw, normalized as `random` is) is the paper's objective at knn's
+cost: its columns say how close it comes. Every objective is the prior's own `log_prob`
 with the point indices as context; only `exemplars` (and `num_exemplars`) change between them.
 """
 
@@ -60,9 +62,10 @@ def main() -> None:
     print(f"checkpoint: {args.checkpoint}; N = {len(train)}; batches of 100; random subset {args.subset}")
     print(
         "| batch | cos(knn, all) | cos(random, all) | cos(random, random') | cos(knn, random) "
-        "| norm knn / all | norm random / all | d/d logvar: knn | all | random | seconds |"
+        "| cos(random_knn, random) | norm knn / all | norm random / all | norm random_knn / random "
+        "| d/d logvar: knn | all | random | random_knn | seconds |"
     )
-    print("|---" * 11 + "|")
+    print("|---" * 14 + "|")
     rows = []
     for b in range(args.batches):
         g = torch.Generator().manual_seed(100 + b)
@@ -81,16 +84,20 @@ def main() -> None:
         (random_a, random_var), (random_b, _) = (
             gradient(model, z_of, index, "random", args.subset, seed=s) for s in (1, 2)
         )
+        retrieved, retrieved_var = gradient(model, z_of, index, "random_knn", args.subset, seed=1)  # random_a's draw
         row = (
             cosine(knn, exact),
             cosine(random_a, exact),
             cosine(random_a, random_b),
             cosine(knn, random_a),
+            cosine(retrieved, random_a),
             float(knn.norm() / exact.norm()),
             float(random_a.norm() / exact.norm()),
+            float(retrieved.norm() / random_a.norm()),
             knn_var,
             exact_var,
             random_var,
+            retrieved_var,
         )
         rows.append(row)
         seconds = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""priors/exemplar.py: the exemplar prior's three ways of choosing exemplars against double loops, its cache,
+"""priors/exemplar.py: the exemplar prior's four ways of choosing exemplars against double loops, its cache,
 the nearest-neighbour search against brute force, and its bad arguments."""
 
 from __future__ import annotations
@@ -105,6 +105,45 @@ def test_exemplar_knn_uses_each_points_nearest_cached_means_but_never_itself() -
         assert got[i].item() - math.log(8 / 3) <= _loop_exemplar(z[i], means, p.logvar, others) + 1e-12
 
 
+def test_exemplar_random_knn_takes_the_nearest_of_the_random_subset_normalized_as_random() -> None:
+    p, encoder, train_x = _exemplar("random_knn", n=9, num_exemplars=5, k=2)
+    means = encoder(train_x)[0].detach()
+    z = torch.randn(9, 2, dtype=F64)
+    index = torch.arange(9)  # some points in the subset drawn, some not
+    p.train()
+    torch.manual_seed(3)
+    got = p.log_prob(z, context=index)
+    torch.manual_seed(3)
+    chosen = torch.randperm(9)[:5].tolist()  # the subset the prior drew
+    assert any(i in chosen for i in range(9)) and any(i not in chosen for i in range(9))
+    for i in range(9):
+        members = [m for m in chosen if m != i]
+        by_distance = sorted((float((means[m] - means[i]).square().sum()), m) for m in members)
+        nearest = [m for _, m in by_distance[:2]]
+        want = _loop_exemplar(z[i], means, p.logvar, nearest) + math.log(2 / len(members))
+        assert abs(got[i].item() - want) < 1e-10
+        # the neighbours' share of what `random` sums: at most `random`'s value
+        assert got[i].item() <= _loop_exemplar(z[i], means, p.logvar, members) + 1e-12
+    got.sum().backward()
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in encoder.parameters())
+    assert p.logvar.grad is not None and p.logvar.grad.abs().sum() > 0
+
+
+def test_exemplar_random_knn_with_every_other_member_is_random() -> None:
+    # k = |S| - 1: a point drawn into S sums the same exemplars as `random` does, on the same draw
+    knn, _, _ = _exemplar("random_knn", n=9, num_exemplars=5, k=4)
+    rand, _, _ = _exemplar("random", n=9, num_exemplars=5)
+    z, index = torch.randn(9, 2, dtype=F64), torch.arange(9)
+    knn.train(), rand.train()
+    torch.manual_seed(5)
+    a = knn.log_prob(z, context=index)
+    torch.manual_seed(5)
+    b = rand.log_prob(z, context=index)
+    torch.manual_seed(5)
+    drawn = torch.randperm(9)[:5]
+    assert torch.allclose(a[drawn], b[drawn], atol=1e-12, rtol=0)
+
+
 def test_exemplar_without_gradient_uses_the_stale_cache_and_leaves_the_encoder_alone() -> None:
     p, encoder, train_x = _exemplar("all", gradient=False)
     stale = encoder(train_x)[0].detach()  # the cache the fixture filled
@@ -163,6 +202,10 @@ def test_exemplar_bad_arguments() -> None:
         ExemplarPrior(2, encoder, x, exemplars="some")
     with pytest.raises(ValueError, match=r"k must be an integer in \[1, 5\]"):
         ExemplarPrior(2, encoder, x, k=6)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 3\]"):
+        ExemplarPrior(2, encoder, x, exemplars="random_knn", num_exemplars=4, k=4)
+    with pytest.raises(ValueError, match=r"num_exemplars must be an integer in \[1, 6\]"):
+        ExemplarPrior(2, encoder, x, exemplars="random_knn", num_exemplars=7, k=2)
     with pytest.raises(RuntimeError, match="no cached exemplar means yet"):
         ExemplarPrior(2, encoder, x, k=2).log_prob(torch.zeros(3, 2))
 
@@ -190,3 +233,7 @@ def test_nearest_neighbours_match_brute_force(width: int) -> None:
     assert every.tolist() == _brute_force_neighbours(points[:300], points[:300], 4, torch.arange(300))
     with pytest.raises(ValueError, match="k must lie in"):
         search.search(queries, 1500, exclude=index)
+    # -1 leaves nothing out, not the last point (128 points: no padding after it)
+    full, near_last, none = points[:128], points[120:128] + 0.01, torch.full((8,), -1)
+    got = NearestNeighbours(full, width=width).search(near_last, 7, exclude=none).tolist()
+    assert got == _brute_force_neighbours(full, near_last, 7, none) and 127 in got[-1]
