@@ -94,14 +94,16 @@ def best_curves(log: Path, runs: list[Path]) -> tuple[dict[int, float], dict[Pat
     return best_so_far(released_validation(log)), {run: best_so_far(ours_validation(run)) for run in runs}
 
 
-def matched_epochs(theirs: dict[int, float], ours: dict[Path, dict[int, float]]) -> None:
+def matched_epochs(
+    theirs: dict[int, float], ours: dict[Path, dict[int, float]], epochs: tuple[int, ...] = EPOCHS
+) -> None:
     print(
         f"\n1. Best validation loss so far (nats) at matched epochs: the released run ({max(theirs)} epochs), "
         "and each run here minus it"
     )
     print("| epoch | released | " + " | ".join(f"{run} ({max(c)} epochs)" for run, c in ours.items()) + " |")
     print("|---" * (len(ours) + 2) + "|")
-    for e in EPOCHS:
+    for e in epochs:
         cells = []
         for run, c in ours.items():
             last = max(c)
@@ -138,6 +140,7 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, nargs="*", default=[], help="more runs for the matched epochs")
     parser.add_argument("--released-log", type=Path, default=None)
     parser.add_argument("--matched-only", action="store_true", help="only the matched epochs (1), no probes")
+    parser.add_argument("--epochs", type=int, nargs="+", default=list(EPOCHS), help="the matched epochs (1)")
     parser.add_argument("--plot", type=Path, default=None, help="with --released-log: draw the lag of each run")
     parser.add_argument("--labels", nargs="*", default=None, help="the runs' names in the plot (default: paths)")
     parser.add_argument("--loglik-points", type=int, default=2000, help="test points for probe 5 (0: skip it)")
@@ -148,7 +151,9 @@ def main() -> None:
     if args.released_log is not None:
         runs = [args.run, *args.compare]
         theirs, ours = best_curves(args.released_log, runs)
-        matched_epochs(theirs, ours)
+        if missing := [e for e in args.epochs if e not in theirs]:
+            parser.error(f"--epochs {missing}: the released run has epochs {min(theirs)} to {max(theirs)}")
+        matched_epochs(theirs, ours, tuple(args.epochs))
         if args.plot is not None:
             labels = args.labels or [str(run) for run in runs]
             if len(labels) != len(runs):
