@@ -94,9 +94,7 @@ def best_curves(log: Path, runs: list[Path]) -> tuple[dict[int, float], dict[Pat
     return best_so_far(released_validation(log)), {run: best_so_far(ours_validation(run)) for run in runs}
 
 
-def matched_epochs(
-    theirs: dict[int, float], ours: dict[Path, dict[int, float]], epochs: tuple[int, ...] = EPOCHS
-) -> None:
+def matched_epochs(theirs: dict[int, float], ours: dict[Path, dict[int, float]], epochs: list[int]) -> None:
     print(
         f"\n1. Best validation loss so far (nats) at matched epochs: the released run ({max(theirs)} epochs), "
         "and each run here minus it"
@@ -153,7 +151,7 @@ def main() -> None:
         theirs, ours = best_curves(args.released_log, runs)
         if missing := [e for e in args.epochs if e not in theirs]:
             parser.error(f"--epochs {missing}: the released run has epochs {min(theirs)} to {max(theirs)}")
-        matched_epochs(theirs, ours, tuple(args.epochs))
+        matched_epochs(theirs, ours, args.epochs)
         if args.plot is not None:
             labels = args.labels or [str(run) for run in runs]
             if len(labels) != len(runs):
