@@ -1,6 +1,6 @@
 """Real tiny sweeps through `python train.py -m`: a priors x latent sizes sweep with the joblib
-launcher and `python -m surgery.report` over it, a two-job sweep with submitit_local, and
-wandb's offline runs of a sweep (issue 5, part 7)."""
+launcher, logged to wandb offline, and `python -m surgery.report` over it; a two-job sweep with
+submitit_local (issue 5, part 7)."""
 
 from __future__ import annotations
 
@@ -37,12 +37,13 @@ def run_sweep(sweep_dir: Path, *overrides: str, timeout: int = 240) -> subproces
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> tuple[Path, Path]:
-    """A priors x latent sizes sweep, and the report over it."""
+    """A priors x latent sizes sweep (four jobs on two loky workers, each logging to wandb offline),
+    and the report over it."""
     tmp = tmp_path_factory.mktemp("joblib")
     sweep_dir = tmp / "multirun"
     run_sweep(
         sweep_dir,
-        "logger=none",
+        "logger=wandb",
         f"prior={','.join(PRIORS)}",
         f"vae.latent_dim={','.join(map(str, LATENT_DIMS))}",
         *LAUNCHERS["joblib"],
@@ -105,16 +106,17 @@ def test_report_rows_hold_each_runs_surgery_values(sweep) -> None:
         assert f"| {run.prior} | {run.latent_dim} | — | " + " | ".join(cells) + " | 1 | " in md
 
 
-def test_wandb_one_offline_run_per_job_in_one_group(tmp_path: Path) -> None:
-    """Three jobs on two loky workers: a worker runs two jobs, each its own wandb run."""
-    sweep_dir = tmp_path / "multirun"
-    run_sweep(sweep_dir, "logger=wandb", "prior=gaussian", "vae.latent_dim=2,3,4", *LAUNCHERS["joblib"])
-    for job, latent_dim in zip(("0", "1", "2"), (2, 3, 4), strict=False):
-        runs = list((sweep_dir / job / "wandb").glob("offline-run-*"))
-        assert len(runs) == 1, (job, runs)
-        (data,) = runs[0].glob("run-*.wandb")
+def test_wandb_one_offline_run_per_job_in_one_group(sweep) -> None:
+    """Four jobs on two loky workers: a worker runs two jobs, each its own wandb run."""
+    sweep_dir, _ = sweep
+    runs = [rep.read_run(p) for p in rep.find_run_dirs([sweep_dir])]
+    assert len(runs) == len(PRIORS) * len(LATENT_DIMS)
+    for run in runs:
+        offline = list((run.path / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1, (run.path, offline)
+        (data,) = offline[0].glob("run-*.wandb")
         raw = data.read_bytes()  # the run record: group, name and config keys, stored as protobuf strings
         assert str(sweep_dir).encode() in raw  # group = the sweep dir
-        assert f"gaussian-z{latent_dim}-s0".encode() in raw  # run name
-        for key in (b"prior_name", b"latent_dim", b'"gaussian"'):
+        assert f"{run.prior}-z{run.latent_dim}-s0".encode() in raw  # run name
+        for key in (b"prior_name", b"latent_dim", f'"{run.prior}"'.encode()):
             assert key in raw
