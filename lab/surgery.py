@@ -179,19 +179,21 @@ class PartialLogLikelihood:
                 and state.generator_state.dtype == torch.uint8
             )
         except Exception as e:  # any unreadable file: the pass starts over, it never fails on it
-            log.warning("log p(x): %s does not load (%s); the pass starts over", self.path, " ".join(str(e).split()))
+            log.warning(
+                "log p(x): %s does not load (%s); the pass starts over", self.path.name, " ".join(str(e).split())
+            )
             return None
         if not ok:
-            log.warning("log p(x): %s is not a saved pass; the pass starts over", self.path)
+            log.warning("log p(x): %s is not a saved pass; the pass starts over", self.path.name)
             return None
         if state.key != key:
             log.warning(
                 "log p(x): %s is the progress of another pass (the weights, points, K or seed differ); "
                 "the pass starts over",
-                self.path,
+                self.path.name,
             )
             return None
-        log.info("log p(x): continuing from %s, %s points done", self.path, f"{state.done:,}")
+        log.info("log p(x): continuing from %s, %s points done", self.path.name, f"{state.done:,}")
         return state
 
     def due(self) -> bool:
