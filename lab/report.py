@@ -623,6 +623,8 @@ class HeadlineSpec:
         where: {vae.latent_dim: 40, data.byte_divisor: 255}   # config values every run of a row has
         priors:                                               # by option name; both keys optional
           gaussian: {name: Gaussian, published: [-84.45, 0.12]}
+        levels:                                               # figures of no row, drawn as lines
+          "two-layer HVAE, Exemplar prior (published)": -81.22
         source: Published: ...                                # said under the table
         note: ...
 
@@ -634,6 +636,7 @@ class HeadlineSpec:
     where: dict[str, Any]
     names: dict[str, str] = field(default_factory=dict)
     published: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    levels: dict[str, float] = field(default_factory=dict)
     source: str = ""
     note: str = ""
 
@@ -649,9 +652,11 @@ def load_headline_spec(path: str | Path) -> HeadlineSpec:
         raise ConfigError(f"--headline {path}: not YAML ({e.__class__.__name__})") from None
     if not isinstance(content, dict):
         raise ConfigError(f"--headline {path}: expected a mapping with `where`, got {type(content).__name__}")
-    unknown = sorted(set(content) - {"where", "priors", "source", "note"})
+    unknown = sorted(set(content) - {"where", "priors", "levels", "source", "note"})
     if unknown:
-        raise ConfigError(f"--headline {path}: unknown key(s) {', '.join(unknown)} (where, priors, source, note)")
+        raise ConfigError(
+            f"--headline {path}: unknown key(s) {', '.join(unknown)} (where, priors, levels, source, note)"
+        )
     where = content.get("where")
     if not isinstance(where, dict) or not where:
         raise ConfigError(f"--headline {path}: `where` must map config keys to values, e.g. vae.latent_dim: 40")
@@ -667,10 +672,16 @@ def load_headline_spec(path: str | Path) -> HeadlineSpec:
             if not 1 <= len(pair) <= 2 or not all(isinstance(v, (int, float)) for v in pair):
                 raise ConfigError(f"--headline {path}: priors.{prior}.published must be a number or [mean, sd]")
             published[str(prior)] = (float(pair[0]), float(pair[1]) if len(pair) == 2 else None)
+    levels = content.get("levels") or {}
+    if not isinstance(levels, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels.values()
+    ):
+        raise ConfigError(f"--headline {path}: `levels` must map a label to a number, e.g. 'two-layer': -81.22")
     return HeadlineSpec(
         where={str(k): v for k, v in where.items()},
         names=names,
         published=published,
+        levels={str(k): float(v) for k, v in levels.items()},
         source=str(content.get("source") or ""),
         note=str(content.get("note") or ""),
     )
@@ -1078,7 +1089,8 @@ def plot_samples_side_by_side(report: Report, path: Path, columns: int = 4) -> P
 def draw_headline(ax: Any, rows: Sequence[Row], spec: HeadlineSpec) -> None:
     """The test log p(x) of the headline's `rows` (`headline_rows`) on `ax`, a line per row in
     the table's order (top first): each seed a dot with its standard error over the test
-    points, the mean over seeds ± sd as a bar, the published figure ± sd as a hollow diamond."""
+    points, the mean over seeds ± sd as a bar, the published figure ± sd as a hollow diamond; each
+    of the spec's `levels` a dashed vertical line, named in the legend with its value."""
     import textwrap
 
     names = headline_names(rows, spec)
@@ -1122,12 +1134,26 @@ def draw_headline(ax: Any, rows: Sequence[Row], spec: HeadlineSpec) -> None:
                 capsize=3,
                 label="published ± sd" if not any(spec.published.get(r.prior) for r in rows[:i]) else None,
             )
+    level_labels = []
+    for i, (label, value) in enumerate(spec.levels.items()):
+        level_labels.append(f"{label}: {value:.2f}")
+        ax.axvline(value, color="dimgray", linestyle=("--", ":", "-.")[i % 3], linewidth=1, label=level_labels[-1])
     ax.set_yticks(range(len(rows)), [textwrap.fill(n, 26) for n in reversed(names)], fontsize=8)
     ax.set_ylim(-0.6, len(rows) - 0.2)
     ax.set_xlabel("test log p(x), nats (higher is better)")
     ax.set_title(f"Test log p(x){_evaluation(rows)}", fontsize=9)
     ax.grid(axis="x", linewidth=0.5, alpha=0.5)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+    handles, labels = ax.get_legend_handles_labels()  # matplotlib puts the lines first: the levels last
+    order = sorted(range(len(labels)), key=lambda k: labels[k] in level_labels)
+    ax.legend(
+        [handles[k] for k in order],
+        [labels[k] for k in order],
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.14),
+        ncol=2 if spec.levels else 3,  # a level's label is long
+        frameon=False,
+    )
 
 
 def plot_headline(report: Report, spec: HeadlineSpec, path: Path) -> Path:

@@ -528,6 +528,25 @@ def test_the_headline_picture_draws_every_seed_its_mean_and_the_published_figure
     assert labels == ["a seed ± s.e. over the test points", "mean ± sd over seeds", "published ± sd"]
 
 
+def test_the_headline_picture_draws_each_level_as_a_line_named_last_in_the_legend(three_priors: Path) -> None:
+    from surgery.plots import new_figure
+
+    levels = {"two-layer": -81.22, "another": -90.5}
+    spec = rep.HeadlineSpec(where={"vae.latent_dim": 40}, published={"flow": (-91.0, None)}, levels=levels)
+    ax = new_figure(7, 4).add_subplot()
+    rep.draw_headline(ax, rep.headline_rows(rep.build_report([three_priors]), spec), spec)
+    drawn = {line.get_label(): (set(line.get_xdata()), line.get_linestyle()) for line in ax.get_lines()}
+    assert drawn["two-layer: -81.22"] == ({-81.22}, "--") and drawn["another: -90.50"] == ({-90.5}, ":")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [
+        "a seed ± s.e. over the test points",
+        "mean ± sd over seeds",
+        "published ± sd",
+        "two-layer: -81.22",
+        "another: -90.50",
+    ]
+
+
 def test_headline_mistakes_are_one_line_errors(three_priors: Path, tmp_path: Path, capsys) -> None:
     spec = tmp_path / "spec.yaml"
     for content, message in (
@@ -535,6 +554,8 @@ def test_headline_mistakes_are_one_line_errors(three_priors: Path, tmp_path: Pat
         ("where: {}\n", "`where` must map config keys to values"),
         ("where: {seed: 0}\ntitle: x\n", "unknown key(s) title"),
         ("where: {seed: 0}\npriors: {flow: {published: [1, 2, 3]}}\n", "priors.flow.published must be"),
+        ("where: {seed: 0}\nlevels: [-81.22]\n", "`levels` must map a label to a number"),
+        ("where: {seed: 0}\nlevels: {two-layer: high}\n", "`levels` must map a label to a number"),
     ):
         spec.write_text(content)
         assert rep.main([str(three_priors), "--out", str(tmp_path / "out"), "--headline", str(spec)]) == 2
