@@ -1090,7 +1090,8 @@ def draw_headline(ax: Any, rows: Sequence[Row], spec: HeadlineSpec) -> None:
     """The test log p(x) of the headline's `rows` (`headline_rows`) on `ax`, a line per row in
     the table's order (top first): each seed a dot with its standard error over the test
     points, the mean over seeds ± sd as a bar, the published figure ± sd as a hollow diamond; each
-    of the spec's `levels` a dashed vertical line, named in the legend with its value."""
+    of the spec's `levels` a vertical line (dashed, dotted, dash-dotted in turn), named in the legend
+    with its value."""
     import textwrap
 
     names = headline_names(rows, spec)

@@ -107,7 +107,7 @@ def test_report_rows_hold_each_runs_surgery_values(sweep) -> None:
 
 
 def test_wandb_one_offline_run_per_job_in_one_group(sweep) -> None:
-    """Four jobs on two loky workers: a worker runs two jobs, each its own wandb run."""
+    """Four jobs on two loky workers: a worker runs at least two jobs, each its own wandb run."""
     sweep_dir, _ = sweep
     runs = [rep.read_run(p) for p in rep.find_run_dirs([sweep_dir])]
     assert len(runs) == len(PRIORS) * len(LATENT_DIMS)
