@@ -641,6 +641,11 @@ class HeadlineSpec:
     note: str = ""
 
 
+def _finite_number(value: Any) -> bool:
+    """A YAML number that can stand in the table: finite, and not a `true`/`false` (a bool is an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def load_headline_spec(path: str | Path) -> HeadlineSpec:
     """Read and check a headline spec; a mistake is a one-line `ConfigError` naming the key."""
     path = Path(path)
@@ -669,13 +674,13 @@ def load_headline_spec(path: str | Path) -> HeadlineSpec:
         if "published" in entry:
             value = entry["published"]
             pair = value if isinstance(value, list) else [value]
-            if not 1 <= len(pair) <= 2 or not all(isinstance(v, (int, float)) for v in pair):
-                raise ConfigError(f"--headline {path}: priors.{prior}.published must be a number or [mean, sd]")
+            if not 1 <= len(pair) <= 2 or not all(_finite_number(v) for v in pair) or (len(pair) == 2 and pair[1] < 0):
+                raise ConfigError(
+                    f"--headline {path}: priors.{prior}.published must be a number or [mean, sd] with sd >= 0"
+                )
             published[str(prior)] = (float(pair[0]), float(pair[1]) if len(pair) == 2 else None)
     levels = content.get("levels") or {}
-    if not isinstance(levels, dict) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels.values()
-    ):
+    if not isinstance(levels, dict) or not all(_finite_number(v) for v in levels.values()):
         raise ConfigError(f"--headline {path}: `levels` must map a label to a number, e.g. 'two-layer': -81.22")
     return HeadlineSpec(
         where={str(k): v for k, v in where.items()},

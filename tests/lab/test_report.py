@@ -556,6 +556,12 @@ def test_headline_mistakes_are_one_line_errors(three_priors: Path, tmp_path: Pat
         ("where: {seed: 0}\npriors: {flow: {published: [1, 2, 3]}}\n", "priors.flow.published must be"),
         ("where: {seed: 0}\nlevels: [-81.22]\n", "`levels` must map a label to a number"),
         ("where: {seed: 0}\nlevels: {two-layer: high}\n", "`levels` must map a label to a number"),
+        # A bool is an int to Python, and NaN is a float: neither is a figure to draw or compare.
+        ("where: {seed: 0}\npriors: {flow: {published: true}}\n", "priors.flow.published must be"),
+        ("where: {seed: 0}\npriors: {flow: {published: .nan}}\n", "priors.flow.published must be"),
+        ("where: {seed: 0}\npriors: {flow: {published: [-81.5, -0.1]}}\n", "with sd >= 0"),
+        ("where: {seed: 0}\nlevels: {two-layer: true}\n", "`levels` must map a label to a number"),
+        ("where: {seed: 0}\nlevels: {two-layer: .inf}\n", "`levels` must map a label to a number"),
     ):
         spec.write_text(content)
         assert rep.main([str(three_priors), "--out", str(tmp_path / "out"), "--headline", str(spec)]) == 2
